@@ -1,0 +1,147 @@
+# osmseg: segment satellite imagery with OpenStreetMap labels.
+#
+#   make demo    the whole pipeline on the offline demo world (no network, no account)
+#   make test    the test suite
+#
+# Every target installs what it needs into .venv first. The variables below are the
+# seed's; override them on the command line (make data/sample.txt BBOX=... TRAIN_SIZE=...).
+# Each stage's script skips work that is already done, so re-running resumes.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+
+# Where the OSM data comes from and which tiles to sample (the seed's defaults).
+QA_TILES ?= united_kingdom
+BBOX ?= -3.3843,51.2437,-2.3923,51.848
+TRAIN_SIZE ?= 10000
+CLASSES ?= classes/mine.json
+ZOOM_LEVEL ?= 17
+LABEL_RATIO ?= 0
+SEED ?= 0
+TILE_SIZE ?= 256
+TEST_SIZE ?= 0.1
+OSM_SOURCE ?= qa-tiles
+OSM ?= data/osm/$(QA_TILES).mbtiles
+QA_TILES_URL ?= https://s3.amazonaws.com/mapbox/osm-qa-tiles-production/latest.country/
+# The token stays a literal placeholder here: prepare.py substitutes it from the
+# environment, so it never shows in make's echo of a command line.
+IMAGE_TILES ?= tilejson+https://a.tiles.mapbox.com/v4/mapbox.satellite.json?access_token=$$(MapboxAccessToken)
+WORKERS ?= 8
+
+# Training and evaluation (train.py's defaults are the seed's).
+MODEL ?= segnet
+WIDTH ?= 1.0
+EPOCHS ?= 10
+BATCH_SIZE ?= 16
+LEARNING_RATE ?= 0.001
+OPTIMIZER ?= sgd
+CLASS_WEIGHTS ?= none
+TRAIN_FLAGS ?=
+WEIGHTS ?= weights.hdf5
+IMG ?=
+OUT ?= output
+
+# The demo world: a synthetic town at 0°N 0°E with its own loopback imagery server.
+DEMO_BBOX := -0.0275,-0.0275,0.0275,0.0275
+DEMO_VARS := QA_TILES=demo OSM_SOURCE=qa-tiles BBOX=$(DEMO_BBOX) IMAGE_TILES=demo \
+	TRAIN_SIZE=300 ZOOM_LEVEL=17 TILE_SIZE=256 MODEL=segnet-basic WIDTH=0.25 EPOCHS=12 \
+	BATCH_SIZE=8 OPTIMIZER=adam CLASS_WEIGHTS=median-frequency
+
+.PHONY: install demo test bench download-osm-tiles train validate predict preview clean clean-all
+
+install: $(INSTALLED)
+
+$(INSTALLED): requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -r requirements.txt
+	touch $@
+
+# --- Labels -------------------------------------------------------------------------
+
+download-osm-tiles: $(OSM)
+
+data/osm/demo.mbtiles: | $(INSTALLED)
+	$(PY) prepare.py demo-world --out $@ --seed $(SEED)
+
+data/osm/%.mbtiles: | $(INSTALLED)
+	$(PY) prepare.py download-osm --name $* --base-url $(QA_TILES_URL) --out-dir data/osm
+
+data/all_tiles.txt: $(OSM) | $(INSTALLED)
+	$(PY) prepare.py all-tiles --osm-source $(OSM_SOURCE) --osm $(OSM) --bbox=$(BBOX) --out $@
+
+data/sample.txt: data/all_tiles.txt
+	$(PY) prepare.py sample --all-tiles $< --bbox=$(BBOX) --zoom $(ZOOM_LEVEL) \
+		--count $(TRAIN_SIZE) --seed $(SEED) --out $@
+
+data/labels/color: data/sample.txt $(CLASSES)
+	$(PY) prepare.py labels --sample $< --classes $(CLASSES) --osm-source $(OSM_SOURCE) \
+		--osm $(OSM) --tile-size $(TILE_SIZE) --out $@
+	touch $@
+
+data/sample-filtered.txt: data/labels/color
+	$(PY) prepare.py filter --sample data/sample.txt --labels $< --classes $(CLASSES) \
+		--label-ratio $(LABEL_RATIO) --count $(TRAIN_SIZE) --bbox=$(BBOX) --zoom $(ZOOM_LEVEL) \
+		--seed $(SEED) --all-tiles data/all_tiles.txt --osm-source $(OSM_SOURCE) --osm $(OSM) \
+		--tile-size $(TILE_SIZE) --out $@ --stats data/labels/label-stats.csv
+
+# --- Imagery ------------------------------------------------------------------------
+
+data/images: data/sample-filtered.txt
+	@echo "$(PY) prepare.py images --sample $< --out $@ (IMAGE_TILES not echoed: it may hold a token)"
+	@$(PY) prepare.py images --sample $< --image-tiles '$(IMAGE_TILES)' --out $@ \
+		--labels data/labels/color --workers $(WORKERS) --tile-size $(TILE_SIZE)
+	touch $@
+
+preview: data/images
+	$(PY) prepare.py preview --data data --sample data/sample-filtered.txt --classes $(CLASSES) \
+		--out data/preview.html
+
+# --- Cache --------------------------------------------------------------------------
+
+data/training.hdf5 data/testing.hdf5 &: data/images
+	$(PY) prepare.py cache --sample data/sample-filtered.txt --images data/images \
+		--labels data/labels/color --classes $(CLASSES) --tile-size $(TILE_SIZE) \
+		--test-size $(TEST_SIZE) --seed $(SEED) --test-list data/test-sample-filtered.txt \
+		--out data/training.hdf5 --test-out data/testing.hdf5
+
+# --- Model --------------------------------------------------------------------------
+
+train: data/training.hdf5
+	$(PY) train.py --data $< --weights $(WEIGHTS) --model $(MODEL) --width $(WIDTH) \
+		--epochs $(EPOCHS) --batch-size $(BATCH_SIZE) --learning-rate $(LEARNING_RATE) \
+		--optimizer $(OPTIMIZER) --class-weights $(CLASS_WEIGHTS) --seed $(SEED) $(TRAIN_FLAGS)
+
+validate: data/testing.hdf5 | $(INSTALLED)
+	$(PY) validate.py --weights $(WEIGHTS) --data $<
+
+predict: | $(INSTALLED)
+	@test -n "$(IMG)" || { echo "make predict needs IMG=<image or directory> (and OUT=<dir>)" >&2; exit 2; }
+	$(PY) feed_forward.py $(WEIGHTS) $(IMG) $(OUT)
+
+# --- The two commands ---------------------------------------------------------------
+
+demo: | $(INSTALLED)
+	$(MAKE) --no-print-directory $(DEMO_VARS) data/osm/demo.mbtiles data/sample-filtered.txt \
+		data/training.hdf5 train validate
+	$(PY) -m osmseg.demo_report --predict-out output/demo --weights $(WEIGHTS)
+
+test: | $(INSTALLED)
+	@bash .ci/test-deps
+	$(PY) -m pytest -q
+
+bench: | $(INSTALLED)
+	$(PY) bench/run.py
+
+clean:
+	rm -rf data/all_tiles.txt data/sample.txt data/sample-filtered.txt data/test-sample-filtered.txt \
+		data/labels data/images data/training.hdf5 data/testing.hdf5 data/preview.html
+	rm -f weights.hdf5 weights.state.* training_log.csv training_log.png predictions.hdf5 \
+		metrics.json confusion.csv confusion.png
+	rm -rf output
+
+clean-all: clean
+	rm -rf data/osm $(VENV)
