@@ -127,7 +127,9 @@ predict: | $(INSTALLED)
 demo: | $(INSTALLED)
 	$(MAKE) --no-print-directory $(DEMO_VARS) data/osm/demo.mbtiles data/sample-filtered.txt \
 		data/training.hdf5 train validate
-	$(PY) -m osmseg.demo_report --predict-out output/demo --weights $(WEIGHTS)
+	$(MAKE) --no-print-directory $(DEMO_VARS) predict OUT=output/demo \
+		IMG=$$($(PY) -m osmseg.report held-out-image)
+	@$(PY) -m osmseg.report summary --predict-out output/demo
 
 test: | $(INSTALLED)
 	@bash .ci/test-deps
