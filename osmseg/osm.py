@@ -1,0 +1,609 @@
+"""OSM sources: "the OSM features in this area", from QA tiles, local extracts or Overpass.
+
+Every source answers the same two questions (see OsmSource):
+
+- ``source_tiles(bbox)``: the tiles the source is cut into (z12 for OSM QA tiles) that hold
+  data inside a WGS84 bounding box; `prepare.py all-tiles` writes them to data/all_tiles.txt.
+- ``features(bounds)``: the features inside EPSG:3857 bounds (metres), as Feature(geometry,
+  tags) with shapely geometries in EPSG:3857 metres and OSM tags as str -> str. Closed ways
+  whose tags make them areas come back as Polygons (see is_area); pieces of one OSM object
+  cut apart by source-tile borders come back merged, so that rendering is seamless.
+
+Kinds (open_source):
+
+- ``qa-tiles``: an OSM QA tiles MBTiles file (SQLite; tiles at one zoom, z12 for QA tiles;
+  TMS row order; gzipped Mapbox Vector Tiles with a layer ``osm``; tags as properties plus
+  ``@id``, ``@type``...). Both generations are read: the 2015 one (extent 4096, closed ways
+  stored as LineStrings) and the newer one (extent 2^20, areas stored as Polygons).
+- ``file``: a ``.osm``/``.osm.pbf`` extract read with pyosmium (multipolygon relations are
+  assembled by osmium's area handler), or a GeoJSON FeatureCollection whose properties are
+  OSM tags.
+- ``overpass``: one Overpass API query for the keys a classes file uses inside a bounding
+  box; the response (.osm XML) is saved as ``data/osm/overpass-<hash>.osm`` and read as a
+  ``file`` source.
+
+`prepare.py download-osm` fetches ``data/osm/<name>.mbtiles`` (OSM QA tiles for a country or
+the planet): the ``.mbtiles.gz`` is streamed, gunzipped into ``<name>.mbtiles.partial`` and
+renamed when complete.
+"""
+
+from __future__ import annotations
+
+import collections
+import gzip
+import math
+import sqlite3
+import zlib
+from collections import OrderedDict
+from pathlib import Path
+from typing import Iterable, NamedTuple
+
+import mercantile
+
+from osmseg.errors import SourceError
+
+KINDS = ("qa-tiles", "file", "overpass")
+QA_ZOOM = 12  # OSM QA tiles are cut at z12 (https://osmlab.github.io/osm-qa-tiles/)
+LAYER = "osm"
+WEB_MERCATOR_HALF = 20037508.342789244  # metres from the origin to the edge of EPSG:3857
+
+
+class Feature(NamedTuple):
+    """One OSM object: a shapely geometry in EPSG:3857 metres and its tags (str -> str)."""
+
+    geometry: object
+    tags: dict
+
+
+# --------------------------------------------------------------------------------------
+# Which closed ways are areas.
+# A closed way is an area when one of these keys says so; area=yes/no overrides. The table
+# follows the OSM wiki's "Key:area" page and iD's areaKeys (id-tagging-schema): for these
+# keys every value is an area except the listed ones ...
+_AREA_KEYS_EXCEPT = {
+    "building": set(),
+    "building:part": set(),
+    "landuse": set(),
+    "natural": {"coastline", "cliff", "ridge", "arete", "tree_row", "earth_bank", "valley"},
+    "leisure": {"track", "slipway"},
+    "amenity": {"bench", "waste_basket"},
+    "shop": set(),
+    "tourism": {"artwork"},
+    "office": set(),
+    "craft": set(),
+    "historic": {"citywalls"},
+    "military": {"trench"},
+    "place": set(),
+    "aeroway": {"taxiway", "runway", "parking_position", "jet_bridge"},
+    "man_made": {"cutline", "embankment", "pipeline", "groyne", "breakwater", "dyke"},
+    "water": set(),
+    "wetland": set(),
+    "golf": {"hole", "cartpath", "path"},
+    "area:highway": set(),
+    "indoor": set(),
+    "public_transport": {"platform_edge"},
+}
+# ... and for these keys only the listed values are areas.
+_AREA_KEYS_ONLY = {
+    "highway": {"rest_area", "services", "platform"},
+    "railway": {"platform", "station", "turntable", "roundhouse"},
+    "waterway": {"riverbank", "dock", "boatyard", "dam", "fuel"},
+    "power": {"plant", "substation", "generator", "transformer", "switchgear"},
+    "barrier": {"city_wall_area"},
+}
+
+
+def is_area(tags: dict) -> bool:
+    """Whether a closed way with these tags is an area (filled) rather than a closed line."""
+    area = tags.get("area")
+    if area == "no":
+        return False
+    if area == "yes":
+        return True
+    for key, exceptions in _AREA_KEYS_EXCEPT.items():
+        value = tags.get(key)
+        if value is not None and value != "no" and value not in exceptions:
+            return True
+    return any(tags.get(key) in values for key, values in _AREA_KEYS_ONLY.items())
+
+
+def _tags(properties: dict) -> dict:
+    """OSM tags as str -> str (QA tiles store @id and friends as numbers)."""
+    return {str(k): str(v) for k, v in properties.items() if v is not None}
+
+
+# --------------------------------------------------------------------------------------
+class OsmSource:
+    """The interface every OSM source implements (see the module docstring).
+
+    Attributes:
+        name: the source's name as written in tile lists (e.g. ``demo`` for demo.mbtiles).
+        zoom: the zoom of its source tiles (12 for OSM QA tiles).
+    """
+
+    name: str
+    zoom: int
+
+    def source_tiles(self, bbox: mercantile.LngLatBbox) -> list[mercantile.Tile]:
+        """The source tiles at self.zoom holding data inside bbox, sorted by (z, x, y)."""
+        raise NotImplementedError
+
+    def features(self, bounds: mercantile.Bbox) -> list[Feature]:
+        """The features inside EPSG:3857 bounds (left, bottom, right, top), merged across tiles."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release open files (sources reopen them on the next call)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def open_source(kind: str, location, **options) -> OsmSource:
+    """Open an OSM source.
+
+    Args:
+        kind: one of KINDS: "qa-tiles", "file" or "overpass".
+        location: the MBTiles path (qa-tiles), the .osm/.osm.pbf/.geojson path (file), or the
+            folder to save responses in (overpass, usually data/osm).
+        options: per kind: qa-tiles takes name, zoom, cache_size; file takes name;
+            overpass takes bbox (required), classes (required), endpoint, timeout, name.
+
+    Raises:
+        SourceError: an unknown kind, or a source that cannot be read (naming it and the fix).
+    """
+    if kind == "qa-tiles":
+        return QaTilesSource(location, **options)
+    if kind == "file":
+        return FileSource(location, **options)
+    if kind == "overpass":
+        return overpass_source(location, **options)
+    raise SourceError(f"unknown OSM source kind {kind!r}; use one of {', '.join(KINDS)}")
+
+
+# --------------------------------------------------------------------------------------
+# Geometry helpers shared by the sources.
+
+
+def _expand(bounds: mercantile.Bbox, margin: float) -> mercantile.Bbox:
+    width, height = bounds.right - bounds.left, bounds.top - bounds.bottom
+    dx, dy = width * margin, height * margin
+    return mercantile.Bbox(bounds.left - dx, bounds.bottom - dy, bounds.right + dx, bounds.top + dy)
+
+
+def _bounds_to_lnglat(bounds: mercantile.Bbox) -> mercantile.LngLatBbox:
+    west, south = mercantile.lnglat(max(bounds.left, -WEB_MERCATOR_HALF), max(bounds.bottom, -WEB_MERCATOR_HALF))
+    east, north = mercantile.lnglat(min(bounds.right, WEB_MERCATOR_HALF), min(bounds.top, WEB_MERCATOR_HALF))
+    return mercantile.LngLatBbox(west, south, east, north)
+
+
+def _tiles_touching(bounds: mercantile.Bbox, zoom: int) -> list[mercantile.Tile]:
+    """The tiles at zoom whose area overlaps EPSG:3857 bounds."""
+    lnglat = _bounds_to_lnglat(bounds)
+    # Shrink by a hair so that bounds ending exactly on a tile edge do not pull in the
+    # neighbour (mercantile.tiles counts edges as inside).
+    eps = 1e-9
+    return list(
+        mercantile.tiles(lnglat.west + eps, lnglat.south + eps, lnglat.east - eps, lnglat.north - eps, zooms=[zoom])
+    )
+
+
+def _join_lines(lines: list, tolerance: float) -> list:
+    """Merge line pieces whose ends lie within tolerance of each other into longer lines.
+
+    Tile clipping computes each cut point from a slightly different (quantised) segment in
+    each tile, so the two pieces' ends rarely coincide exactly: snap ends that are within
+    tolerance onto one point first, then let shapely's line_merge join them.
+    """
+    import shapely
+    from shapely.geometry import LineString, MultiLineString
+
+    pieces = [list(line.coords) for line in lines if len(line.coords) >= 2]
+    if len(pieces) <= 1:
+        return [LineString(p) for p in pieces]
+    ends: list[tuple[float, float]] = []
+    for piece in pieces:
+        for index in (0, -1):
+            point = piece[index]
+            for known in ends:
+                if abs(point[0] - known[0]) <= tolerance and abs(point[1] - known[1]) <= tolerance:
+                    piece[index] = known
+                    break
+            else:
+                ends.append(point)
+    merged = shapely.line_merge(MultiLineString(pieces))
+    return list(getattr(merged, "geoms", [merged]))
+
+
+def _polygons_from_rings(lines: list, close_open: bool) -> tuple[list, list]:
+    """Turn joined lines into polygons: closed ones always, open ones only if close_open.
+
+    Returns:
+        (polygons, lines left open)
+    """
+    import shapely
+    from shapely.geometry import Polygon
+
+    polygons, open_lines = [], []
+    for line in lines:
+        coords = list(line.coords)
+        closed = coords[0] == coords[-1]
+        if (closed and len(coords) >= 4) or (close_open and len(coords) >= 3):
+            polygon = _polygonal(shapely.make_valid(Polygon(coords)))
+            if polygon is not None:
+                polygons.append(polygon)
+        else:
+            open_lines.append(line)
+    return polygons, open_lines
+
+
+def _polygonal(geometry):
+    """The polygonal part of a geometry (make_valid can leave stray lines), or None."""
+    from shapely.geometry import MultiPolygon
+
+    if geometry.geom_type in ("Polygon", "MultiPolygon"):
+        return geometry if geometry.area > 0 else None
+    parts = [g for g in getattr(geometry, "geoms", []) if g.geom_type == "Polygon" and g.area > 0]
+    if not parts:
+        return None
+    return parts[0] if len(parts) == 1 else MultiPolygon(parts)
+
+
+def _single(geometries: list):
+    """One geometry from several of the same dimension (Multi* when needed)."""
+    import shapely
+
+    if len(geometries) == 1:
+        return geometries[0]
+    return shapely.unary_union(geometries) if geometries[0].geom_type.endswith("Polygon") else shapely.union_all(
+        geometries
+    )
+
+
+# --------------------------------------------------------------------------------------
+# OSM QA tiles (MBTiles).
+
+
+class _Piece(NamedTuple):
+    """A part of one OSM object found in one source tile, in EPSG:3857 metres."""
+
+    key: tuple  # (@type, @id), or a unique key for objects without an @id
+    tags: dict
+    kind: str  # "point", "line" or "polygon"
+    geometry: object
+    tile: mercantile.Tile
+
+
+class QaTilesSource(OsmSource):
+    """An OSM QA tiles MBTiles file (both generations; see the module docstring).
+
+    Args:
+        path: the .mbtiles file.
+        name: the name written in tile lists (default: the file's stem).
+        zoom: the zoom of the tiles to read (default: 12 if the file has z12 tiles, else the
+            deepest zoom it holds, for QA-style files cut at another zoom).
+        cache_size: decoded source tiles kept in memory (labels read many z17 tiles from
+            one z12 tile in a row).
+        max_area_tiles: how many source tiles to visit when reassembling one area stored as
+            LineString pieces (the 2015 generation) before closing it as it is.
+    """
+
+    def __init__(self, path, name: str | None = None, zoom: int | None = None, cache_size: int = 64,
+                 max_area_tiles: int = 256):
+        self.path = Path(path)
+        self.name = name or self.path.name.split(".")[0]
+        self.cache_size = cache_size
+        self.max_area_tiles = max_area_tiles
+        self._connection: sqlite3.Connection | None = None
+        self._decoded: OrderedDict = OrderedDict()
+        self._areas: OrderedDict = OrderedDict()
+        self._trees: dict = {}
+        if not self.path.is_file():
+            raise SourceError(
+                f"{self.path}: no such MBTiles file; run `make download-osm-tiles` (prepare.py download-osm) "
+                "or pass --osm with an existing OSM QA tiles file"
+            )
+        zooms = self._zooms()
+        if not zooms:
+            raise SourceError(f"{self.path}: the MBTiles file holds no tiles; download it again or pass another file")
+        if zoom is None:
+            zoom = QA_ZOOM if QA_ZOOM in zooms else max(zooms)
+        elif zoom not in zooms:
+            raise SourceError(
+                f"{self.path}: no tiles at z{zoom} (the file holds z{', z'.join(map(str, sorted(zooms)))}); "
+                "pass an OSM QA tiles file (cut at z12)"
+            )
+        self.zoom = zoom
+        self._check_vector()
+
+    # ---- file access ------------------------------------------------------------------
+    def _db(self) -> sqlite3.Connection:
+        if self._connection is None:
+            try:
+                self._connection = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
+            except sqlite3.Error as error:
+                raise SourceError(f"{self.path}: cannot open the MBTiles file ({error})") from None
+        return self._connection
+
+    def _query(self, sql: str, params: tuple = ()) -> list:
+        try:
+            return self._db().execute(sql, params).fetchall()
+        except sqlite3.DatabaseError as error:
+            raise SourceError(
+                f"{self.path}: not a readable MBTiles (SQLite) file ({error}); download it again "
+                "(make download-osm-tiles) or pass an OSM QA tiles .mbtiles"
+            ) from None
+
+    def _zooms(self) -> set[int]:
+        return {row[0] for row in self._query("SELECT DISTINCT zoom_level FROM tiles")}
+
+    def _check_vector(self) -> None:
+        row = self._query("SELECT tile_data FROM tiles WHERE zoom_level = ? LIMIT 1", (self.zoom,))
+        data = _gunzip(row[0][0]) if row else b""
+        if data[:8] == b"\x89PNG\r\n\x1a\n" or data[:3] == b"\xff\xd8\xff" or data[8:12] == b"WEBP":
+            raise SourceError(
+                f"{self.path}: holds raster image tiles, not vector tiles; pass OSM QA tiles "
+                "(gzipped Mapbox Vector Tiles with a layer 'osm')"
+            )
+        self._decode_bytes(data, mercantile.Tile(0, 0, self.zoom))  # raises SourceError if not MVT
+
+    def close(self) -> None:
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
+
+    def __getstate__(self):
+        # Picklable for worker processes: each reopens the file and starts empty caches.
+        state = dict(self.__dict__)
+        state.update(_connection=None, _decoded=OrderedDict(), _areas=OrderedDict(), _trees={})
+        return state
+
+    def has_tile(self, tile: mercantile.Tile) -> bool:
+        row = (1 << tile.z) - 1 - tile.y  # MBTiles rows count from the south (TMS)
+        found = self._query(
+            "SELECT 1 FROM tiles WHERE zoom_level = ? AND tile_column = ? AND tile_row = ? LIMIT 1",
+            (tile.z, tile.x, row),
+        )
+        return bool(found)
+
+    def all_tiles(self) -> list[mercantile.Tile]:
+        """Every tile the file holds at self.zoom, sorted by (x, y)."""
+        rows = self._query("SELECT tile_column, tile_row FROM tiles WHERE zoom_level = ?", (self.zoom,))
+        return sorted(mercantile.Tile(x, (1 << self.zoom) - 1 - row, self.zoom) for x, row in rows)
+
+    def source_tiles(self, bbox: mercantile.LngLatBbox) -> list[mercantile.Tile]:
+        west, south, east, north = bbox
+        wanted = mercantile.tiles(west, south, east, north, zooms=[self.zoom])
+        xs, ys = set(), set()
+        candidates = set()
+        for tile in wanted:
+            candidates.add(tile)
+            xs.add(tile.x)
+            ys.add(tile.y)
+        if not candidates:
+            return []
+        # One range query instead of one query per tile (a country box has thousands).
+        rows = self._query(
+            "SELECT tile_column, tile_row FROM tiles WHERE zoom_level = ? AND tile_column BETWEEN ? AND ? "
+            "AND tile_row BETWEEN ? AND ?",
+            (self.zoom, min(xs), max(xs), (1 << self.zoom) - 1 - max(ys), (1 << self.zoom) - 1 - min(ys)),
+        )
+        present = {mercantile.Tile(x, (1 << self.zoom) - 1 - row, self.zoom) for x, row in rows}
+        return sorted(present & candidates, key=lambda t: (t.z, t.x, t.y))
+
+    # ---- decoding ---------------------------------------------------------------------
+    def _pieces(self, tile: mercantile.Tile) -> list[_Piece]:
+        """The decoded pieces of one source tile ([] when the file lacks it), LRU-cached."""
+        if tile in self._decoded:
+            self._decoded.move_to_end(tile)
+            return self._decoded[tile]
+        row = self._query(
+            "SELECT tile_data FROM tiles WHERE zoom_level = ? AND tile_column = ? AND tile_row = ?",
+            (tile.z, tile.x, (1 << tile.z) - 1 - tile.y),
+        )
+        pieces = self._decode_bytes(_gunzip(row[0][0]), tile) if row else []
+        self._decoded[tile] = pieces
+        self._trees.pop(tile, None)
+        while len(self._decoded) > self.cache_size:
+            old, _ = self._decoded.popitem(last=False)
+            self._trees.pop(old, None)
+        return pieces
+
+    def _tree(self, tile: mercantile.Tile):
+        import shapely
+
+        pieces = self._pieces(tile)
+        if tile not in self._trees:
+            self._trees[tile] = shapely.STRtree([p.geometry for p in pieces])
+        return self._trees[tile], pieces
+
+    def _decode_bytes(self, data: bytes, tile: mercantile.Tile) -> list[_Piece]:
+        import mapbox_vector_tile
+        import shapely
+        from shapely.geometry import shape
+
+        try:
+            layers = mapbox_vector_tile.decode(data, default_options={"y_coord_down": True})
+        except Exception as error:  # the decoder raises protobuf's and its own errors
+            raise SourceError(
+                f"{self.path}: tile {tile.z}/{tile.x}/{tile.y} is not a Mapbox Vector Tile ({error}); "
+                "pass OSM QA tiles (gzipped vector tiles)"
+            ) from None
+        layer = layers.get(LAYER)
+        if layer is None:
+            if not layers:
+                return []
+            layer = next(iter(layers.values()))  # QA-style files from other tools name it otherwise
+        extent = layer.get("extent", 4096)
+        left, bottom, right, top = mercantile.xy_bounds(tile)
+        scale_x, scale_y = (right - left) / extent, (top - bottom) / extent
+        # Clip lines to the tile's own square: buffers overlap the neighbours', and each piece
+        # must be drawn once for the ends to be joined (see _join_lines).
+        tile_box = shapely.box(left, bottom, right, top)
+        pieces = []
+        for number, feature in enumerate(layer["features"]):
+            geometry = feature.get("geometry")
+            if not geometry or not geometry.get("coordinates"):
+                continue
+            try:
+                geom = shape(geometry)
+            except (ValueError, TypeError, IndexError):
+                continue  # a degenerate geometry (e.g. a one-point line): nothing to draw
+            # MVT's y axis points down from the tile's top-left corner; EPSG:3857's points up.
+            geom = shapely.transform(geom, lambda xy: xy * (scale_x, -scale_y) + (left, top))
+            properties = feature.get("properties", {})
+            object_id = properties.get("@id")
+            key = (properties.get("@type", ""), object_id) if object_id is not None else ("", tile, number)
+            geom_type = geom.geom_type
+            if geom_type.endswith("Point"):
+                kind = "point"
+            elif geom_type.endswith("Polygon"):
+                kind = "polygon"
+                if not geom.is_valid:
+                    geom = _polygonal(shapely.make_valid(geom))
+                    if geom is None:
+                        continue
+            else:
+                kind = "line"
+                geom = geom.intersection(tile_box) if not tile_box.contains(geom) else geom
+                if geom.is_empty:
+                    continue
+            pieces.append(_Piece(key, _tags(properties), kind, geom, tile))
+        return pieces
+
+    # ---- features ---------------------------------------------------------------------
+    def features(self, bounds: mercantile.Bbox, margin: float = 0.125) -> list[Feature]:
+        """The features inside EPSG:3857 bounds, merged across source tiles and clipped.
+
+        Args:
+            bounds: (left, bottom, right, top) in metres.
+            margin: how far beyond bounds (a fraction of its size) geometries reach, so that
+                strokes of lines just outside bounds are still drawn at its edges.
+        """
+        import shapely
+
+        query = _expand(bounds, margin)
+        query_box = shapely.box(*query)
+        groups: dict[tuple, list[_Piece]] = collections.defaultdict(list)
+        for tile in _tiles_touching(query, self.zoom):
+            tree, pieces = self._tree(tile)
+            if not pieces:
+                continue
+            for index in tree.query(query_box, predicate="intersects"):
+                piece = pieces[index]
+                groups[piece.key].append(piece)
+        features = []
+        for key, pieces in groups.items():
+            geometry = self._merge(key, pieces)
+            if geometry is None:
+                continue
+            if not query_box.contains(geometry):
+                geometry = shapely.clip_by_rect(geometry, *query)
+            if geometry.is_empty:
+                continue
+            features.append(Feature(geometry, pieces[0].tags))
+        return features
+
+    def _tolerance(self) -> float:
+        # Two units of a 4096-extent tile: cut points of one edge computed in two tiles land
+        # within one quantisation step of each other.
+        return 2 * (2 * WEB_MERCATOR_HALF / (1 << self.zoom)) / 4096
+
+    def _merge(self, key: tuple, pieces: list[_Piece]):
+        """One geometry for one OSM object from its pieces in the queried tiles."""
+        import shapely
+
+        tags = pieces[0].tags
+        kinds = {p.kind for p in pieces}
+        if kinds == {"point"}:
+            return pieces[0].geometry
+        if "polygon" in kinds:
+            polygons = [p.geometry for p in pieces if p.kind == "polygon"]
+            if len({p.tile for p in pieces}) == 1:
+                return _single(polygons)
+            union = shapely.unary_union(polygons)
+            # Close slivers left where two tiles' clipped edges disagree by a quantisation step.
+            radius = self._tolerance()
+            return union.buffer(radius, join_style="mitre").buffer(-radius, join_style="mitre")
+        lines = [part for p in pieces for part in getattr(p.geometry, "geoms", [p.geometry])]
+        if is_area(tags):
+            closed = [line for line in lines if line.is_closed and len(line.coords) >= 4]
+            if len(closed) == len(lines):
+                polygons, _ = _polygons_from_rings(closed, close_open=False)
+                return _single(polygons) if polygons else None
+            return self._area(key, pieces[0].tile)
+        joined = _join_lines(lines, self._tolerance())
+        return _single(joined) if joined else None
+
+    def _area(self, key: tuple, start: mercantile.Tile):
+        """An area stored as LineString pieces (2015 generation), reassembled from every tile.
+
+        Visits the neighbours across each border where a piece ends, until every end is
+        matched or the file has no more tiles there; rings that stay open (the object leaves
+        the file) are closed with a straight edge.
+        """
+        if key in self._areas:
+            self._areas.move_to_end(key)
+            return self._areas[key]
+        tolerance = self._tolerance()
+        visited: set[mercantile.Tile] = set()
+        queue = [start]
+        lines: list = []
+        while queue and len(visited) < self.max_area_tiles:
+            tile = queue.pop()
+            if tile in visited:
+                continue
+            visited.add(tile)
+            left, bottom, right, top = mercantile.xy_bounds(tile)
+            for piece in self._pieces(tile):
+                if piece.key != key:
+                    continue
+                for line in getattr(piece.geometry, "geoms", [piece.geometry]):
+                    lines.append(line)
+                    if line.is_closed:
+                        continue
+                    for x, y in (line.coords[0], line.coords[-1]):
+                        dx = -1 if abs(x - left) <= tolerance else 1 if abs(x - right) <= tolerance else 0
+                        dy = -1 if abs(y - top) <= tolerance else 1 if abs(y - bottom) <= tolerance else 0
+                        for nx, ny in {(dx, 0), (0, dy), (dx, dy)} - {(0, 0)}:
+                            neighbour = mercantile.Tile(tile.x + nx, tile.y + ny, tile.z)
+                            if neighbour not in visited and 0 <= neighbour.y < (1 << tile.z):
+                                queue.append(neighbour)
+        joined = _join_lines(lines, tolerance)
+        polygons, open_lines = _polygons_from_rings(joined, close_open=True)
+        geometry = _single(polygons) if polygons else (_single(open_lines) if open_lines else None)
+        self._areas[key] = geometry
+        while len(self._areas) > 4096:
+            self._areas.popitem(last=False)
+        return geometry
+
+
+def _gunzip(data: bytes) -> bytes:
+    """Tile bytes as stored: QA tiles gzip them, some MBTiles use zlib or nothing."""
+    if data[:2] == b"\x1f\x8b":
+        try:
+            return gzip.decompress(data)
+        except (OSError, EOFError, zlib.error):
+            return b""
+    if data[:1] == b"\x78":
+        try:
+            return zlib.decompress(data)
+        except zlib.error:
+            return data
+    return data
+
+
+# --------------------------------------------------------------------------------------
+# Placeholders for the other kinds, defined below.
+
+
+class FileSource(OsmSource):  # pragma: no cover - replaced below
+    def __init__(self, path, name: str | None = None):
+        raise SourceError("file sources are not implemented yet")
+
+
+def overpass_source(location, **options):  # pragma: no cover - replaced below
+    raise SourceError("overpass sources are not implemented yet")
