@@ -1,0 +1,525 @@
+"""Labels: render OSM features into one colour-per-class label image per tile, and count pixels.
+
+The classes file's filters are mapnik expressions and mapnik evaluates them: a
+LabelRenderer turns a classes file into one mapnik Map (EPSG:3857) with one Style per class,
+in file order, so that later classes paint over earlier ones (as skynet-data does).
+
+- Polygons are filled (no outline, as robosat and skynet-data draw them).
+- Lines are drawn `stroke-width` pixels wide.
+- Points are drawn as squares `stroke-width` pixels wide.
+- No antialiasing: fills and strokes use mapnik's threshold gamma, so a pixel takes a class
+  colour when the shape covers at least half of it and stays #000000 otherwise. (gamma 0
+  with the default power method colours every pixel the shape touches at all, which makes
+  a 1-pixel line 2 pixels wide.)
+
+Files written (formats are the pipeline's contract):
+
+- ``data/labels/color/{z}-{x}-{y}.png``: RGB PNG, 8 bits per channel, TILE_SIZE x TILE_SIZE,
+  row 0 at the tile's north edge. Class i (1-based, in classes-file order) is its colour
+  from the classes file (#0i0i0i in classes/mine.json); the background is #000000; no other
+  colour occurs.
+- ``data/sample-filtered.txt``: a header ``#source z x y <class names...> Background``, then
+  one line per kept tile ``source z x y <pixels of class 1> ... <pixels of class N>
+  <background pixels>`` (integers that sum to TILE_SIZE squared).
+- ``data/labels/label-stats.csv``: columns ``class,pixel_frequency,tile_count``, one row per
+  class and a last row ``Background``: the share of all kept pixels (0..1) and the number of
+  kept tiles in which the class occurs.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import sys
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+from xml.sax.saxutils import escape, quoteattr
+
+import mercantile
+import numpy as np
+
+from osmseg import cli
+from osmseg.classes import Classes, load_classes
+from osmseg.errors import ClassesError, UserError
+
+# A pixel takes a shape's colour when the shape covers at least this share of it
+# (mapnik's "threshold" gamma method): no antialiasing, exact stroke widths.
+COVERAGE_THRESHOLD = 0.5
+
+# Web Mercator's circumference in metres (EPSG:3857), for metres per pixel at a zoom.
+_CIRCUMFERENCE = 2 * math.pi * 6378137.0
+
+DEFAULT_TILE_SIZE = 256
+
+
+def metres_per_pixel(zoom: int, tile_size: int = DEFAULT_TILE_SIZE) -> float:
+    """The size of one label pixel in EPSG:3857 metres at `zoom`."""
+    return _CIRCUMFERENCE / (tile_size * 2**zoom)
+
+
+def check_filters(classes: Classes, origin: str = "classes file") -> None:
+    """Have mapnik parse every class's filter.
+
+    Raises:
+        ClassesError: naming the class and the filter mapnik cannot parse.
+    """
+    import mapnik
+
+    for class_ in classes.classes:
+        if class_.filter is None:
+            raise ClassesError(f"{origin}: class {class_.name!r} has no 'filter'; labels need one per class")
+        try:
+            mapnik.Expression(class_.filter)
+        except RuntimeError:
+            raise ClassesError(
+                f"{origin}: class {class_.name!r}: mapnik cannot parse filter {class_.filter!r}; "
+                "fix it (syntax: https://github.com/mapnik/mapnik/wiki/Filter)"
+            ) from None
+
+
+def style_xml(classes: Classes, tile_size: int = DEFAULT_TILE_SIZE) -> str:
+    """The mapnik map XML that draws `classes`: one style per class, in file order.
+
+    Each style has one rule per geometry type so that a line is stroked and a polygon is
+    filled, and the class's own filter is combined with the type test by mapnik.
+    Points arrive as small squares (see LabelRenderer) and are filled like polygons.
+    """
+    # Query features this many pixels beyond the tile, so that a line just outside it
+    # still paints its half-width inside.
+    buffer = math.ceil(max(c.stroke_width for c in classes.classes)) + 2
+    gamma = f'gamma="{COVERAGE_THRESHOLD}" gamma-method="threshold"'
+    stroke_gamma = f'stroke-gamma="{COVERAGE_THRESHOLD}" stroke-gamma-method="threshold"'
+    styles, names = [], []
+    for number, class_ in enumerate(classes.classes, start=1):
+        name = f"class{number}"
+        names.append(name)
+        selected = f"({class_.filter})"
+        polygon = escape(f"{selected} and [mapnik::geometry_type] = polygon")
+        line = escape(f"{selected} and [mapnik::geometry_type] = linestring")
+        styles.append(
+            f'<Style name="{name}">'
+            f"<Rule><Filter>{polygon}</Filter>"
+            f'<PolygonSymbolizer fill="{class_.hex}" {gamma}/></Rule>'
+            f"<Rule><Filter>{line}</Filter>"
+            f'<LineSymbolizer stroke="{class_.hex}" stroke-width={quoteattr(repr(class_.stroke_width))} '
+            f"{stroke_gamma}/></Rule>"
+            "</Style>"
+        )
+    style_names = "".join(f"<StyleName>{name}</StyleName>" for name in names)
+    return (
+        f'<Map srs="epsg:3857" buffer-size="{buffer}">'
+        + "".join(styles)
+        # cache-features: the layer's styles share one query instead of one per class.
+        + f'<Layer name="osm" srs="epsg:3857" cache-features="true">{style_names}</Layer>'
+        + "</Map>"
+    )
+
+
+def features_geojson(features: Sequence, point_size: float) -> str:
+    """A GeoJSON FeatureCollection (EPSG:3857 metres) of OSM features for mapnik.
+
+    Args:
+        features: osmseg.osm Features (shapely geometry in EPSG:3857, tags dict).
+        point_size: the side in metres of the square a point becomes (mapnik has no
+            unantialiased point symbol; a square polygon rendered with the threshold
+            gamma is exact).
+    """
+    import shapely
+
+    geometries = []
+    for feature in features:
+        geometry = feature.geometry
+        if geometry.geom_type in ("Point", "MultiPoint"):
+            # cap_style 3 is "square": a point becomes a square of side point_size.
+            geometry = shapely.buffer(geometry, point_size / 2, cap_style="square")
+        geometries.append(geometry)
+    texts = shapely.to_geojson(np.array(geometries, dtype=object))
+    parts = [
+        f'{{"type":"Feature","geometry":{text},"properties":{json.dumps(feature.tags)}}}'
+        for text, feature in zip(texts, features)
+    ]
+    return '{"type":"FeatureCollection","features":[' + ",".join(parts) + "]}"
+
+
+class LabelRenderer:
+    """Renders label tiles for one classes file with one mapnik Map, built once.
+
+    Args:
+        classes: the classes (their filters are checked by mapnik here).
+        tile_size: label width and height in pixels.
+        origin: how to name the classes file in messages.
+
+    Raises:
+        ClassesError: a filter that mapnik cannot parse, naming the class.
+    """
+
+    def __init__(self, classes: Classes, tile_size: int = DEFAULT_TILE_SIZE, origin: str = "classes file"):
+        import mapnik
+
+        if tile_size <= 0:
+            raise UserError(f"--tile-size {tile_size}: must be a positive number of pixels (e.g. 256)")
+        check_filters(classes, origin)
+        self.classes = classes
+        self.tile_size = tile_size
+        self.max_stroke_width = max(c.stroke_width for c in classes.classes)
+        self._map = mapnik.Map(tile_size, tile_size)
+        mapnik.load_map_from_string(self._map, style_xml(classes, tile_size))
+
+    def margin(self, zoom: int) -> float:
+        """How far beyond a tile (in metres) features can still paint into it."""
+        return (self.max_stroke_width + 2) * metres_per_pixel(zoom, self.tile_size)
+
+    def render(self, features: Sequence, tiles: Iterable[mercantile.Tile]) -> Iterator[tuple[mercantile.Tile, np.ndarray]]:
+        """Render the labels of `tiles` from `features`.
+
+        The features are loaded into one mapnik datasource (with a spatial index), which
+        every tile then queries: pass all features near a group of neighbouring tiles at once.
+
+        Args:
+            features: osmseg.osm Features in EPSG:3857 covering the tiles (and a margin).
+            tiles: tiles, all at one zoom.
+
+        Yields:
+            (tile, RGB uint8 array (tile_size, tile_size, 3)), in the order of `tiles`.
+        """
+        import mapnik
+
+        tiles = list(tiles)
+        if not tiles:
+            return
+        zooms = {tile.z for tile in tiles}
+        if len(zooms) != 1:
+            raise ValueError(f"render takes tiles at one zoom, got zooms {sorted(zooms)}")
+        if not features:
+            for tile in tiles:
+                yield tile, np.zeros((self.tile_size, self.tile_size, 3), dtype=np.uint8)
+            return
+        point_size = self.max_stroke_width * metres_per_pixel(tiles[0].z, self.tile_size)
+        layer = self._map.layers[0]
+        layer.datasource = mapnik.Datasource(type="geojson", inline=features_geojson(features, point_size))
+        try:
+            for tile in tiles:
+                self._map.zoom_to_box(mapnik.Box2d(*mercantile.xy_bounds(tile)))
+                image = mapnik.Image(self.tile_size, self.tile_size)
+                mapnik.render(self._map, image)
+                rgba = np.frombuffer(image.to_string(), dtype=np.uint8).reshape(self.tile_size, self.tile_size, 4)
+                # Untouched pixels are transparent (0, 0, 0, 0): their RGB is the background.
+                yield tile, rgba[..., :3].copy()
+        finally:
+            # Free the features now rather than when the next group replaces them.
+            layer.datasource = mapnik.MemoryDatasource()
+
+
+def source_group(tile: mercantile.Tile, source_zoom: int) -> mercantile.Tile:
+    """The OSM source tile that holds `tile` (the tile itself when it is larger)."""
+    return mercantile.parent(tile, zoom=source_zoom) if tile.z > source_zoom else tile
+
+
+def group_tiles(tiles: Iterable[mercantile.Tile], source_zoom: int) -> dict[mercantile.Tile, list[mercantile.Tile]]:
+    """Tiles grouped by their OSM source tile (and so by zoom), in first-seen order."""
+    groups: dict[mercantile.Tile, list[mercantile.Tile]] = defaultdict(list)
+    for tile in tiles:
+        groups[source_group(tile, source_zoom)].append(tile)
+    return dict(groups)
+
+
+def group_bounds(tiles: Sequence[mercantile.Tile], margin: float) -> mercantile.Bbox:
+    """The EPSG:3857 bounds (metres) of `tiles` grown by `margin` metres on every side."""
+    boxes = [mercantile.xy_bounds(tile) for tile in tiles]
+    return mercantile.Bbox(
+        min(b.left for b in boxes) - margin,
+        min(b.bottom for b in boxes) - margin,
+        max(b.right for b in boxes) + margin,
+        max(b.top for b in boxes) + margin,
+    )
+
+
+def render_tiles(source, renderer: LabelRenderer, tiles: Iterable[mercantile.Tile]) -> Iterator[tuple[mercantile.Tile, np.ndarray]]:
+    """Render labels for `tiles` from an OSM source, one features query per source tile.
+
+    Args:
+        source: an osmseg.osm OsmSource (.zoom and .features(bounds_3857)).
+        renderer: the LabelRenderer of the classes file.
+        tiles: the tiles to render (any order; they are grouped by source tile).
+
+    Yields:
+        (tile, RGB uint8 label), grouped by source tile.
+    """
+    for group in group_tiles(tiles, source.zoom).values():
+        bounds = group_bounds(group, renderer.margin(group[0].z))
+        yield from renderer.render(source.features(bounds), group)
+
+
+def label_path(out_dir: str | os.PathLike, tile: mercantile.Tile) -> Path:
+    """Where the label of `tile` lives: out_dir/{z}-{x}-{y}.png."""
+    return Path(out_dir) / f"{tile.z}-{tile.x}-{tile.y}.png"
+
+
+def write_label(path: str | os.PathLike, rgb: np.ndarray) -> None:
+    """Write an RGB uint8 label as a PNG, atomically (temporary name, then rename)."""
+    import cv2
+
+    with cli.atomic_path(path) as tmp:
+        # OpenCV writes BGR; level 1 compresses flat labels well and fast.
+        if not cv2.imwrite(str(tmp), np.ascontiguousarray(rgb[..., ::-1]), [cv2.IMWRITE_PNG_COMPRESSION, 1]):
+            raise OSError(f"{path}: cannot write the label PNG")
+
+
+def read_label(path: str | os.PathLike) -> np.ndarray:
+    """Read a label PNG as RGB uint8 (H, W, 3).
+
+    Raises:
+        UserError: a missing or unreadable file, naming it.
+    """
+    import cv2
+
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if image is None:
+        if not Path(path).exists():
+            raise UserError(f"{path}: no such label; run `make data/labels/color` (prepare.py labels) first")
+        raise UserError(f"{path}: not a readable PNG; delete it and re-run `make data/labels/color`")
+    return image[..., ::-1]
+
+
+def count_labels(label_rgb: np.ndarray, classes: Classes) -> np.ndarray:
+    """Pixels of each class in a label image.
+
+    Args:
+        label_rgb: RGB uint8 (H, W, 3) label.
+        classes: the classes it was rendered with.
+
+    Returns:
+        int64 (num_classes,): the pixels of class 1..N in classes-file order, then the
+        background's; they sum to H * W.
+
+    Raises:
+        ValueError: a pixel whose colour is no class's (a label made with other classes).
+    """
+    labels, unknown = classes.colors_to_labels(label_rgb)
+    if unknown:
+        raise ValueError(f"{unknown} pixels have colours that are not in the classes file")
+    per_index = np.bincount(labels.ravel(), minlength=classes.num_classes).astype(np.int64)
+    return np.concatenate([per_index[1:], per_index[:1]])
+
+
+# --- Rendering many tiles over all cores ---------------------------------------------------
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """How a worker process opens the OSM source (osmseg.osm.open_source's arguments)."""
+
+    kind: str
+    location: str
+    options: tuple[tuple[str, object], ...] = ()
+
+    def open(self):
+        from osmseg import osm
+
+        return osm.open_source(self.kind, self.location, **dict(self.options))
+
+
+_worker: dict = {}
+
+
+def _worker_init(spec: SourceSpec, classes_json: str, tile_size: int, out_dir: str) -> None:
+    from osmseg.classes import parse_classes
+
+    _worker["source"] = spec.open()
+    _worker["renderer"] = LabelRenderer(parse_classes(classes_json), tile_size)
+    _worker["out_dir"] = out_dir
+
+
+def _worker_render(tiles: list[mercantile.Tile]) -> int:
+    """Render and write one group's labels in a worker; returns how many were written."""
+    written = 0
+    for tile, rgb in render_tiles(_worker["source"], _worker["renderer"], tiles):
+        write_label(label_path(_worker["out_dir"], tile), rgb)
+        written += 1
+    return written
+
+
+# Groups larger than this are split so that the work spreads evenly over the workers
+# and the progress bar moves; each piece makes its own (smaller) features query.
+_MAX_GROUP = 256
+
+
+def _tasks(tiles: Iterable[mercantile.Tile], source_zoom: int) -> list[list[mercantile.Tile]]:
+    tasks = []
+    for group in group_tiles(tiles, source_zoom).values():
+        # Sorting keeps each piece compact (neighbouring rows of tiles).
+        group = sorted(group, key=lambda t: (t.y, t.x))
+        tasks.extend(group[i : i + _MAX_GROUP] for i in range(0, len(group), _MAX_GROUP))
+    return tasks
+
+
+def render_labels(
+    tiles: Iterable[mercantile.Tile],
+    spec: SourceSpec,
+    classes: Classes,
+    out_dir: str | os.PathLike,
+    tile_size: int = DEFAULT_TILE_SIZE,
+    workers: int = 1,
+    progress: bool = True,
+) -> dict:
+    """Render and write the labels of `tiles` that do not exist yet (resumable).
+
+    Args:
+        tiles: the tiles to label.
+        spec: the OSM source to read features from.
+        classes: the classes to draw.
+        out_dir: the labels folder ({z}-{x}-{y}.png inside).
+        tile_size: label size in pixels.
+        workers: processes to spread the work over (1: in this process).
+        progress: show a progress bar on stderr.
+
+    Returns:
+        {"rendered": n written now, "skipped": n that already existed}.
+    """
+    from tqdm import tqdm
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    unique = list(dict.fromkeys(tiles))
+    todo = [tile for tile in unique if not label_path(out_dir, tile).exists()]
+    summary = {"rendered": 0, "skipped": len(unique) - len(todo)}
+    if not todo:
+        return summary
+    source = spec.open()  # fails here, once, with a clear message if the source is bad
+    tasks = _tasks(todo, source.zoom)
+    bar = tqdm(total=len(todo), desc="labels", unit="tile", disable=not progress, file=sys.stderr)
+    try:
+        if workers <= 1 or len(tasks) == 1:
+            renderer = LabelRenderer(classes, tile_size)
+            for task in tasks:
+                for tile, rgb in render_tiles(source, renderer, task):
+                    write_label(label_path(out_dir, tile), rgb)
+                    summary["rendered"] += 1
+                    bar.update()
+        else:
+            import multiprocessing
+
+            init = (spec, classes.to_json(), tile_size, str(out_dir))
+            with multiprocessing.Pool(min(workers, len(tasks)), _worker_init, init) as pool:
+                for written in pool.imap_unordered(_worker_render, tasks):
+                    summary["rendered"] += written
+                    bar.update(written)
+    finally:
+        bar.close()
+    return summary
+
+
+# --- prepare.py labels ---------------------------------------------------------------------
+
+def _add_source_arguments(parser) -> None:
+    parser.add_argument("--osm-source", default="qa-tiles", help="kind of OSM source: qa-tiles, file or overpass")
+    parser.add_argument("--osm", default="data/osm/demo.mbtiles", help="the OSM source's file (or endpoint)")
+
+
+def _check_tile_size(tile_size: int) -> None:
+    if tile_size <= 0:
+        raise UserError(f"--tile-size {tile_size}: must be a positive number of pixels (e.g. 256)")
+
+
+def configure_labels(parser) -> None:
+    parser.add_argument("--sample", default="data/sample.txt", help="tiles to label (lines `source z x y`)")
+    parser.add_argument("--classes", default="classes/mine.json", help="classes file (names, colours, filters)")
+    _add_source_arguments(parser)
+    parser.add_argument("--tile-size", type=int, default=DEFAULT_TILE_SIZE, help="label size in pixels")
+    parser.add_argument("--out", default="data/labels/color", help="folder of label PNGs {z}-{x}-{y}.png")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes to render with")
+
+
+def _read_sample(path: str | os.PathLike) -> list[tuple[str, mercantile.Tile]]:
+    from osmseg import tiles
+
+    if not Path(path).exists():
+        raise UserError(f"{path}: no such tile list; run `make data/sample.txt` (prepare.py sample) first")
+    return tiles.read_tile_list(path)
+
+
+def run_labels(args) -> int:
+    _check_tile_size(args.tile_size)
+    classes = load_classes(args.classes)
+    LabelRenderer(classes, args.tile_size, origin=str(args.classes))  # checks every filter up front
+    entries = _read_sample(args.sample)
+    spec = SourceSpec(args.osm_source, args.osm)
+    summary = render_labels([tile for _, tile in entries], spec, classes, args.out, args.tile_size, args.workers)
+    print(
+        f"labels: {summary['rendered']} rendered, {summary['skipped']} already there, in {args.out}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+# --- prepare.py filter ---------------------------------------------------------------------
+
+def labelled_share(counts: np.ndarray) -> float:
+    """The share of a tile's pixels that belong to a class (counts from count_labels)."""
+    total = int(counts.sum())
+    return (total - int(counts[-1])) / total if total else 0.0
+
+
+def header(classes: Classes) -> str:
+    """The header line of sample-filtered.txt."""
+    return "#source z x y " + " ".join(classes.names[1:]) + " Background"
+
+
+def format_line(source: str, tile: mercantile.Tile, counts: np.ndarray) -> str:
+    """One line of sample-filtered.txt."""
+    return f"{source} {tile.z} {tile.x} {tile.y} " + " ".join(str(int(c)) for c in counts)
+
+
+def label_stats(counts: Sequence[np.ndarray], classes: Classes) -> list[tuple[str, float, int]]:
+    """(class, pixel frequency, tile count) per class and the background, over kept tiles."""
+    names = classes.names[1:] + ["Background"]
+    if not counts:
+        return [(name, 0.0, 0) for name in names]
+    stacked = np.stack(counts)
+    pixels = stacked.sum(axis=0)
+    total = int(pixels.sum())
+    present = (stacked > 0).sum(axis=0)
+    return [(name, float(p) / total, int(n)) for name, p, n in zip(names, pixels, present)]
+
+
+def stats_csv(rows: Sequence[tuple[str, float, int]]) -> str:
+    """label-stats.csv's text."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["class", "pixel_frequency", "tile_count"])
+    for name, frequency, tiles_ in rows:
+        writer.writerow([name, f"{frequency:.8g}", tiles_])
+    return buffer.getvalue()
+
+
+def configure_filter(parser) -> None:
+    parser.add_argument("--sample", default="data/sample.txt", help="sampled tiles (lines `source z x y`)")
+    parser.add_argument("--labels", default="data/labels/color", help="folder of label PNGs")
+    parser.add_argument("--classes", default="classes/mine.json", help="classes file the labels were drawn with")
+    parser.add_argument(
+        "--label-ratio", type=float, default=0.0, help="keep tiles whose labelled share of pixels exceeds this"
+    )
+    parser.add_argument("--count", type=int, default=10000, help="tiles to keep (TRAIN_SIZE)")
+    parser.add_argument("--bbox", default="-3.3843,51.2437,-2.3923,51.848", help="west,south,east,north (to sample more)")
+    parser.add_argument("--zoom", type=int, default=17, help="zoom of the sampled tiles")
+    parser.add_argument("--seed", type=int, default=0, help="the sample's random seed")
+    parser.add_argument("--all-tiles", default="data/all_tiles.txt", help="OSM source tiles in the box")
+    _add_source_arguments(parser)
+    parser.add_argument("--tile-size", type=int, default=DEFAULT_TILE_SIZE, help="label size in pixels")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes to render more labels with")
+    parser.add_argument("--out", default="data/sample-filtered.txt", help="kept tiles with their pixel counts")
+    parser.add_argument("--stats", default="data/labels/label-stats.csv", help="per-class statistics (CSV)")
+
+
+def _counts_of(path: Path, classes: Classes, classes_path: str) -> np.ndarray:
+    try:
+        return count_labels(read_label(path), classes)
+    except ValueError as error:
+        raise UserError(
+            f"{path}: {error}; it was drawn with another classes file than {classes_path}: "
+            "delete data/labels/color and re-run `make data/labels/color`"
+        ) from None

@@ -1,0 +1,336 @@
+"""Tests for osmseg.labels: mapnik rendering of OSM features into label tiles, and counting."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import sqlite3
+from pathlib import Path
+
+import mercantile
+import numpy as np
+import pytest
+import shapely
+from shapely.geometry import LineString, Point, box
+
+from osmseg import cli, labels
+from osmseg.classes import parse_classes
+from osmseg.errors import ClassesError, UserError
+from osmseg.osm import Feature
+
+# A z17 tile near 0°N 0°E (the demo world's corner of the map) and its pixel size in metres.
+TILE = mercantile.Tile(65536, 65535, 17)
+SIZE = 64  # small labels keep the tests fast; the maths is the same at 256
+PIXEL = labels.metres_per_pixel(TILE.z, SIZE)
+
+
+def classes_of(*entries) -> "labels.Classes":
+    """Classes from (name, colour, stroke width, filter) tuples."""
+    return parse_classes(
+        json.dumps([{"name": n, "color": c, "stroke-width": str(w), "filter": f} for n, c, w, f in entries])
+    )
+
+
+CLASSES = classes_of(
+    ("water", "#010101", 1, "[natural] = 'water'"),
+    ("road", "#020202", 3, "[highway] = 'primary'"),
+    ("tree", "#030303", 3, "[natural] = 'tree'"),
+    ("building", "#040404", 1, "[building].match('.+')"),
+)
+
+
+class ListSource:
+    """A stand-in OSM source holding features in memory (same interface as osmseg.osm's)."""
+
+    name = "test"
+    zoom = 12
+
+    def __init__(self, features):
+        self._features = list(features)
+        self.queries = []
+
+    def features(self, bounds):
+        self.queries.append(bounds)
+        area = box(*bounds)
+        return [f for f in self._features if f.geometry.intersects(area)]
+
+
+def pixel_box(tile, col0, row0, col1, row1):
+    """The EPSG:3857 box covering pixel columns col0..col1-1 and rows row0..row1-1 of tile."""
+    left, _, _, top = mercantile.xy_bounds(tile)
+    return box(left + col0 * PIXEL, top - row1 * PIXEL, left + col1 * PIXEL, top - row0 * PIXEL)
+
+
+def pixel_point(tile, col, row):
+    """The EPSG:3857 point at the given (fractional) pixel position of tile."""
+    left, _, _, top = mercantile.xy_bounds(tile)
+    return left + col * PIXEL, top - row * PIXEL
+
+
+def render_one(features, classes=CLASSES, tile=TILE):
+    renderer = labels.LabelRenderer(classes, SIZE)
+    [(rendered, rgb)] = list(labels.render_tiles(ListSource(features), renderer, [tile]))
+    assert rendered == tile
+    assert rgb.shape == (SIZE, SIZE, 3) and rgb.dtype == np.uint8
+    return rgb
+
+
+def assert_only_class_colours(rgb, classes=CLASSES):
+    _, unknown = classes.colors_to_labels(rgb)
+    assert unknown == 0, f"{unknown} pixels are antialiased or of no class"
+
+
+def test_polygon_is_filled_exactly_with_its_colour():
+    rgb = render_one([Feature(pixel_box(TILE, 10, 20, 30, 25), {"building": "yes"})])
+    expected = np.zeros((SIZE, SIZE), bool)
+    expected[20:25, 10:30] = True
+    assert (rgb[expected] == (4, 4, 4)).all()
+    assert (rgb[~expected] == 0).all()
+
+
+def test_line_is_stroke_width_pixels_wide():
+    y = pixel_point(TILE, 0, 32.5)[1]
+    left, _, right, _ = mercantile.xy_bounds(TILE)
+    rgb = render_one([Feature(LineString([(left - 100, y), (right + 100, y)]), {"highway": "primary"})])
+    painted = (rgb == (2, 2, 2)).all(axis=2)
+    # stroke-width 3 centred on row 32's centre covers rows 31, 32 and 33 exactly.
+    assert (painted.sum(axis=0) == 3).all()
+    assert painted[31:34].all()
+    assert_only_class_colours(rgb)
+
+
+def test_point_is_a_square_stroke_width_pixels_wide():
+    rgb = render_one([Feature(Point(pixel_point(TILE, 40.5, 12.5)), {"natural": "tree"})])
+    painted = (rgb == (3, 3, 3)).all(axis=2)
+    assert painted.sum() == 9
+    assert painted[11:14, 39:42].all()
+
+
+def test_filter_selects_features_by_tags():
+    rgb = render_one(
+        [
+            Feature(pixel_box(TILE, 0, 0, 10, 10), {"building": "house"}),
+            Feature(pixel_box(TILE, 20, 20, 30, 30), {"building": ""}),  # match('.+') fails
+            Feature(pixel_box(TILE, 40, 40, 50, 50), {"landuse": "forest"}),  # no class
+        ]
+    )
+    assert (rgb[:10, :10] == 4).all()
+    assert (rgb[10:] == 0).all() and (rgb[:, 10:] == 0).all()
+
+
+def test_no_antialiasing_on_slanted_and_round_shapes():
+    centre = Point(pixel_point(TILE, 31.3, 29.7))
+    left, bottom, right, top = mercantile.xy_bounds(TILE)
+    rgb = render_one(
+        [
+            Feature(centre.buffer(17.3 * PIXEL), {"natural": "water"}),
+            Feature(LineString([(left, bottom), (right, top)]), {"highway": "primary"}),
+            Feature(Point(pixel_point(TILE, 5.2, 50.9)), {"natural": "tree"}),
+            Feature(shapely.affinity.rotate(pixel_box(TILE, 35, 5, 60, 20), 23), {"building": "yes"}),
+        ]
+    )
+    assert_only_class_colours(rgb)
+    assert len(np.unique(rgb.reshape(-1, 3), axis=0)) == 5  # four classes and the background
+
+
+@pytest.mark.parametrize("building_last", [True, False])
+def test_later_classes_paint_over_earlier_ones(building_last):
+    water = ("water", "#010101", 1, "[natural] = 'water'")
+    building = ("building", "#040404", 1, "[building].match('.+')")
+    classes = classes_of(water, building) if building_last else classes_of(building, water)
+    both = pixel_box(TILE, 10, 10, 40, 40)
+    rgb = render_one([Feature(both, {"building": "yes"}), Feature(both, {"natural": "water"})], classes)
+    on_top = (4, 4, 4) if building_last else (1, 1, 1)
+    assert (rgb[10:40, 10:40] == on_top).all()
+
+
+def test_bad_filters_are_named():
+    for bad in ("[landuse] = ", "landuse is forest", "[a] = 'b' and"):
+        classes = classes_of(("water", "#010101", 1, "[natural] = 'water'"), ("forest", "#020202", 1, bad))
+        with pytest.raises(ClassesError) as error:
+            labels.LabelRenderer(classes, SIZE, origin="my.json")
+        assert "my.json" in str(error.value) and "'forest'" in str(error.value) and bad in str(error.value)
+
+
+def test_count_labels_sums_to_pixels_and_orders_background_last():
+    rgb = render_one(
+        [Feature(pixel_box(TILE, 0, 0, 8, 4), {"natural": "water"}), Feature(pixel_box(TILE, 8, 0, 9, 1), {"building": "y"})]
+    )
+    counts = labels.count_labels(rgb, CLASSES)
+    assert counts.dtype == np.int64
+    assert counts.tolist() == [32, 0, 0, 1, SIZE * SIZE - 33]
+
+
+def test_count_labels_rejects_unknown_colours():
+    rgb = np.zeros((4, 4, 3), np.uint8)
+    rgb[0, 0] = (9, 9, 9)
+    with pytest.raises(ValueError, match="1 pixels"):
+        labels.count_labels(rgb, CLASSES)
+
+
+def test_one_features_query_per_source_tile_and_margin_reaches_neighbours():
+    tiles = [TILE, mercantile.Tile(TILE.x + 1, TILE.y, 17), mercantile.Tile(TILE.x, TILE.y + 200, 17)]
+    source = ListSource([])
+    renderer = labels.LabelRenderer(CLASSES, SIZE)
+    rendered = [tile for tile, _ in labels.render_tiles(source, renderer, tiles)]
+    assert sorted(rendered) == sorted(tiles)
+    assert len(source.queries) == 2  # the third tile lies in another z12 tile
+    first = source.queries[0]
+    assert first.left < mercantile.xy_bounds(TILE).left - 3 * PIXEL
+
+
+# --- Real vector tiles: a polygon crossing a z12 border ------------------------------------
+
+def write_qa_tiles(path: Path, features) -> None:
+    """Write a tiny QA-tiles-style MBTiles: z12, TMS rows, gzipped MVT, layer `osm`, no buffer."""
+    import mapbox_vector_tile
+
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE metadata (name TEXT, value TEXT)")
+    db.execute("CREATE TABLE tiles (zoom_level INTEGER, tile_column INTEGER, tile_row INTEGER, tile_data BLOB)")
+    geometries = [geometry for geometry, _ in features]
+    west, south, east, north = shapely.total_bounds(shapely.transform(np.array(geometries), lambda xy: xy))
+    lon0, lat0 = mercantile.lnglat(west, south)
+    lon1, lat1 = mercantile.lnglat(east, north)
+    db.executemany(
+        "INSERT INTO metadata VALUES (?, ?)",
+        [("name", "test"), ("format", "pbf"), ("minzoom", "12"), ("maxzoom", "12"), ("bounds", f"{lon0},{lat0},{lon1},{lat1}")],
+    )
+    tiles = set()
+    for geometry in geometries:
+        a, b, c, d = geometry.bounds
+        tiles.update(mercantile.tiles(*mercantile.lnglat(a, b), *mercantile.lnglat(c, d), zooms=[12]))
+    for tile in tiles:
+        left, bottom, right, top = mercantile.xy_bounds(tile)
+        encoded = []
+        for number, (geometry, tags) in enumerate(features):
+            piece = geometry.intersection(box(left, bottom, right, top))
+            if piece.is_empty:
+                continue
+            # Into tile units, y down from the top-left corner (MVT), extent 4096.
+            piece = shapely.transform(piece, lambda xy: (xy - (left, top)) / ((right - left) / 4096, -(top - bottom) / 4096))
+            encoded.append({"geometry": piece.wkt, "properties": {**tags, "@id": number + 1, "@type": "way"}})
+        data = mapbox_vector_tile.encode([{"name": "osm", "features": encoded}], default_options={"y_coord_down": True})
+        row = (1 << tile.z) - 1 - tile.y
+        db.execute("INSERT INTO tiles VALUES (?, ?, ?, ?)", (tile.z, tile.x, row, gzip.compress(data)))
+    db.commit()
+    db.close()
+
+
+def test_polygon_crossing_a_z12_border_renders_seamlessly(tmp_path):
+    from osmseg import osm
+
+    z12 = mercantile.parent(TILE, zoom=12)
+    border_x = mercantile.xy_bounds(z12).right
+    # The z17 tiles on either side of the z12 tile's east border, in the middle row.
+    west_tile = mercantile.Tile((z12.x + 1) * 32 - 1, z12.y * 32 + 16, 17)
+    east_tile = mercantile.Tile((z12.x + 1) * 32, z12.y * 32 + 16, 17)
+    _, bottom, _, top = mercantile.xy_bounds(west_tile)
+    polygon = box(border_x - 5 * PIXEL * 4, bottom + 0.3 * (top - bottom), border_x + 7 * PIXEL * 4, top - 0.3 * (top - bottom))
+    path = tmp_path / "border.mbtiles"
+    write_qa_tiles(path, [(polygon, {"building": "yes"})])
+    source = osm.open_source("qa-tiles", path)
+    renderer = labels.LabelRenderer(CLASSES, SIZE)
+    rendered = dict(labels.render_tiles(source, renderer, [west_tile, east_tile]))
+    west = (rendered[west_tile] == (4, 4, 4)).all(axis=2)
+    east = (rendered[east_tile] == (4, 4, 4)).all(axis=2)
+    rows = west[:, -1]
+    assert rows.sum() > SIZE // 4
+    # The border columns on both sides are filled in the same rows: no seam, no gap.
+    assert (rows == east[:, 0]).all()
+    assert west[rows][:, -5:].all() and east[rows][:, :7].all()
+    assert_only_class_colours(rendered[west_tile])
+
+
+# --- Writing labels: atomic, resumable -----------------------------------------------------
+
+def test_render_labels_writes_pngs_and_resume_skips_existing(tmp_path):
+    path = tmp_path / "osm.mbtiles"
+    write_qa_tiles(path, [(pixel_box(TILE, 0, 0, 32, 32), {"building": "yes"})])
+    spec = labels.SourceSpec("qa-tiles", str(path))
+    tiles = [TILE, mercantile.Tile(TILE.x + 1, TILE.y, 17)]
+    out = tmp_path / "color"
+    first = labels.render_labels(tiles, spec, CLASSES, out, SIZE, workers=1, progress=False)
+    assert first == {"rendered": 2, "skipped": 0}
+    label = labels.read_label(out / f"17-{TILE.x}-{TILE.y}.png")
+    assert label.shape == (SIZE, SIZE, 3)
+    assert (label[:32, :32] == 4).all() and (label[32:] == 0).all()
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"17-{t.x}-{t.y}.png" for t in tiles)
+    # A label that is already there is kept as it is, even if it differs.
+    kept = out / f"17-{TILE.x}-{TILE.y}.png"
+    kept.write_bytes(b"not touched")
+    (out / f"17-{TILE.x + 1}-{TILE.y}.png").unlink()
+    second = labels.render_labels(tiles, spec, CLASSES, out, SIZE, workers=1, progress=False)
+    assert second == {"rendered": 1, "skipped": 1}
+    assert kept.read_bytes() == b"not touched"
+
+
+def test_render_labels_over_worker_processes_matches_one_process(tmp_path):
+    path = tmp_path / "osm.mbtiles"
+    features = [(pixel_box(TILE, 3, 5, 60, 9), {"building": "yes"}), (Point(pixel_point(TILE, 70.5, 5.5)).buffer(400), {"natural": "water"})]
+    write_qa_tiles(path, features)
+    spec = labels.SourceSpec("qa-tiles", str(path))
+    # Tiles in two z12 groups so that the pool gets two tasks.
+    tiles = [TILE, mercantile.Tile(TILE.x + 1, TILE.y, 17), mercantile.Tile(TILE.x - 1, TILE.y, 17)]
+    one = labels.render_labels(tiles, spec, CLASSES, tmp_path / "one", SIZE, workers=1, progress=False)
+    two = labels.render_labels(tiles, spec, CLASSES, tmp_path / "two", SIZE, workers=2, progress=False)
+    assert one == two == {"rendered": 3, "skipped": 0}
+    for tile in tiles:
+        name = f"17-{tile.x}-{tile.y}.png"
+        assert (labels.read_label(tmp_path / "one" / name) == labels.read_label(tmp_path / "two" / name)).all()
+
+
+# --- Real OSM QA tiles ---------------------------------------------------------------------
+
+def test_monaco_labels_show_buildings_where_the_data_has_them(monaco_mbtiles, classes_file):
+    import cv2
+
+    from osmseg import osm
+    from osmseg.classes import load_classes
+
+    classes = load_classes(classes_file)
+    source = osm.open_source("qa-tiles", monaco_mbtiles)
+    # A z17 tile in Monaco-Ville, the old town on the rock, which is full of mapped buildings.
+    tile = mercantile.tile(7.4235, 43.7310, 17)
+    renderer = labels.LabelRenderer(classes, 256)
+    [(_, rgb)] = list(labels.render_tiles(source, renderer, [tile]))
+    assert_only_class_colours(rgb, classes)
+    building = (rgb == (5, 5, 5)).all(axis=2)
+    assert building.sum() > 2000
+    # Rasterise the same building polygons independently; the two must agree.
+    left, bottom, right, top = mercantile.xy_bounds(tile)
+    reference = np.zeros((256, 256), np.uint8)
+    for feature in source.features(mercantile.xy_bounds(tile)):
+        if "building" in feature.tags and feature.tags["building"] and feature.geometry.geom_type.endswith("Polygon"):
+            for polygon in getattr(feature.geometry, "geoms", [feature.geometry]):
+                rings = [polygon.exterior, *polygon.interiors]
+                points = [((np.asarray(r.coords) - (left, top)) / ((right - left) / 256, -(top - bottom) / 256)) for r in rings]
+                cv2.fillPoly(reference, [np.round(p - 0.5).astype(np.int32) for p in points], 1)
+    reference = reference.astype(bool)
+    iou = (building & reference).sum() / (building | reference).sum()
+    assert iou > 0.85
+    assert labels.count_labels(rgb, classes).sum() == 256 * 256
+
+
+# --- prepare.py labels --------------------------------------------------------------------
+
+def test_prepare_labels_bad_filter_exits_2_naming_it(tmp_path, capsys):
+    import prepare
+
+    classes_path = tmp_path / "bad.json"
+    classes_path.write_text(json.dumps([{"name": "forest", "color": "#010101", "filter": "[landuse] = "}]))
+    (tmp_path / "sample.txt").write_text(f"test 17 {TILE.x} {TILE.y}\n")
+    out = tmp_path / "color"
+    status = cli.run(
+        prepare.main,
+        ["labels", "--sample", str(tmp_path / "sample.txt"), "--classes", str(classes_path), "--osm", str(tmp_path / "x.mbtiles"), "--out", str(out)],
+    )
+    assert status == 2
+    message = capsys.readouterr().err
+    assert "forest" in message and "[landuse] = " in message
+    assert not out.exists()
+
+
+def test_read_label_names_a_missing_file(tmp_path):
+    with pytest.raises(UserError, match="make data/labels/color"):
+        labels.read_label(tmp_path / "17-1-2.png")
