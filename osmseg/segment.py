@@ -1,0 +1,631 @@
+"""Sliding-window segmentation of images of any size, blended without seams, in strips.
+
+A model sees windows of a fixed size (its input size). An image of any other size is cut
+into overlapping windows laid on a regular grid; each window's class probabilities are
+weighted by a 2D Hann window with a floor (weights fall off towards the window's edges but
+never reach zero, so the image's own edges still count) and the weights are normalised so
+that, at every pixel, the weights of the windows covering it sum to 1. Images smaller than
+a window are padded by reflection and cropped back.
+
+Memory stays bounded for very large scenes: windows are processed one row of windows at a
+time and only that row's accumulator (window × image width × classes, float32) is kept;
+rows of pixels that no later window touches are handed on as a `Strip` and forgotten.
+
+This module never imports Keras: it takes a `predict` function, batch float32
+(B, S, S, 3) RGB 0..255 -> probabilities (B, S, S, C), so it can be tested with a fake model.
+
+Files written by `write_scene` into an output directory:
+
+- `mask.png`: RGB 8-bit PNG, the image's size; class i in the classes file's colour
+  (#0i0i0i for classes/mine.json), background #000000, so it compares pixel for pixel with
+  data/labels/color/*.png.
+- `segments.png`: RGB 8-bit PNG, the image's size; the image in its true colours with each
+  non-background class's display colour (osmseg.visualise.display_palette) blended over it.
+- `heatmap-<class>.png`: RGB PNG per class (background included), the blended probability
+  of that class colour-mapped (viridis, 0 dark to 1 yellow) with a labelled scale bar on the
+  right; downscaled (area mean) so that the longer side is at most `heatmap_size` pixels.
+- `mask.tif` and `probabilities.tif` (only for georeferenced input, e.g. a GeoTIFF): tiled,
+  deflate-compressed GeoTIFFs with the input's CRS and transform. mask.tif: one uint8 band of
+  class indices (0 background) with a colour table of the display colours. probabilities.tif:
+  one uint8 band per class (band i+1 = class i, described by its name), probability × 255
+  rounded.
+- `segments.geojson` (with geojson=True): a FeatureCollection of (Multi)Polygons per
+  non-background class, properties {"class": name, "class_index": i, "area": area}. Without
+  georeferencing, coordinates are pixels (x = column, y = row, origin at the top-left corner
+  of the image); with it, they are in the input's CRS, named in a top-level "crs" member.
+- `counts.json`, written last (its presence means the scene is complete): {"image",
+  "width", "height", "pixels", "counts": {class name: pixel count, every class, summing to
+  pixels}, "window", "overlap", "notes", "inputs": {what the result was made from}}.
+
+Images are RGB uint8 (H, W, 3) in memory. PNG and JPEG inputs are decoded whole by OpenCV
+(a 20,000 × 20,000 RGB image takes 1.2 GB); TIFF and GeoTIFF inputs are read by rasterio in
+windows of rows, so only the accumulators and one strip of pixels are in memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from osmseg import visualise
+from osmseg.classes import Classes
+from osmseg.cli import atomic_path, write_text_atomic
+from osmseg.errors import UserError
+
+Predict = Callable[[np.ndarray], np.ndarray]
+
+# Weight at a window's very edge relative to its centre: small, so that a pixel near one
+# window's border is decided by the window that sees it near its centre, yet above zero so
+# that the image's own border pixels (covered by one window only) still have a weight.
+WINDOW_FLOOR = 0.05
+TIFF_SUFFIXES = (".tif", ".tiff")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp") + TIFF_SUFFIXES
+HEATMAP_SIZE = 2048
+
+
+# --- Window maths (pure) ---------------------------------------------------------------
+
+
+def window_stride(window: int, overlap: float) -> int:
+    """The step between windows that overlap by `overlap` (a fraction in [0, 1))."""
+    if not 0 <= overlap < 1:
+        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+    return max(1, int(round(window * (1 - overlap))))
+
+
+def window_positions(length: int, window: int, stride: int) -> np.ndarray:
+    """Start offsets of windows covering [0, max(length, window)) along one axis.
+
+    The first window starts at 0 and the last ends at the end; the windows between are
+    spread evenly, so that no step is longer than `stride`.
+
+    Returns:
+        int64 (n,) increasing offsets.
+    """
+    if length <= window:
+        return np.zeros(1, dtype=np.int64)
+    count = math.ceil((length - window) / stride) + 1
+    return np.round(np.linspace(0, length - window, count)).astype(np.int64)
+
+
+def window_profile(window: int, floor: float = WINDOW_FLOOR) -> np.ndarray:
+    """float64 (window,): a Hann window sampled at pixel centres, lifted to `floor`."""
+    centres = (np.arange(window) + 0.5) / window
+    return floor + (1 - floor) * np.sin(np.pi * centres) ** 2
+
+
+def axis_weights(length: int, window: int, positions: np.ndarray, floor: float = WINDOW_FLOOR) -> np.ndarray:
+    """Normalised 1D blending weights of the windows along one axis.
+
+    Args:
+        length: the (padded) axis length the windows cover, >= window.
+        window: the window size.
+        positions: the windows' start offsets (window_positions).
+        floor: the profile's edge value (> 0).
+
+    Returns:
+        float32 (len(positions), window): row k holds the weights of window k at its pixels;
+        at every pixel of the axis, the weights of the windows covering it sum to 1.
+    """
+    profile = window_profile(window, floor)
+    total = np.zeros(max(length, window))
+    for start in positions:
+        total[start : start + window] += profile
+    weights = np.stack([profile / total[start : start + window] for start in positions])
+    return weights.astype(np.float32)
+
+
+# --- Reading images ----------------------------------------------------------------------
+
+
+@dataclass
+class Georeference:
+    """Where a raster lies: its rasterio CRS and affine transform (pixel -> CRS)."""
+
+    crs: object
+    transform: object
+
+
+class ImageReader:
+    """Rows of an image as RGB uint8, whatever the file holds.
+
+    Attributes:
+        path: the file.
+        height, width: in pixels.
+        notes: what was converted on the way (greyscale, alpha, 16-bit...).
+        georeference: a Georeference for a georeferenced raster, else None.
+    """
+
+    path: Path
+    height: int
+    width: int
+    notes: list[str]
+    georeference: Georeference | None = None
+
+    def read(self, top: int, bottom: int) -> np.ndarray:
+        """RGB uint8 (bottom - top, width, 3) rows [top, bottom)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+def to_rgb8(pixels: np.ndarray, scale_max: float | None = None) -> np.ndarray:
+    """Turn (H, W) or (H, W, bands) pixels of any dtype into RGB uint8 (H, W, 3).
+
+    Greyscale is repeated into three channels; a fourth band (alpha) and any further bands
+    are dropped; two bands are read as grey + alpha. Non-uint8 values are scaled linearly so
+    that `scale_max` (default: the array's maximum) becomes 255.
+    """
+    if pixels.ndim == 2:
+        pixels = pixels[:, :, None]
+    if pixels.shape[2] <= 2:
+        pixels = np.repeat(pixels[:, :, :1], 3, axis=2)
+    else:
+        pixels = pixels[:, :, :3]
+    if pixels.dtype != np.uint8:
+        if scale_max is None:
+            scale_max = float(pixels.max()) if pixels.size else 0.0
+        scale = 255.0 / scale_max if scale_max > 0 else 0.0
+        pixels = np.clip(pixels.astype(np.float32) * scale + 0.5, 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(pixels)
+
+
+def _conversion_notes(bands: int, dtype: np.dtype, scale_max: float | None) -> list[str]:
+    notes = []
+    if bands == 1:
+        notes.append("greyscale image: repeated into three RGB channels")
+    elif bands == 2:
+        notes.append("greyscale + alpha image: alpha dropped, grey repeated into RGB")
+    elif bands == 4:
+        notes.append("RGBA image: alpha channel dropped")
+    elif bands > 4:
+        notes.append(f"{bands}-band image: the first three bands used as RGB")
+    if dtype != np.uint8:
+        notes.append(f"{dtype} image: scaled linearly to 8 bits ({scale_max:g} -> 255)")
+    return notes
+
+
+class ArrayReader(ImageReader):
+    """An image decoded whole into memory (PNG, JPEG, WebP, BMP through OpenCV)."""
+
+    def __init__(self, image: np.ndarray, path: str | os.PathLike = "<array>", notes: list[str] | None = None):
+        self.path = Path(path)
+        self.image = image
+        self.height, self.width = image.shape[:2]
+        self.notes = list(notes or [])
+
+    def read(self, top: int, bottom: int) -> np.ndarray:
+        return self.image[top:bottom]
+
+
+class RasterReader(ImageReader):
+    """A TIFF or GeoTIFF read by rasterio in windows of rows."""
+
+    def __init__(self, path: Path):
+        import rasterio
+        from rasterio.windows import Window
+
+        self._window = Window
+        self.path = path
+        try:
+            self._dataset = rasterio.open(path)
+        except rasterio.errors.RasterioIOError as error:
+            raise UserError(f"{path}: cannot read the image ({error}); check the file or convert it") from None
+        dataset = self._dataset
+        self.height, self.width = dataset.height, dataset.width
+        self._bands = list(range(1, min(dataset.count, 3) + 1)) if dataset.count != 2 else [1]
+        dtype = np.dtype(dataset.dtypes[0])
+        self._scale_max = None
+        if dtype != np.uint8:
+            # A decimated read (GDAL picks overviews when there are some) estimates the
+            # maximum without reading the whole scene; values above it are clipped.
+            factor = max(1, math.ceil(max(self.height, self.width) / 2048))
+            shape = (len(self._bands), max(1, self.height // factor), max(1, self.width // factor))
+            self._scale_max = float(dataset.read(self._bands, out_shape=shape).max())
+        self.notes = _conversion_notes(dataset.count, dtype, self._scale_max)
+        if dataset.crs is not None:
+            self.georeference = Georeference(dataset.crs, dataset.transform)
+
+    def read(self, top: int, bottom: int) -> np.ndarray:
+        window = self._window(0, top, self.width, bottom - top)
+        pixels = self._dataset.read(self._bands, window=window)
+        return to_rgb8(np.moveaxis(pixels, 0, -1), self._scale_max)
+
+    def close(self) -> None:
+        self._dataset.close()
+
+
+def open_image(path: str | os.PathLike) -> ImageReader:
+    """Open an image for reading as RGB uint8 rows.
+
+    TIFFs are read by rasterio in windows (georeferenced when they carry a CRS); other
+    formats are decoded whole by OpenCV and turned from BGR into RGB.
+
+    Raises:
+        UserError: the file is missing, not a file, or not an image we can decode.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such image; pass an existing image file or directory")
+    if not path.is_file():
+        raise UserError(f"{path}: not a file; pass an image file or a directory of images")
+    if path.suffix.lower() in TIFF_SUFFIXES:
+        return RasterReader(path)
+    import cv2
+
+    pixels = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if pixels is None or pixels.size == 0:
+        raise UserError(
+            f"{path}: not an image OpenCV can decode; pass a PNG, JPEG, WebP, BMP or TIFF file"
+        )
+    bands = 1 if pixels.ndim == 2 else pixels.shape[2]
+    if bands == 3:
+        pixels = pixels[:, :, ::-1]  # OpenCV decodes to BGR
+    elif bands == 4:
+        pixels = pixels[:, :, [2, 1, 0, 3]]
+    scale_max = float(pixels.max()) if pixels.dtype != np.uint8 else None
+    notes = _conversion_notes(bands, pixels.dtype, scale_max)
+    return ArrayReader(to_rgb8(pixels, scale_max), path, notes)
+
+
+# --- Sliding windows in strips -------------------------------------------------------------
+
+
+@dataclass
+class Strip:
+    """Finished rows of a scene: rows [top, top + len(image)) of the image and their
+    blended probabilities, float32 (rows, W, C), summing to 1 over classes."""
+
+    top: int
+    image: np.ndarray
+    probabilities: np.ndarray
+
+
+def _pad_to(pixels: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Reflect-pad (rows, cols, ...) at the bottom and right to at least height × width."""
+    extra_rows, extra_cols = max(0, height - pixels.shape[0]), max(0, width - pixels.shape[1])
+    if not extra_rows and not extra_cols:
+        return pixels
+    padding = [(0, extra_rows), (0, extra_cols)] + [(0, 0)] * (pixels.ndim - 2)
+    mode = "reflect" if min(pixels.shape[:2]) > 1 else "edge"
+    return np.pad(pixels, padding, mode=mode)
+
+
+def count_windows(height: int, width: int, window: int, overlap: float) -> int:
+    """How many windows segment_strips runs the model on for an image of this size."""
+    stride = window_stride(window, overlap)
+    return len(window_positions(height, window, stride)) * len(window_positions(width, window, stride))
+
+
+def segment_strips(
+    reader: ImageReader,
+    predict: Predict,
+    num_classes: int,
+    window: int,
+    overlap: float = 0.25,
+    batch_size: int = 8,
+    floor: float = WINDOW_FLOOR,
+    progress: bool = False,
+) -> Iterator[Strip]:
+    """Segment an image in overlapping windows and yield its blended rows, top to bottom.
+
+    Args:
+        reader: the image (ImageReader).
+        predict: batch float32 (B, window, window, 3) RGB 0..255 -> (B, window, window,
+            num_classes) probabilities.
+        num_classes: the model's number of outputs.
+        window: the model's input size.
+        overlap: the fraction of a window shared with its neighbour, in [0, 1).
+        batch_size: windows per predict call.
+        floor: the blending window's edge weight (see window_profile).
+        progress: show a progress bar (tqdm, stderr) counting windows.
+
+    Yields:
+        Strips covering every row once, in order; their widths are the image's.
+    """
+    from tqdm import tqdm
+
+    height, width = reader.height, reader.width
+    stride = window_stride(window, overlap)
+    padded_height, padded_width = max(height, window), max(width, window)
+    rows = window_positions(height, window, stride)
+    cols = window_positions(width, window, stride)
+    row_weights = axis_weights(padded_height, window, rows, floor)
+    col_weights = axis_weights(padded_width, window, cols, floor)
+    # The accumulator holds the rows of the current row of windows; rows above the next
+    # row of windows are final and leave it as a Strip.
+    accumulator = np.zeros((window, padded_width, num_classes), dtype=np.float32)
+    bar = tqdm(total=len(rows) * len(cols), unit="window", file=sys.stderr, disable=not progress, leave=False)
+    try:
+        for k, top in enumerate(rows):
+            pixels = reader.read(int(top), int(min(top + window, height)))
+            strip = _pad_to(pixels, window, padded_width).astype(np.float32)
+            for first in range(0, len(cols), batch_size):
+                batch_cols = cols[first : first + batch_size]
+                batch = np.stack([strip[:, left : left + window] for left in batch_cols])
+                probabilities = np.asarray(predict(batch), dtype=np.float32)
+                expected = (len(batch_cols), window, window, num_classes)
+                if probabilities.shape != expected:
+                    raise ValueError(f"predict returned shape {probabilities.shape}, expected {expected}")
+                for index, left in enumerate(batch_cols):
+                    weight = np.outer(row_weights[k], col_weights[first + index])
+                    accumulator[:, left : left + window] += probabilities[index] * weight[:, :, None]
+                bar.update(len(batch_cols))
+            bottom = int(rows[k + 1]) if k + 1 < len(rows) else height
+            done = bottom - int(top)
+            yield Strip(int(top), pixels[:done, :width], accumulator[:done, :width].copy())
+            accumulator[: window - done] = accumulator[done:]
+            accumulator[window - done :] = 0
+    finally:
+        bar.close()
+
+
+def segment_array(
+    image: np.ndarray,
+    predict: Predict,
+    num_classes: int,
+    window: int,
+    overlap: float = 0.25,
+    batch_size: int = 8,
+    floor: float = WINDOW_FLOOR,
+) -> np.ndarray:
+    """Blended probabilities float32 (H, W, C) of a whole RGB uint8 (H, W, 3) image in memory."""
+    strips = segment_strips(ArrayReader(image), predict, num_classes, window, overlap, batch_size, floor)
+    return np.concatenate([strip.probabilities for strip in strips], axis=0)
+
+
+# --- Polygons ------------------------------------------------------------------------------
+
+
+def polygons(
+    labels: np.ndarray,
+    names: list[str],
+    georeference: Georeference | None = None,
+    simplify: float = 1.0,
+    min_area: float = 16.0,
+) -> dict:
+    """Vectorise a label image into a GeoJSON FeatureCollection, one feature per polygon.
+
+    Args:
+        labels: uint8 (H, W) class indices.
+        names: class names, background first (background is not vectorised).
+        georeference: map pixel coordinates into this CRS (None: pixel coordinates).
+        simplify: Douglas-Peucker tolerance in pixels (0: none).
+        min_area: polygons smaller than this many pixels (after simplifying) are dropped.
+
+    Returns:
+        A GeoJSON dict (see the module docstring).
+    """
+    from affine import Affine
+    from rasterio import features
+    from shapely.geometry import mapping, shape
+
+    transform = georeference.transform if georeference else Affine.identity()
+    pixel_size = math.sqrt(abs(transform.determinant))
+    collection: dict = {"type": "FeatureCollection", "features": []}
+    if georeference is not None:
+        crs = georeference.crs.to_string()
+        collection["crs"] = {"type": "name", "properties": {"name": crs}}
+    for index, name in enumerate(names):
+        if index == 0 or not (labels == index).any():
+            continue
+        mask = labels == index
+        for geometry, _ in features.shapes(labels, mask=mask, connectivity=4, transform=transform):
+            polygon = shape(geometry)
+            if simplify > 0:
+                polygon = polygon.simplify(simplify * pixel_size, preserve_topology=True)
+            if polygon.is_empty or polygon.area < min_area * pixel_size**2:
+                continue
+            collection["features"].append(
+                {
+                    "type": "Feature",
+                    "geometry": mapping(polygon),
+                    "properties": {"class": name, "class_index": index, "area": round(polygon.area, 3)},
+                }
+            )
+    return collection
+
+
+# --- Writing a scene ------------------------------------------------------------------------
+
+
+def safe_name(name: str) -> str:
+    """A class name made safe for a file name (heatmap-<name>.png)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name) or "class"
+
+
+@dataclass
+class SceneResult:
+    """What write_scene made: counts per class (every class, background first)."""
+
+    counts: dict[str, int]
+    height: int
+    width: int
+    notes: list[str] = field(default_factory=list)
+    files: list[Path] = field(default_factory=list)
+
+
+class _HeatmapAccumulator:
+    """Area-mean downscaling of probability strips to at most `size` pixels a side."""
+
+    def __init__(self, height: int, width: int, num_classes: int, size: int):
+        self.factor = max(1, math.ceil(max(height, width) / size))
+        self.width = width
+        shape = (math.ceil(height / self.factor), math.ceil(width / self.factor))
+        self.sums = np.zeros(shape + (num_classes,), dtype=np.float64)
+        self.counts = np.zeros(shape, dtype=np.int64)
+
+    def add(self, top: int, probabilities: np.ndarray) -> None:
+        factor = self.factor
+        rows, width, classes = probabilities.shape
+        padded = math.ceil(width / factor) * factor
+        block = np.zeros((rows, padded, classes), dtype=np.float64)
+        block[:, :width] = probabilities
+        column_sums = block.reshape(rows, padded // factor, factor, classes).sum(axis=2)
+        column_counts = np.minimum(factor, width - np.arange(0, padded, factor))
+        cells = (top + np.arange(rows)) // factor
+        starts = np.flatnonzero(np.r_[True, cells[1:] != cells[:-1]])
+        self.sums[cells[starts]] += np.add.reduceat(column_sums, starts, axis=0)
+        row_counts = np.diff(np.r_[starts, rows])
+        self.counts[cells[starts]] += row_counts[:, None] * column_counts[None, :]
+
+    def means(self) -> np.ndarray:
+        return self.sums / np.maximum(self.counts, 1)[:, :, None]
+
+
+def write_scene(
+    reader: ImageReader,
+    predict: Predict,
+    classes: Classes,
+    outdir: Path,
+    *,
+    window: int,
+    overlap: float = 0.25,
+    batch_size: int = 8,
+    geojson: bool = False,
+    simplify: float = 1.0,
+    min_area: float = 16.0,
+    heatmap_size: int = HEATMAP_SIZE,
+    inputs: dict | None = None,
+    progress: bool = False,
+) -> SceneResult:
+    """Segment one image and write its outputs (see the module docstring) into outdir.
+
+    Every file is written under a temporary name and renamed when the whole scene is
+    done, counts.json last; a failure leaves no output file behind.
+
+    Args:
+        reader: the image.
+        predict, window, overlap, batch_size: as for segment_strips.
+        classes: the model's classes (names and mask colours).
+        outdir: the output directory (created if missing).
+        geojson: also write segments.geojson (keeps the label image, 1 byte a pixel).
+        simplify, min_area: polygon simplification and minimum area, in pixels.
+        heatmap_size: the heatmaps' longest side at most.
+        inputs: recorded in counts.json (what the result was made from).
+        progress: show a progress bar.
+    """
+    height, width = reader.height, reader.width
+    names = classes.names
+    num_classes = classes.num_classes
+    display = visualise.display_palette(num_classes)
+    outdir.mkdir(parents=True, exist_ok=True)
+    counts = np.zeros(num_classes, dtype=np.int64)
+    heat = _HeatmapAccumulator(height, width, num_classes, heatmap_size)
+    labels_all = np.zeros((height, width), dtype=np.uint8) if geojson else None
+    georeference = reader.georeference
+    finals: list[tuple[Path, Path]] = []
+    with contextlib.ExitStack() as stack:
+
+        def temporary(name: str) -> Path:
+            final = outdir / name
+            path = stack.enter_context(atomic_path(final))
+            finals.append((final, path))
+            return path
+
+        mask_png = stack.enter_context(visualise.PngWriter(temporary("mask.png"), width, height))
+        segments_png = stack.enter_context(visualise.PngWriter(temporary("segments.png"), width, height))
+        tiffs = None
+        if georeference is not None:
+            tiffs = stack.enter_context(
+                _GeoTiffWriters(temporary("mask.tif"), temporary("probabilities.tif"), height, width,
+                                georeference, names, display)
+            )
+        strips = segment_strips(reader, predict, num_classes, window, overlap, batch_size, progress=progress)
+        for strip in strips:
+            labels = strip.probabilities.argmax(axis=2).astype(np.uint8)
+            counts += np.bincount(labels.ravel(), minlength=num_classes)
+            mask_png.write(classes.labels_to_colors(labels))
+            segments_png.write(visualise.overlay(strip.image, labels, display))
+            heat.add(strip.top, strip.probabilities)
+            if tiffs is not None:
+                tiffs.write(strip.top, labels, strip.probabilities)
+            if labels_all is not None:
+                labels_all[strip.top : strip.top + len(labels)] = labels
+        means = heat.means()
+        for index, name in enumerate(names):
+            picture = visualise.heatmap(means[:, :, index], title=name)
+            visualise.write_png(temporary(f"heatmap-{safe_name(name)}.png"), picture)
+        if labels_all is not None:
+            collection = polygons(labels_all, names, georeference, simplify, min_area)
+            temporary("segments.geojson").write_text(json.dumps(collection))
+        # Leaving the stack closes each writer, then renames its temporary file into place.
+    result = SceneResult({name: int(count) for name, count in zip(names, counts)}, height, width, reader.notes)
+    record = {
+        "image": str(reader.path),
+        "width": width,
+        "height": height,
+        "pixels": width * height,
+        "counts": result.counts,
+        "window": window,
+        "overlap": overlap,
+        "notes": reader.notes,
+        "inputs": inputs or {},
+    }
+    # counts.json goes last: its presence says that every other output is complete.
+    write_text_atomic(outdir / "counts.json", json.dumps(record, indent=1) + "\n")
+    finals.append((outdir / "counts.json", outdir / "counts.json"))
+    result.files = [final for final, _ in finals]
+    return result
+
+
+class _GeoTiffWriters:
+    """mask.tif and probabilities.tif written strip by strip with the input's georeference."""
+
+    def __init__(self, mask_path, probabilities_path, height, width, georeference, names, display):
+        self._paths = (mask_path, probabilities_path)
+        self._args = (height, width, georeference, names, display)
+
+    def __enter__(self):
+        import rasterio
+
+        height, width, georeference, names, display = self._args
+        profile = {
+            "driver": "GTiff",
+            "height": height,
+            "width": width,
+            "dtype": "uint8",
+            "crs": georeference.crs,
+            "transform": georeference.transform,
+            "compress": "deflate",
+            "tiled": True,
+            "blockxsize": 256,
+            "blockysize": 256,
+        }
+        # GDAL caches blocks up to 5% of RAM by default; a small cache keeps memory bounded.
+        self._env = rasterio.Env(GDAL_CACHEMAX=128)
+        self._env.__enter__()
+        self.mask = rasterio.open(self._paths[0], "w", count=1, **profile)
+        self.mask.write_colormap(1, {i: tuple(int(v) for v in color) + (255,) for i, color in enumerate(display)})
+        self.mask.set_band_description(1, "class index")
+        self.probabilities = rasterio.open(self._paths[1], "w", count=len(names), **profile)
+        for band, name in enumerate(names, start=1):
+            self.probabilities.set_band_description(band, name)
+        return self
+
+    def write(self, top: int, labels: np.ndarray, probabilities: np.ndarray) -> None:
+        from rasterio.windows import Window
+
+        rows, width = labels.shape
+        window = Window(0, top, width, rows)
+        self.mask.write(labels[None], window=window)
+        scaled = np.clip(np.rint(probabilities * 255), 0, 255).astype(np.uint8)
+        self.probabilities.write(np.moveaxis(scaled, -1, 0), window=window)
+
+    def __exit__(self, *exc):
+        try:
+            self.mask.close()
+            self.probabilities.close()
+        finally:
+            self._env.__exit__(*exc)
+        return False
