@@ -1,0 +1,1041 @@
+"""The HDF5 training cache: its schema, its two writers and its streaming readers.
+
+`prepare.py cache` builds data/training.hdf5 and data/testing.hdf5 from the pipeline's
+imagery (data/images) and colour labels (data/labels/color), holding back a reproducible test
+set listed in data/test-sample-filtered.txt. `prepare.py import` builds the same kind of file
+from your own image/mask pairs. train.py and validate.py read it in batches, never whole.
+
+Schema (schema_version 1), one row per tile, N rows::
+
+    images    uint8  (N, H, W, 3)  RGB, H = W = tile_size
+    labels    uint8  (N, H, W)     class index: 0 background, i the i-th class of the
+                                   classes file, 255 ignore (training and metrics skip it)
+    tiles     int32  (N, 3)        z, x, y of the tile (-1, -1, -1 for imported data)
+    sources   str    (N,)          variable-length UTF-8: the OSM source name (`demo`,
+                                   `united_kingdom`...) or, for imported data, the image's
+                                   file-name stem
+
+    attrs:
+    classes         str   the classes file as Classes.to_json() (names and colours)
+    tile_size       int   H (= W)
+    schema_version  int   1
+    params          str   JSON: how the file was made (command, tile size, seed, counts...)
+                          and `fingerprint`, the hashes of its inputs that decide whether a
+                          re-run may skip the build
+
+`images` and `labels` are chunked one tile per chunk, so that reading one tile reads (and
+decompresses) one chunk, and compressed with gzip level 1. gzip rather than lzf because every
+HDF5 reader (C, MATLAB, R, netCDF tools) has gzip while lzf exists only in h5py; level 1
+because decoded imagery barely compresses past it (bench/bench_cache.py: about 15% smaller
+than raw for real satellite tiles, labels 20x smaller) while higher levels cost write time
+for nothing.
+
+Both writers stream (memory independent of N) into a temporary file that is renamed onto the
+output only when complete, so an interrupted build never leaves a file that looks valid.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
+
+import h5py
+import mercantile
+import numpy as np
+
+from osmseg import cli
+from osmseg.classes import IGNORE, Classes, load_classes, parse_classes
+from osmseg.errors import CacheError, UserError
+
+SCHEMA_VERSION = 1
+COMPRESSION = "gzip"
+COMPRESSION_LEVEL = 1
+IMAGE_SUFFIXES = (".jpg", ".png", ".webp")  # what `prepare.py images` writes
+IMPORT_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp")
+IMPORT_MASK_SUFFIXES = (".png", ".tif", ".tiff", ".bmp", ".webp", ".jpg", ".jpeg")
+_WRITE_BLOCK = 32  # tiles buffered before one write: a few MB, independent of N
+_LIST_LIMIT = 20  # skipped items named in full before "... and N more"
+
+Entry = tuple[str, mercantile.Tile]  # (source name, tile)
+Log = Callable[[str], None]
+
+
+# --- Small value types ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CacheInfo:
+    """What open_cache found: an existing, readable cache of `length` tiles."""
+
+    path: Path
+    length: int
+    tile_size: int
+    classes: Classes
+    attrs: dict
+
+    @property
+    def params(self) -> dict:
+        """The creation parameters stored in the `params` attribute."""
+        return json.loads(self.attrs.get("params", "{}"))
+
+
+@dataclass
+class BuildSummary:
+    """What a build did: tiles written, what it skipped and why, ignored pixels."""
+
+    path: Path
+    written: int = 0
+    up_to_date: bool = False
+    rebuilt_because: str | None = None
+    skipped: dict[str, list[str]] = field(default_factory=dict)
+    ignored_pixels: int = 0
+    unknown_colors: Counter = field(default_factory=Counter)
+
+    def skip(self, reason: str, name: str) -> None:
+        self.skipped.setdefault(reason, []).append(name)
+
+    @property
+    def skipped_count(self) -> int:
+        return sum(map(len, self.skipped.values()))
+
+
+def tile_stem(tile: mercantile.Tile) -> str:
+    """A tile's file stem, z-x-y (the pipeline's shared convention)."""
+    return f"{tile.z}-{tile.x}-{tile.y}"
+
+
+def find_image(images_dir: Path, tile: mercantile.Tile) -> Path | None:
+    """The imagery file of a tile in `images_dir` ({z}-{x}-{y}.jpg|png|webp), or None."""
+    for suffix in IMAGE_SUFFIXES:
+        path = Path(images_dir) / f"{tile_stem(tile)}{suffix}"
+        if path.is_file():
+            return path
+    return None
+
+
+# --- Splitting ---------------------------------------------------------------------------
+
+
+def held_back_count(n: int, size: float, what: str = "tiles") -> int:
+    """How many of n items a test size holds back: a fraction (< 1) or a count (>= 1).
+
+    A positive fraction holds back at least one item; at least one item is always kept.
+
+    Raises:
+        UserError: a negative size, a fractional count, or one that keeps nothing.
+    """
+    if not size >= 0 or not math.isfinite(size):
+        raise UserError(f"test size {size}: must be a fraction below 1 or a whole count of {what}")
+    if size >= 1:
+        if size != int(size):
+            raise UserError(f"test size {size}: a count of {what} must be a whole number (or pass a fraction < 1)")
+        count = int(size)
+    else:
+        count = max(1, round(n * size)) if size > 0 else 0
+    if count and count >= n:
+        raise UserError(
+            f"test size {size}: holding back {count} of {n} {what} leaves none to train on; "
+            f"pass a smaller --test-size or provide more {what}"
+        )
+    return count
+
+
+def split_indices(n: int, fraction: float, seed: int, what: str = "tiles") -> tuple[np.ndarray, np.ndarray]:
+    """Split range(n) into (kept, held_back), reproducibly from the seed.
+
+    Args:
+        n: the number of items.
+        fraction: how many to hold back: a fraction (< 1, at least one item when > 0)
+            or a count (>= 1).
+        seed: the random seed; the same (n, fraction, seed) always gives the same split.
+        what: what the items are, for messages.
+
+    Returns:
+        Two sorted, disjoint int64 arrays whose union is range(n).
+    """
+    count = held_back_count(n, fraction, what)
+    order = np.random.default_rng(seed).permutation(n)
+    return np.sort(order[count:]).astype(np.int64), np.sort(order[:count]).astype(np.int64)
+
+
+# --- Fingerprints: when may a re-run skip the build? ---------------------------------------
+
+
+def _digest(parts: Iterable[str]) -> str:
+    hasher = hashlib.sha256()
+    for part in parts:
+        hasher.update(part.encode())
+        hasher.update(b"\n")
+    return hasher.hexdigest()[:16]
+
+
+def _file_stamp(path: Path | None) -> str:
+    if path is None:
+        return "-"
+    stat = path.stat()
+    return f"{path.name} {stat.st_size} {stat.st_mtime_ns}"
+
+
+# The order in which fingerprint parts are compared, and how a difference is explained.
+_FINGERPRINT_REASONS = {
+    "classes": "the classes changed (another classes file, or its names or colours were edited)",
+    "tile_size": "the tile size changed",
+    "stride": "the stride changed",
+    "tiles": "the tile list changed",
+    "files": "image or label files changed on disk (re-downloaded or re-rendered)",
+}
+
+
+def _stale_reason(out_path: Path, fingerprint: dict) -> str | None:
+    """None if out_path is a cache made from exactly these inputs, else why it is not.
+
+    Raises:
+        CacheError: out_path exists but is not one of our caches (never overwrite it).
+    """
+    try:
+        with h5py.File(out_path, "r") as file:
+            attrs = dict(file.attrs)
+    except OSError:
+        raise CacheError(
+            f"{out_path}: exists but is not a readable HDF5 file; it is not overwritten: "
+            "move or delete it, or pass another --out"
+        ) from None
+    if "schema_version" not in attrs or "params" not in attrs:
+        raise CacheError(
+            f"{out_path}: exists but is not an osmseg cache; it is not overwritten: move or delete it, or pass another --out"
+        )
+    if int(attrs["schema_version"]) != SCHEMA_VERSION:
+        return f"it has schema version {attrs['schema_version']}, this osmseg writes {SCHEMA_VERSION}"
+    try:
+        old = json.loads(attrs["params"]).get("fingerprint", {})
+    except (json.JSONDecodeError, AttributeError):
+        return "its creation parameters are unreadable"
+    for key, reason in _FINGERPRINT_REASONS.items():
+        if old.get(key) != fingerprint.get(key):
+            if key in ("tile_size", "stride"):
+                return f"{reason} ({old.get(key)} -> {fingerprint.get(key)})"
+            return reason
+    if old != fingerprint:
+        return "its inputs changed"
+    return None
+
+
+def _needs_build(out_path: Path, fingerprint: dict, summary: BuildSummary, log: Log) -> bool:
+    """Decide whether to build; delete a stale cache first so it can never be used."""
+    if not out_path.exists():
+        return True
+    reason = _stale_reason(out_path, fingerprint)
+    if reason is None:
+        with h5py.File(out_path, "r") as file:
+            summary.written = len(file["images"])
+        summary.up_to_date = True
+        log(f"{out_path}: up to date ({summary.written} tiles), not rebuilt")
+        return False
+    # Removing it now means an interrupted rebuild leaves no cache rather than a stale one.
+    log(f"{out_path}: rebuilding: {reason}")
+    summary.rebuilt_because = reason
+    out_path.unlink()
+    return True
+
+
+# --- The streaming writer ----------------------------------------------------------------
+
+
+class _Writer:
+    """Appends tiles to an open HDF5 file in small blocks; memory independent of N."""
+
+    def __init__(self, file: h5py.File, tile_size: int, expected: int = 0):
+        self.file = file
+        self.count = 0
+        self._buffer: list[tuple[np.ndarray, np.ndarray, tuple[int, int, int], str]] = []
+        size = tile_size
+        initial = max(expected, 0)
+        pixels = dict(compression=COMPRESSION, compression_opts=COMPRESSION_LEVEL)
+        self.images = file.create_dataset(
+            "images", (initial, size, size, 3), np.uint8, maxshape=(None, size, size, 3),
+            chunks=(1, size, size, 3), **pixels,
+        )
+        self.labels = file.create_dataset(
+            "labels", (initial, size, size), np.uint8, maxshape=(None, size, size),
+            chunks=(1, size, size), **pixels,
+        )
+        self.tiles = file.create_dataset(
+            "tiles", (initial, 3), np.int32, maxshape=(None, 3), chunks=(1024, 3), **pixels
+        )
+        self.sources = file.create_dataset(
+            "sources", (initial,), h5py.string_dtype("utf-8"), maxshape=(None,), chunks=(1024,)
+        )
+
+    def append(self, image: np.ndarray, label: np.ndarray, tile: tuple[int, int, int], source: str) -> None:
+        self._buffer.append((image, label, tile, source))
+        if len(self._buffer) >= _WRITE_BLOCK:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._buffer:
+            return
+        start, stop = self.count, self.count + len(self._buffer)
+        for dataset in (self.images, self.labels, self.tiles, self.sources):
+            if dataset.shape[0] < stop:
+                dataset.resize(stop, axis=0)
+        self.images[start:stop] = np.stack([item[0] for item in self._buffer])
+        self.labels[start:stop] = np.stack([item[1] for item in self._buffer])
+        self.tiles[start:stop] = np.array([item[2] for item in self._buffer], dtype=np.int32)
+        self.sources[start:stop] = [item[3] for item in self._buffer]
+        self.count = stop
+        self._buffer.clear()
+
+    def close(self) -> int:
+        """Flush and trim the datasets to the tiles written; returns their number."""
+        self.flush()
+        for dataset in (self.images, self.labels, self.tiles, self.sources):
+            dataset.resize(self.count, axis=0)
+        return self.count
+
+
+def _write_attrs(file: h5py.File, classes: Classes, tile_size: int, params: dict) -> None:
+    file.attrs["classes"] = classes.to_json()
+    file.attrs["tile_size"] = int(tile_size)
+    file.attrs["schema_version"] = SCHEMA_VERSION
+    file.attrs["params"] = json.dumps(params, sort_keys=True)
+
+
+def _progress(total: int | None, description: str, unit: str = "tile"):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=description, unit=unit, file=sys.stderr, leave=False)
+
+
+def read_rgb(path: Path) -> np.ndarray | None:
+    """Read an image file as RGB uint8 (H, W, 3); None when it cannot be decoded.
+
+    Palette, grey and 16-bit PNGs come back as 8-bit RGB (cv2.IMREAD_COLOR expands
+    palettes and drops alpha).
+    """
+    import cv2
+
+    # np.fromfile + imdecode rather than imread: imread cannot open non-ASCII paths on
+    # some platforms and gives no way to tell "missing" from "corrupt".
+    try:
+        data = np.fromfile(path, dtype=np.uint8)
+    except OSError:
+        return None
+    if data.size == 0:
+        return None
+    bgr = cv2.imdecode(data, cv2.IMREAD_COLOR)
+    if bgr is None:
+        return None
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def _unknown_colors(rgb: np.ndarray, labels: np.ndarray, limit: int = 5) -> Counter:
+    """The most frequent mask colours that no class lists (for the report)."""
+    unknown = rgb[labels == IGNORE]
+    if not len(unknown):
+        return Counter()
+    colors, counts = np.unique(unknown.reshape(-1, 3), axis=0, return_counts=True)
+    top = np.argsort(counts)[::-1][:limit]
+    return Counter({"#{:02x}{:02x}{:02x}".format(*colors[i]): int(counts[i]) for i in top})
+
+
+# --- Writer 1: the pipeline's tiles --------------------------------------------------------
+
+
+def build_cache(
+    entries: Sequence[Entry],
+    images_dir: str | os.PathLike,
+    labels_dir: str | os.PathLike,
+    classes: Classes,
+    out_path: str | os.PathLike,
+    tile_size: int,
+    *,
+    params: dict | None = None,
+    log: Log = print,
+) -> BuildSummary:
+    """Cache the images and colour labels of these tiles to out_path, streaming.
+
+    Skips the build when out_path was made from the same inputs (classes, tile list, tile
+    size, and the size and time of every image and label file); rebuilds it, saying why,
+    when any of them changed.
+
+    Args:
+        entries: (source name, Tile) pairs, in the order the rows will have.
+        images_dir: holds {z}-{x}-{y}.jpg|png|webp.
+        labels_dir: holds {z}-{x}-{y}.png colour labels (#0i0i0i = class i).
+        classes: the classes whose colours the labels use.
+        out_path: the .hdf5 file to write.
+        tile_size: the expected width and height of every image and label.
+        params: extra creation parameters to record (seed, test size...).
+        log: where progress messages go.
+
+    Returns:
+        What was written and skipped (tiles without image or label, corrupt files,
+        sizes that differ).
+
+    Raises:
+        CacheError: nothing could be cached, or out_path is a file that is not ours.
+    """
+    images_dir, labels_dir, out_path = Path(images_dir), Path(labels_dir), Path(out_path)
+    summary = BuildSummary(out_path)
+    if tile_size < 1:
+        raise CacheError(f"tile size {tile_size}: must be a positive number of pixels")
+    resolved = []
+    for source, tile in entries:
+        tile = mercantile.Tile(*tile)
+        label_path = labels_dir / f"{tile_stem(tile)}.png"
+        resolved.append((source, tile, find_image(images_dir, tile), label_path if label_path.is_file() else None))
+    fingerprint = {
+        "classes": _digest([classes.to_json()]),
+        "tile_size": int(tile_size),
+        "tiles": _digest(f"{source} {tile.z} {tile.x} {tile.y}" for source, tile, _, _ in resolved),
+        "files": _digest(f"{_file_stamp(image)} {_file_stamp(label)}" for _, _, image, label in resolved),
+    }
+    if not _needs_build(out_path, fingerprint, summary, log):
+        return summary
+
+    record = {"command": "cache", "tile_size": int(tile_size), "tiles_listed": len(resolved)}
+    record.update(params or {})
+    with cli.atomic_path(out_path) as tmp, h5py.File(tmp, "w") as file:
+        writer = _Writer(file, tile_size, expected=len(resolved))
+        with _progress(len(resolved), f"caching {out_path.name}") as bar:
+            for source, tile, image_path, label_path in resolved:
+                bar.update()
+                stem = tile_stem(tile)
+                if image_path is None:
+                    summary.skip("no image (run `prepare.py images`)", stem)
+                    continue
+                if label_path is None:
+                    summary.skip("no label (run `prepare.py labels`)", stem)
+                    continue
+                image, rgb = read_rgb(image_path), read_rgb(label_path)
+                if image is None:
+                    summary.skip("corrupt image (delete it and re-download)", image_path.name)
+                    continue
+                if rgb is None:
+                    summary.skip("corrupt label (delete it and re-render)", label_path.name)
+                    continue
+                if image.shape != rgb.shape:
+                    summary.skip("image and label sizes differ", f"{stem} ({_size(image)} vs {_size(rgb)})")
+                    continue
+                if image.shape[:2] != (tile_size, tile_size):
+                    summary.skip(f"not {tile_size}x{tile_size} (pass the --tile-size they were made with)", f"{stem} ({_size(image)})")
+                    continue
+                labels, ignored = classes.colors_to_labels(rgb)
+                if ignored:
+                    summary.ignored_pixels += ignored
+                    summary.unknown_colors.update(_unknown_colors(rgb, labels))
+                writer.append(image, labels, (tile.z, tile.x, tile.y), source)
+        summary.written = writer.close()
+        if not summary.written:
+            raise CacheError(f"{out_path}: no tile could be cached{_skipped_text(summary)}")
+        record.update(written=summary.written, skipped=summary.skipped_count, ignored_pixels=summary.ignored_pixels)
+        _write_attrs(file, classes, tile_size, dict(record, fingerprint=fingerprint))
+    return summary
+
+
+def _size(array: np.ndarray) -> str:
+    return f"{array.shape[1]}x{array.shape[0]}"
+
+
+def _skipped_text(summary: BuildSummary) -> str:
+    lines = []
+    for reason, names in summary.skipped.items():
+        shown = ", ".join(names[:_LIST_LIMIT])
+        more = f" ... and {len(names) - _LIST_LIMIT} more" if len(names) > _LIST_LIMIT else ""
+        lines.append(f"\n  skipped {len(names)}: {reason}: {shown}{more}")
+    return "".join(lines)
+
+
+def report(summary: BuildSummary, log: Log = print) -> None:
+    """Say what a build wrote and skipped, and which colours became the ignore value."""
+    if summary.up_to_date:
+        return
+    text = f"{summary.path}: {summary.written} tiles written{_skipped_text(summary)}"
+    if summary.ignored_pixels:
+        colors = ", ".join(f"{color} ({count} px)" for color, count in summary.unknown_colors.most_common(5))
+        text += (
+            f"\n  {summary.ignored_pixels} pixels have colours no class lists and became the ignore "
+            f"value {IGNORE} (skipped by training and metrics); most frequent: {colors}"
+        )
+    log(text)
+
+
+# --- `prepare.py cache` -------------------------------------------------------------------
+
+
+def read_sample(path: str | os.PathLike) -> tuple[str | None, list[tuple[Entry, str]]]:
+    """Read a sample-filtered file: its '#' header and (entry, original line) pairs.
+
+    Raises:
+        UserError: a missing file or a malformed line (naming the line).
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such tile list; run `make data/sample-filtered.txt` first") from None
+    header, rows = None, []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        if line.startswith("#"):
+            header = header or line
+            continue
+        fields = line.split()
+        try:
+            z, x, y = (int(value) for value in fields[1:4])
+            if len(fields) < 4 or min(z, x, y) < 0 or max(x, y) >= 2**z:
+                raise ValueError
+        except ValueError:
+            raise UserError(
+                f"{path}, line {number}: expected `source z x y [counts...]` with a valid tile, got {line!r}; "
+                "fix the line or rebuild the file"
+            ) from None
+        rows.append(((fields[0], mercantile.Tile(x, y, z)), line))
+    return header, rows
+
+
+def configure_cache(parser) -> None:
+    parser.add_argument("--sample", type=Path, default=Path("data/sample-filtered.txt"), help="the filtered tile list")
+    parser.add_argument("--images", type=Path, default=Path("data/images"), help="imagery tiles {z}-{x}-{y}.jpg|png|webp")
+    parser.add_argument("--labels", type=Path, default=Path("data/labels/color"), help="colour label tiles {z}-{x}-{y}.png")
+    parser.add_argument("--classes", type=Path, default=Path("classes/mine.json"), help="the classes file the labels use")
+    parser.add_argument("--tile-size", type=int, default=256, help="width and height of every tile, in pixels")
+    parser.add_argument(
+        "--test-size", type=float, default=0.1,
+        help="tiles held back for testing: a fraction (< 1, at least one tile) or a count (>= 1)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the test draw")
+    parser.add_argument("--test-list", type=Path, default=Path("data/test-sample-filtered.txt"), help="where the held-back tiles are listed")
+    parser.add_argument("--out", type=Path, default=Path("data/training.hdf5"), help="the training cache")
+    parser.add_argument("--test-out", type=Path, default=Path("data/testing.hdf5"), help="the test cache")
+
+
+def run_cache(args) -> int:
+    classes = load_classes(args.classes, require_filters=False)
+    if args.test_size <= 0:
+        raise UserError(f"--test-size {args.test_size}: must be positive; validate.py measures on the held-back test set")
+    header, rows = read_sample(args.sample)
+    kept, missing = [], BuildSummary(args.out)
+    for (source, tile), line in rows:
+        if find_image(args.images, tile) is None:
+            missing.skip(f"no image in {args.images} (run `make data/images`)", tile_stem(tile))
+        elif not (args.labels / f"{tile_stem(tile)}.png").is_file():
+            missing.skip(f"no label in {args.labels} (run `make data/labels/color`)", tile_stem(tile))
+        else:
+            kept.append(((source, tile), line))
+    if missing.skipped:
+        print(f"{args.sample}: {len(kept)} of {len(rows)} tiles have an image and a label{_skipped_text(missing)}")
+    if len(kept) < 2:
+        raise UserError(
+            f"{args.sample}: {len(kept)} tile(s) have both an image and a label; need at least 2 "
+            "(one to train on, one to test on): run `make data/images` or sample more tiles"
+        )
+    train, test = split_indices(len(kept), args.test_size, args.seed)
+    # Written only when it changes, so that make sees an unchanged file as up to date.
+    test_text = "".join(f"{kept[i][1]}\n" for i in test)
+    if header:
+        test_text = f"{header}\n{test_text}"
+    if not args.test_list.exists() or args.test_list.read_text() != test_text:
+        cli.write_text_atomic(args.test_list, test_text)
+    print(f"{args.test_list}: {len(test)} tiles held back for testing (seed {args.seed}), {len(train)} for training")
+
+    params = {"seed": args.seed, "test_size": args.test_size, "sample": str(args.sample)}
+    for role, indices, out in (("training", train, args.out), ("testing", test, args.test_out)):
+        summary = build_cache(
+            [kept[i][0] for i in indices], args.images, args.labels, classes, out, args.tile_size,
+            params=dict(params, role=role),
+        )
+        report(summary)
+    return 0
+
+
+# --- Writer 2: `prepare.py import` your own image/mask pairs ------------------------------
+
+
+def pair_files(images_dir: Path, masks_dir: Path) -> tuple[list[tuple[str, Path, Path]], BuildSummary]:
+    """Pair images and masks by file-name stem; the summary lists what has no partner."""
+    unpaired = BuildSummary(Path())
+
+    def by_stem(folder: Path, suffixes: tuple[str, ...], what: str) -> dict[str, Path]:
+        if not folder.is_dir():
+            raise UserError(f"{folder}: no such folder of {what}; pass an existing one")
+        found: dict[str, list[Path]] = {}
+        for path in sorted(folder.iterdir()):
+            if path.is_file() and path.suffix.lower() in suffixes and not path.name.startswith("."):
+                found.setdefault(path.stem, []).append(path)
+        single = {}
+        for stem, paths in found.items():
+            if len(paths) > 1:
+                unpaired.skip(f"several {what} share the stem (keep one)", ", ".join(p.name for p in paths))
+            else:
+                single[stem] = paths[0]
+        return single
+
+    images = by_stem(images_dir, IMPORT_IMAGE_SUFFIXES, "images")
+    masks = by_stem(masks_dir, IMPORT_MASK_SUFFIXES, "masks")
+    for stem in sorted(set(images) - set(masks)):
+        unpaired.skip(f"image without a mask in {masks_dir}", images[stem].name)
+    for stem in sorted(set(masks) - set(images)):
+        unpaired.skip(f"mask without an image in {images_dir}", masks[stem].name)
+    pairs = [(stem, images[stem], masks[stem]) for stem in sorted(set(images) & set(masks))]
+    return pairs, unpaired
+
+
+def tile_origins(length: int, tile_size: int, stride: int) -> list[int]:
+    """Start offsets of the tiles that cover `length` pixels (the last one may overhang)."""
+    steps = max(0, math.ceil((length - tile_size) / stride))
+    return [step * stride for step in range(steps + 1)]
+
+
+def cut_tiles(
+    image: np.ndarray, labels: np.ndarray, tile_size: int, stride: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Cut an image and its labels into tile_size squares every `stride` pixels.
+
+    Tiles that overhang the right or bottom edge are padded: images with 0 (black), labels
+    with IGNORE, so that training never learns from the padding.
+    """
+    height, width = labels.shape
+    for top in tile_origins(height, tile_size, stride):
+        for left in tile_origins(width, tile_size, stride):
+            tile_image = np.zeros((tile_size, tile_size, 3), np.uint8)
+            tile_labels = np.full((tile_size, tile_size), IGNORE, np.uint8)
+            window = np.s_[top : top + tile_size, left : left + tile_size]
+            part = labels[window]
+            tile_labels[: part.shape[0], : part.shape[1]] = part
+            tile_image[: part.shape[0], : part.shape[1]] = image[window]
+            yield tile_image, tile_labels
+
+
+def import_pairs(
+    pairs: Sequence[tuple[str, Path, Path]],
+    classes: Classes,
+    out_path: str | os.PathLike,
+    tile_size: int,
+    stride: int,
+    *,
+    params: dict | None = None,
+    log: Log = print,
+) -> BuildSummary:
+    """Cut image/mask pairs into tiles and cache them to out_path, streaming.
+
+    Memory holds one image and its mask at a time, whatever the number of pairs. Skips the
+    build when out_path was made from the same inputs (classes, tile size, stride, and the
+    name, size and time of every file).
+
+    Args:
+        pairs: (stem, image path, mask path); the stem becomes the tiles' `sources` value.
+        classes: the classes whose colours the masks use (#000000 is background).
+        out_path: the .hdf5 file to write.
+        tile_size: the width and height of the tiles.
+        stride: pixels between the starts of neighbouring tiles.
+        params: extra creation parameters to record.
+        log: where progress messages go.
+
+    Raises:
+        CacheError: nothing could be imported, or out_path is a file that is not ours.
+    """
+    out_path = Path(out_path)
+    summary = BuildSummary(out_path)
+    fingerprint = {
+        "classes": _digest([classes.to_json()]),
+        "tile_size": int(tile_size),
+        "stride": int(stride),
+        "tiles": _digest(stem for stem, _, _ in pairs),
+        "files": _digest(f"{_file_stamp(image)} {_file_stamp(mask)}" for _, image, mask in pairs),
+    }
+    if not _needs_build(out_path, fingerprint, summary, log):
+        return summary
+    record = {"command": "import", "tile_size": int(tile_size), "stride": int(stride), "pairs": len(pairs)}
+    record.update(params or {})
+    with cli.atomic_path(out_path) as tmp, h5py.File(tmp, "w") as file:
+        writer = _Writer(file, tile_size)
+        for stem, image_path, mask_path in _progress_iter(pairs, f"importing {out_path.name}", "image"):
+            image, rgb = read_rgb(image_path), read_rgb(mask_path)
+            if image is None:
+                summary.skip("image cannot be decoded", image_path.name)
+                continue
+            if rgb is None:
+                summary.skip("mask cannot be decoded", mask_path.name)
+                continue
+            if image.shape != rgb.shape:
+                summary.skip(
+                    "image and mask sizes differ (masks must cover their image pixel for pixel)",
+                    f"{stem} (image {_size(image)}, mask {_size(rgb)})",
+                )
+                continue
+            labels, ignored = classes.colors_to_labels(rgb)
+            if ignored:
+                summary.ignored_pixels += ignored
+                summary.unknown_colors.update(_unknown_colors(rgb, labels))
+            for tile_image, tile_labels in cut_tiles(image, labels, tile_size, stride):
+                writer.append(tile_image, tile_labels, (-1, -1, -1), stem)
+        summary.written = writer.close()
+        if not summary.written:
+            raise CacheError(f"{out_path}: no image/mask pair could be imported{_skipped_text(summary)}")
+        record.update(written=summary.written, skipped=summary.skipped_count, ignored_pixels=summary.ignored_pixels)
+        _write_attrs(file, classes, tile_size, dict(record, fingerprint=fingerprint))
+    return summary
+
+
+def _progress_iter(items: Sequence, description: str, unit: str):
+    with _progress(len(items), description, unit) as bar:
+        for item in items:
+            yield item
+            bar.update()
+
+
+def testing_path_for(out: Path) -> Path:
+    """The test file written beside an import's --out: training → testing, else <stem>-test."""
+    if "training" in out.stem:
+        return out.with_name(out.stem.replace("training", "testing") + out.suffix)
+    return out.with_name(f"{out.stem}-test{out.suffix}")
+
+
+def configure_import(parser) -> None:
+    parser.add_argument("images", type=Path, metavar="IMAGES", help="folder of images (jpg, png, webp, tif, bmp), any size")
+    parser.add_argument(
+        "masks", type=Path, metavar="MASKS",
+        help="folder of colour masks (png, palette PNGs too) paired with the images by file-name stem",
+    )
+    parser.add_argument(
+        "--classes", type=Path, required=True,
+        help="classes file: names and colours (#000000 is background; unlisted colours become ignore)",
+    )
+    parser.add_argument("--out", type=Path, default=Path("data/training.hdf5"), help="the cache to write")
+    parser.add_argument("--tile-size", type=int, default=256, help="width and height of the tiles, in pixels")
+    parser.add_argument("--stride", type=int, default=None, help="pixels between tile starts (default: the tile size, no overlap)")
+    parser.add_argument(
+        "--test-size", type=float, default=0,
+        help="whole images held back for a test file beside --out (training→testing in its name, "
+        "else <stem>-test.hdf5): a fraction (< 1) or a count (>= 1); 0 holds back none",
+    )
+    parser.add_argument("--test-out", type=Path, default=None, help="the test file (default: beside --out, see --test-size)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the test draw")
+
+
+def run_import(args) -> int:
+    classes = load_classes(args.classes, require_filters=False)
+    stride = args.tile_size if args.stride is None else args.stride
+    if args.tile_size < 1:
+        raise UserError(f"--tile-size {args.tile_size}: must be a positive number of pixels")
+    if not 1 <= stride <= args.tile_size:
+        raise UserError(f"--stride {stride}: must be between 1 and the tile size ({args.tile_size}) so no pixel is left out")
+    pairs, unpaired = pair_files(args.images, args.masks)
+    if unpaired.skipped:
+        print(f"{len(pairs)} image/mask pairs{_skipped_text(unpaired)}")
+    if not pairs:
+        raise UserError(
+            f"no image in {args.images} has a mask of the same file-name stem in {args.masks}; "
+            "name each mask like its image (a.jpg ↔ a.png)"
+        )
+    params = {"seed": args.seed, "test_size": args.test_size, "images": str(args.images), "masks": str(args.masks)}
+    # Whole images are held back, never single tiles: neighbouring (or, with a stride below
+    # the tile size, overlapping) tiles of one image would otherwise leak into training.
+    if args.test_size:
+        keep, test = split_indices(len(pairs), args.test_size, args.seed, what="images")
+        test_out = args.test_out or testing_path_for(args.out)
+        jobs = [("training", [pairs[i] for i in keep], args.out), ("testing", [pairs[i] for i in test], test_out)]
+        print(f"{len(test)} of {len(pairs)} images held back for {test_out}: {', '.join(pairs[i][0] for i in test)}")
+    else:
+        jobs = [("training", pairs, args.out)]
+    for role, chosen, out in jobs:
+        summary = import_pairs(chosen, classes, out, args.tile_size, stride, params=dict(params, role=role))
+        report(summary)
+    return 0
+
+
+# --- Readers -------------------------------------------------------------------------------
+
+
+def _make_hint(path: Path, make_target: str | None) -> str:
+    if make_target:
+        return f"run `make {make_target}`"
+    if path.name in ("training.hdf5", "testing.hdf5"):
+        return f"run `make data/{path.name}` (or `prepare.py import` for your own data)"
+    return f"build it with `prepare.py cache --out {path}` or `prepare.py import ... --out {path}`"
+
+
+def open_cache(path: str | os.PathLike, make_target: str | None = None) -> CacheInfo:
+    """Check that path is a readable cache of this schema and describe it.
+
+    Args:
+        path: the .hdf5 file.
+        make_target: the make target that builds it, for the message when it is missing
+            (default: data/training.hdf5 or data/testing.hdf5 after the file's name).
+
+    Raises:
+        CacheError: missing, not HDF5 or corrupt, another schema, or inconsistent datasets.
+    """
+    path = Path(path)
+    hint = _make_hint(path, make_target)
+    if not path.exists():
+        raise CacheError(f"{path}: no such cache; {hint}")
+    try:
+        file = h5py.File(path, "r")
+    except OSError as error:
+        raise CacheError(f"{path}: not an HDF5 file, or corrupt ({error}); delete it and {hint}") from None
+    with file:
+        attrs = {key: _plain(value) for key, value in file.attrs.items()}
+        if "schema_version" not in attrs:
+            raise CacheError(f"{path}: an HDF5 file but not an osmseg cache (no schema_version attribute); {hint}")
+        if attrs["schema_version"] != SCHEMA_VERSION:
+            raise CacheError(
+                f"{path}: cache schema version {attrs['schema_version']}, this osmseg reads {SCHEMA_VERSION}; "
+                f"delete it and {hint}"
+            )
+        try:
+            images, labels, tiles, sources = (file[name] for name in ("images", "labels", "tiles", "sources"))
+            length, height, width, bands = images.shape
+            tile_size = int(attrs["tile_size"])
+            classes = parse_classes(attrs["classes"], origin=f"{path} (classes attribute)", require_filters=False)
+        except (KeyError, ValueError, TypeError) as error:
+            raise CacheError(f"{path}: incomplete or corrupt cache ({error}); delete it and {hint}") from None
+        problems = []
+        if images.dtype != np.uint8 or bands != 3 or height != width or height != tile_size:
+            problems.append(f"images {images.dtype} {images.shape}, expected uint8 (N, {tile_size}, {tile_size}, 3)")
+        if labels.dtype != np.uint8 or labels.shape != images.shape[:3]:
+            problems.append(f"labels {labels.dtype} {labels.shape}, expected uint8 {images.shape[:3]}")
+        if tiles.shape != (length, 3) or sources.shape != (length,):
+            problems.append(f"tiles {tiles.shape} / sources {sources.shape} do not match {length} images")
+        if not length:
+            problems.append("it holds no tiles")
+        if problems:
+            raise CacheError(f"{path}: inconsistent cache ({'; '.join(problems)}); delete it and {hint}")
+    return CacheInfo(path, int(length), tile_size, classes, attrs)
+
+
+def _plain(value):
+    """An HDF5 attribute as a plain Python value."""
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _read_rows(dataset: h5py.Dataset, indices: np.ndarray) -> np.ndarray:
+    """dataset[indices] for indices in any order, with repeats.
+
+    h5py's fancy indexing wants strictly increasing indices, so read those and reorder.
+    """
+    indices = np.asarray(indices, dtype=np.int64)
+    if len(indices) and np.all(np.diff(indices) == 1):
+        return dataset[indices[0] : indices[-1] + 1]
+    unique, inverse = np.unique(indices, return_inverse=True)
+    rows = dataset[unique] if len(unique) else np.empty((0,) + dataset.shape[1:], dataset.dtype)
+    return rows[inverse]
+
+
+def _check_indices(indices, length: int, path: Path) -> np.ndarray:
+    indices = np.arange(length, dtype=np.int64) if indices is None else np.asarray(indices, dtype=np.int64).ravel()
+    if len(indices) and (indices.min() < 0 or indices.max() >= length):
+        raise IndexError(f"{path}: tile indices must lie in 0..{length - 1}")
+    return indices
+
+
+def iter_tiles(
+    path: str | os.PathLike, indices: Sequence[int] | None = None, batch_size: int = 16
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Yield the cache's tiles in the given order, batch_size at a time, for evaluation.
+
+    Yields:
+        (indices int64 (B,), images uint8 (B, H, W, 3) RGB, labels uint8 (B, H, W)),
+        255 kept as the ignore value.
+    """
+    info = open_cache(path)
+    indices = _check_indices(indices, info.length, info.path)
+    with h5py.File(info.path, "r") as file:
+        images, labels = file["images"], file["labels"]
+        for start in range(0, len(indices), batch_size):
+            chosen = indices[start : start + batch_size]
+            yield chosen, _read_rows(images, chosen), _read_rows(labels, chosen)
+
+
+def label_histogram(path: str | os.PathLike, indices: Sequence[int] | None = None) -> np.ndarray:
+    """Pixel count of every class over the given tiles (all by default), ignore excluded.
+
+    Reads labels 256 tiles at a time (16 MB at 256 pixels), never the whole set.
+
+    Returns:
+        int64 (num_classes,): index i counts the pixels of class i.
+    """
+    info = open_cache(path)
+    indices = np.sort(_check_indices(indices, info.length, info.path))
+    counts = np.zeros(256, dtype=np.int64)
+    with h5py.File(info.path, "r") as file:
+        labels = file["labels"]
+        for start in range(0, len(indices), 256):
+            block = _read_rows(labels, indices[start : start + 256])
+            counts += np.bincount(block.ravel(), minlength=256)
+    return counts[: info.classes.num_classes]
+
+
+def augment_tile(image: np.ndarray, labels: np.ndarray, rotations: int, flip_h: bool, flip_v: bool):
+    """Rotate by rotations×90° then flip, identically for an image (H, W, 3) and its labels (H, W)."""
+    image, labels = np.rot90(image, rotations, axes=(0, 1)), np.rot90(labels, rotations, axes=(0, 1))
+    if flip_h:
+        image, labels = image[:, ::-1], labels[:, ::-1]
+    if flip_v:
+        image, labels = image[::-1], labels[::-1]
+    return image, labels
+
+
+class BatchReader:
+    """Shuffled, optionally augmented training batches drawn straight from a cache.
+
+    The logic behind make_batches, without Keras: item b is batch b of the current epoch,
+    (images float32 (B, H, W, 3) 0..255 RGB, labels int32 (B, H, W) with 255 → 0,
+    sample_weight float32 (B, H, W): class_weights[label], 0 where the label was 255).
+
+    The order is a permutation drawn from (seed, epoch); augmentation from (seed, epoch,
+    batch); so any worker computes any batch alike, and a run is reproducible. The HDF5
+    file is opened lazily in each process that reads, never inherited across a fork.
+    """
+
+    def __init__(self, path, indices, batch_size, shuffle=True, augment=False, seed=0, class_weights=None):
+        info = open_cache(path)
+        self.path = info.path
+        self.indices = _check_indices(indices, info.length, info.path)
+        if not len(self.indices):
+            raise CacheError(f"{self.path}: no tiles selected to read")
+        if batch_size < 1:
+            raise UserError(f"batch size {batch_size}: must be at least 1")
+        self.batch_size = int(batch_size)
+        self.shuffle, self.augment, self.seed = bool(shuffle), bool(augment), int(seed)
+        self.epoch = 0
+        self.weights = np.zeros(256, dtype=np.float32)  # label value → sample weight; 255 stays 0
+        num_classes = info.classes.num_classes
+        if class_weights is None:
+            self.weights[:num_classes] = 1.0
+        else:
+            class_weights = np.asarray(class_weights, dtype=np.float32).ravel()
+            if class_weights.shape != (num_classes,):
+                raise UserError(f"class weights: expected {num_classes} values (background first), got {class_weights.size}")
+            self.weights[:num_classes] = class_weights
+        self._file = None
+        self._pid = None
+        self._order_cache = (None, None)
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.indices) / self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Jump to an epoch (resuming a training run gives the order it would have had)."""
+        self.epoch = int(epoch)
+
+    def on_epoch_end(self) -> None:
+        self.epoch += 1
+
+    def order(self) -> np.ndarray:
+        """The tile indices of this epoch, in reading order."""
+        epoch, cached = self._order_cache
+        if epoch != self.epoch:
+            cached = self.indices
+            if self.shuffle:
+                cached = self.indices[np.random.default_rng([self.seed, self.epoch]).permutation(len(self.indices))]
+            self._order_cache = (self.epoch, cached)
+        return cached
+
+    def _datasets(self):
+        # One handle per process: an HDF5 handle inherited through fork is not safe to use.
+        if self._file is None or self._pid != os.getpid():
+            self._file = h5py.File(self.path, "r")
+            self._pid = os.getpid()
+        return self._file["images"], self._file["labels"]
+
+    def __getitem__(self, batch: int):
+        if not -len(self) <= batch < len(self):
+            raise IndexError(f"batch {batch} out of range (0..{len(self) - 1})")
+        batch %= len(self)
+        chosen = self.order()[batch * self.batch_size : (batch + 1) * self.batch_size]
+        images_ds, labels_ds = self._datasets()
+        images, labels = _read_rows(images_ds, chosen), _read_rows(labels_ds, chosen)
+        if self.augment:
+            rng = np.random.default_rng([self.seed, self.epoch, batch])
+            turns = rng.integers(0, 4, len(chosen))
+            flips = rng.random((len(chosen), 2)) < 0.5
+            for i in range(len(chosen)):
+                # Copies: the rotated views share memory with the rows they are written to.
+                image, label = augment_tile(images[i], labels[i], turns[i], *flips[i])
+                images[i], labels[i] = image.copy(), label.copy()
+        sample_weight = self.weights[labels]
+        targets = labels.astype(np.int32)
+        targets[labels == IGNORE] = 0
+        return images.astype(np.float32), targets, sample_weight
+
+    def close(self) -> None:
+        if self._file is not None and self._pid == os.getpid():
+            self._file.close()
+        self._file = None
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_file"] = None
+        state["_pid"] = None
+        return state
+
+
+_BATCHES_CLASS = None
+
+
+def _batches_class():
+    """CacheBatches: BatchReader as a keras.utils.PyDataset, made on first use so that
+    importing this module never imports Keras."""
+    global _BATCHES_CLASS
+    if _BATCHES_CLASS is None:
+        import keras
+
+        class CacheBatches(BatchReader, keras.utils.PyDataset):
+            def __init__(self, path, indices, batch_size, shuffle=True, augment=False, seed=0,
+                         class_weights=None, **pydataset_kwargs):
+                keras.utils.PyDataset.__init__(self, **pydataset_kwargs)
+                BatchReader.__init__(self, path, indices, batch_size, shuffle, augment, seed, class_weights)
+
+        # Pickle (worker processes started with spawn) finds the class as osmseg.cache.CacheBatches.
+        CacheBatches.__module__ = __name__
+        CacheBatches.__qualname__ = "CacheBatches"
+        _BATCHES_CLASS = CacheBatches
+    return _BATCHES_CLASS
+
+
+def __getattr__(name: str):
+    if name == "CacheBatches":
+        return _batches_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def make_batches(
+    path: str | os.PathLike,
+    indices: Sequence[int] | None,
+    batch_size: int,
+    shuffle: bool = True,
+    augment: bool = False,
+    seed: int = 0,
+    class_weights: Sequence[float] | None = None,
+    **pydataset_kwargs,
+):
+    """A keras.utils.PyDataset of training batches from the cache (see BatchReader).
+
+    Pass it to model.fit with shuffle=False: it reshuffles itself per epoch, reproducibly
+    (fit's own shuffle would reorder batches with Python's unseeded random).
+
+    Args:
+        path: the cache.
+        indices: the tiles to draw from (None: all).
+        batch_size: tiles per batch; len() = ceil(len(indices) / batch_size).
+        shuffle: draw a new order every epoch, from (seed, epoch).
+        augment: random flips and 90° rotations, the same for image and label.
+        seed: the seed of order and augmentation.
+        class_weights: (num_classes,) weight per class for sample_weight (None: all 1).
+        **pydataset_kwargs: workers, use_multiprocessing, max_queue_size.
+    """
+    return _batches_class()(path, indices, batch_size, shuffle, augment, seed, class_weights, **pydataset_kwargs)
