@@ -31,12 +31,16 @@ from __future__ import annotations
 
 import collections
 import gzip
+import hashlib
+import json
 import math
+import re
 import sqlite3
+import sys
 import zlib
 from collections import OrderedDict
 from pathlib import Path
-from typing import Iterable, NamedTuple
+from typing import NamedTuple
 
 import mercantile
 
@@ -46,6 +50,11 @@ KINDS = ("qa-tiles", "file", "overpass")
 QA_ZOOM = 12  # OSM QA tiles are cut at z12 (https://osmlab.github.io/osm-qa-tiles/)
 LAYER = "osm"
 WEB_MERCATOR_HALF = 20037508.342789244  # metres from the origin to the edge of EPSG:3857
+EARTH_RADIUS = 6378137.0  # metres, WGS84's semi-major axis, which EPSG:3857 uses as a sphere
+OVERPASS_URL = "https://overpass-api.de/api/interpreter"
+QA_TILES_URL = "https://s3.amazonaws.com/mapbox/osm-qa-tiles-production/latest.country/"
+QA_TILES_LIST = "https://osmlab.github.io/osm-qa-tiles/country.html"
+USER_AGENT = "osmseg/0.1 (segmentation training labels from OpenStreetMap; python-requests)"
 
 
 class Feature(NamedTuple):
@@ -375,24 +384,17 @@ class QaTilesSource(OsmSource):
         return sorted(mercantile.Tile(x, (1 << self.zoom) - 1 - row, self.zoom) for x, row in rows)
 
     def source_tiles(self, bbox: mercantile.LngLatBbox) -> list[mercantile.Tile]:
-        west, south, east, north = bbox
-        wanted = mercantile.tiles(west, south, east, north, zooms=[self.zoom])
-        xs, ys = set(), set()
-        candidates = set()
-        for tile in wanted:
-            candidates.add(tile)
-            xs.add(tile.x)
-            ys.add(tile.y)
-        if not candidates:
-            return []
+        from osmseg.tiles import tile_range
+
+        x0, y0, x1, y1 = tile_range(bbox, self.zoom)
+        top = (1 << self.zoom) - 1
         # One range query instead of one query per tile (a country box has thousands).
         rows = self._query(
             "SELECT tile_column, tile_row FROM tiles WHERE zoom_level = ? AND tile_column BETWEEN ? AND ? "
             "AND tile_row BETWEEN ? AND ?",
-            (self.zoom, min(xs), max(xs), (1 << self.zoom) - 1 - max(ys), (1 << self.zoom) - 1 - min(ys)),
+            (self.zoom, x0, x1, top - y1, top - y0),
         )
-        present = {mercantile.Tile(x, (1 << self.zoom) - 1 - row, self.zoom) for x, row in rows}
-        return sorted(present & candidates, key=lambda t: (t.z, t.x, t.y))
+        return sorted(mercantile.Tile(x, top - row, self.zoom) for x, row in rows)
 
     # ---- decoding ---------------------------------------------------------------------
     def _pieces(self, tile: mercantile.Tile) -> list[_Piece]:
@@ -596,14 +598,386 @@ def _gunzip(data: bytes) -> bytes:
     return data
 
 
+
 # --------------------------------------------------------------------------------------
-# Placeholders for the other kinds, defined below.
+# Local files: .osm / .osm.pbf (pyosmium) and GeoJSON.
 
 
-class FileSource(OsmSource):  # pragma: no cover - replaced below
-    def __init__(self, path, name: str | None = None):
-        raise SourceError("file sources are not implemented yet")
+def to_mercator(geometry):
+    """A shapely geometry in WGS84 degrees -> EPSG:3857 metres (latitudes clamped to ±85.0511)."""
+    import numpy as np
+    import shapely
+
+    def project(lonlat):
+        lon = lonlat[:, 0]
+        lat = np.clip(lonlat[:, 1], -85.0511287798066, 85.0511287798066)
+        x = np.radians(lon) * EARTH_RADIUS
+        y = np.log(np.tan(np.pi / 4 + np.radians(lat) / 2)) * EARTH_RADIUS
+        return np.column_stack([x, y])
+
+    return shapely.transform(geometry, project)
 
 
-def overpass_source(location, **options):  # pragma: no cover - replaced below
-    raise SourceError("overpass sources are not implemented yet")
+class FileSource(OsmSource):
+    """OSM features from a local file, indexed in memory.
+
+    Args:
+        path: a ``.osm``, ``.osm.pbf`` or ``.osm.bz2`` extract (read with pyosmium, which
+            assembles multipolygon relations), or a ``.geojson``/``.json`` FeatureCollection
+            whose properties are OSM tags.
+        name: the name written in tile lists (default: the file name up to its first dot).
+        zoom: the zoom of the source tiles source_tiles lists (default 12, like QA tiles).
+    """
+
+    def __init__(self, path, name: str | None = None, zoom: int = QA_ZOOM):
+        self.path = Path(path)
+        self.name = name or self.path.name.split(".")[0]
+        self.zoom = zoom
+        if not self.path.is_file():
+            raise SourceError(f"{self.path}: no such OSM file; pass an existing .osm, .osm.pbf or .geojson file")
+        suffixes = [s.lower() for s in self.path.suffixes]
+        if suffixes and suffixes[-1] in (".geojson", ".json"):
+            features = _read_geojson(self.path)
+        elif ".osm" in suffixes or ".pbf" in suffixes or ".o5m" in suffixes:
+            features = _read_osm(self.path)
+        else:
+            raise SourceError(
+                f"{self.path}: unknown OSM file type; pass a .osm, .osm.pbf (OSM extract) or .geojson "
+                "(features with OSM tags) file"
+            )
+        self._features = features
+        import shapely
+
+        self._tree = shapely.STRtree([f.geometry for f in features])
+
+    def __len__(self) -> int:
+        return len(self._features)
+
+    def source_tiles(self, bbox: mercantile.LngLatBbox) -> list[mercantile.Tile]:
+        import shapely
+
+        from osmseg.tiles import tile_range
+
+        x0, y0, x1, y1 = tile_range(bbox, self.zoom)
+        tiles = [mercantile.Tile(x, y, self.zoom) for x in range(x0, x1 + 1) for y in range(y0, y1 + 1)]
+        if not tiles or not self._features:
+            return []
+        area = shapely.box(*to_mercator(shapely.box(*bbox)).bounds)
+        boxes = [shapely.box(*mercantile.xy_bounds(t)).intersection(area) for t in tiles]
+        hits = self._tree.query(boxes, predicate="intersects")
+        return sorted({tiles[i] for i in hits[0].tolist()})
+
+    def features(self, bounds: mercantile.Bbox, margin: float = 0.125) -> list[Feature]:
+        import shapely
+
+        query = _expand(bounds, margin)
+        query_box = shapely.box(*query)
+        found = []
+        for index in sorted(self._tree.query(query_box, predicate="intersects").tolist()):
+            feature = self._features[index]
+            geometry = feature.geometry
+            if not query_box.contains(geometry):
+                geometry = shapely.clip_by_rect(geometry, *query)
+                if geometry.is_empty:
+                    continue
+            found.append(Feature(geometry, feature.tags))
+        return found
+
+
+def _merge_by_id(items: list[tuple[object, dict]]) -> list[Feature]:
+    """Features from (geometry in metres, tags), with pieces of one OSM object merged.
+
+    label-maker style GeoJSON repeats an object once per tile it was cut from; areas come
+    back filled when their tags say so (see is_area).
+    """
+    import shapely
+    from shapely.geometry import LineString
+
+    groups: dict = collections.defaultdict(list)
+    for number, (geometry, tags) in enumerate(items):
+        key = (tags.get("@type", ""), tags["@id"]) if "@id" in tags else ("", number)
+        groups[key].append((geometry, tags))
+    features = []
+    for members in groups.values():
+        tags = members[0][1]
+        geometries = [g for g, _ in members if g is not None and not g.is_empty]
+        if not geometries:
+            continue
+        polygons = [_polygonal(shapely.make_valid(g)) for g in geometries if g.geom_type.endswith("Polygon")]
+        lines = [part for g in geometries if g.geom_type.endswith("LineString") for part in getattr(g, "geoms", [g])]
+        points = [g for g in geometries if g.geom_type.endswith("Point")]
+        if polygons and any(p is not None for p in polygons):
+            geometry = shapely.unary_union([p for p in polygons if p is not None])
+        elif lines:
+            joined = _join_lines(lines, 1e-6) if len(lines) > 1 else [LineString(lines[0])]
+            areas, open_lines = _polygons_from_rings(joined, close_open=False) if is_area(tags) else ([], joined)
+            geometry = _single(areas) if areas and not open_lines else _single(joined)
+        elif points:
+            geometry = points[0]
+        else:
+            continue
+        features.append(Feature(geometry, tags))
+    return features
+
+
+def _read_geojson(path: Path) -> list[Feature]:
+    from shapely.geometry import shape
+
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise SourceError(f"{path}: cannot read the GeoJSON file ({error}); pass a valid FeatureCollection") from None
+    if not isinstance(data, dict) or data.get("type") != "FeatureCollection":
+        raise SourceError(f"{path}: not a GeoJSON FeatureCollection; pass one whose properties are OSM tags")
+    items = []
+    for number, feature in enumerate(data.get("features") or []):
+        try:
+            geometry = shape(feature["geometry"])
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            raise SourceError(f"{path}: feature {number} has no valid geometry ({error}); fix or remove it") from None
+        items.append((to_mercator(geometry), _tags(feature.get("properties") or {})))
+    return _merge_by_id(items)
+
+
+def _read_osm(path: Path) -> list[Feature]:
+    """Tagged nodes, ways and (multipolygon) areas of an OSM extract, with pyosmium."""
+    import osmium
+    import shapely
+    from tqdm import tqdm
+
+    factory = osmium.geom.WKBFactory()
+    items: list[tuple[object, dict]] = []
+    area_ways: set[int] = set()
+    try:
+        processor = osmium.FileProcessor(str(path)).with_locations().with_areas()
+        progress = tqdm(desc=f"reading {path.name}", unit=" objects", file=sys.stderr, mininterval=1.0,
+                        disable=None)
+        for obj in processor:
+            progress.update()
+            if not obj.tags:
+                continue
+            tags = {tag.k: tag.v for tag in obj.tags}
+            try:
+                if obj.is_node():
+                    wkb = factory.create_point(obj)
+                    kind = "node"
+                elif obj.is_way():
+                    closed = obj.is_closed() and len(obj.nodes) >= 4
+                    if closed and is_area(tags):
+                        continue  # the area handler hands it back as an area below
+                    wkb = factory.create_linestring(obj)
+                    kind = "way"
+                elif obj.is_area():
+                    if obj.from_way() and not is_area(tags):
+                        continue  # a closed line (roundabout, fence): kept as a line above
+                    if not obj.from_way() and tags.get("type") not in ("multipolygon", "boundary"):
+                        continue
+                    wkb = factory.create_multipolygon(obj)
+                    kind = "way" if obj.from_way() else "relation"
+                    if obj.from_way():
+                        area_ways.add(obj.orig_id())
+                else:
+                    continue
+            except (RuntimeError, osmium.InvalidLocationError):
+                continue  # an object whose nodes lie outside the extract: nothing to draw
+            object_id = obj.orig_id() if obj.is_area() else obj.id
+            tags["@id"], tags["@type"] = str(object_id), kind
+            geometry = shapely.from_wkb(wkb)
+            if kind != "node" and geometry.geom_type.endswith("Polygon"):
+                geometry = _polygonal(shapely.make_valid(geometry)) if not geometry.is_valid else geometry
+                if geometry is None:
+                    continue
+                if geometry.geom_type == "MultiPolygon" and len(geometry.geoms) == 1:
+                    geometry = geometry.geoms[0]
+            items.append((to_mercator(geometry), tags))
+        progress.close()
+    except (RuntimeError, OSError, ValueError) as error:
+        raise SourceError(f"{path}: cannot read the OSM file ({error}); pass a valid .osm or .osm.pbf extract") from None
+    return [Feature(g, t) for g, t in items]
+
+
+# --------------------------------------------------------------------------------------
+# Overpass API.
+
+_KEY = re.compile(r"\[([^\[\]]+)\]")
+
+
+def filter_keys(classes) -> list[str]:
+    """The OSM tag keys a classes file's mapnik filters mention ([key] names), sorted.
+
+    A plain scan of the filters' attribute names, not a parser: mapnik evaluates the filters
+    when rendering; this only chooses what to download.
+    """
+    keys = set()
+    for entry in classes.classes:
+        for key in _KEY.findall(entry.filter or ""):
+            key = key.strip()
+            if key and not key.startswith(("mapnik::", "@")):
+                keys.add(key)
+    return sorted(keys)
+
+
+def overpass_query(bbox: mercantile.LngLatBbox, keys: list[str], timeout: int = 180) -> str:
+    """One Overpass QL query for every node, way and relation with any of these keys in bbox.
+
+    `(._;>;);` adds the ways' nodes and the relations' members so that geometries can be
+    built from the answer; `out body` answers in OSM XML (a .osm file).
+    """
+    west, south, east, north = bbox
+    selectors = "".join(f'  nwr["{key}"];\n' for key in keys)
+    return (
+        f"[out:xml][timeout:{int(timeout)}][bbox:{south},{west},{north},{east}];\n"
+        f"(\n{selectors});\n(._;>;);\nout body;\n"
+    )
+
+
+def overpass_source(location, *, bbox: mercantile.LngLatBbox, classes, endpoint: str = OVERPASS_URL,
+                    timeout: int = 180, name: str | None = None) -> FileSource:
+    """Query Overpass once for the classes' keys in bbox, save the .osm under location, read it.
+
+    The answer is saved as ``<location>/overpass-<hash of the query>.osm`` (atomically); a
+    saved answer to the same query is read again instead of asking twice.
+
+    Raises:
+        SourceError: 429 (rate limited) and 504 (busy or box too large) with what to do,
+            other HTTP errors, network errors and answers that report a runtime error.
+    """
+    import requests
+
+    from osmseg import cli
+
+    keys = filter_keys(classes)
+    if not keys:
+        raise SourceError("the classes file's filters name no OSM keys ([key]); nothing to ask Overpass for")
+    query = overpass_query(bbox, keys, timeout)
+    digest = hashlib.sha1(query.encode()).hexdigest()[:12]
+    path = Path(location) / f"overpass-{digest}.osm"
+    if not path.exists():
+        try:
+            response = requests.post(endpoint, data={"data": query}, headers={"User-Agent": USER_AGENT},
+                                     timeout=(30, timeout + 30), stream=True)
+        except requests.RequestException as error:
+            raise SourceError(f"Overpass API at {endpoint}: cannot connect ({error}); check the endpoint or retry later") from None
+        with response:
+            if response.status_code == 429:
+                raise SourceError(
+                    f"Overpass API at {endpoint}: too many requests (HTTP 429); wait a few minutes and retry, "
+                    "or use a smaller bounding box"
+                )
+            if response.status_code == 504:
+                raise SourceError(
+                    f"Overpass API at {endpoint}: the server timed out (HTTP 504, busy or the box is too big); "
+                    "retry later, use a smaller bounding box, or download an extract and use --osm-source file"
+                )
+            if response.status_code != 200:
+                raise SourceError(
+                    f"Overpass API at {endpoint}: HTTP {response.status_code} {response.reason}; check the endpoint "
+                    "and the bounding box"
+                )
+            with cli.atomic_path(path) as tmp:
+                with open(tmp, "wb") as out:
+                    for chunk in response.iter_content(1 << 16):
+                        out.write(chunk)
+                head = tmp.read_bytes()[:4096].decode("utf-8", "replace")
+                tail = _tail(tmp)
+                if "<osm" not in head:
+                    raise SourceError(f"Overpass API at {endpoint}: the answer is not OSM XML; check the endpoint")
+                remark = re.search(r"<remark>(.*?)</remark>", head + tail, re.S)
+                if remark and "error" in remark.group(1).lower():
+                    raise SourceError(
+                        f"Overpass API at {endpoint}: {remark.group(1).strip()}; retry later or use a smaller "
+                        "bounding box"
+                    )
+    return FileSource(path, name=name or "overpass")
+
+
+def _tail(path: Path, size: int = 4096) -> str:
+    with open(path, "rb") as handle:
+        handle.seek(0, 2)
+        handle.seek(max(0, handle.tell() - size))
+        return handle.read().decode("utf-8", "replace")
+
+
+# --------------------------------------------------------------------------------------
+# prepare.py download-osm
+
+
+def qa_tiles_url(name: str, base_url: str = QA_TILES_URL) -> str:
+    """Where OSM QA tiles for a country (or "planet") live under base_url."""
+    if name == "planet":
+        if base_url.rstrip("/").endswith("latest.country"):
+            return base_url.rstrip("/")[: -len("latest.country")] + "latest.planet.mbtiles.gz"
+        return base_url + "latest.planet.mbtiles.gz"
+    return base_url + f"{name}.mbtiles.gz"
+
+
+def download_qa_tiles(name: str, out_dir, base_url: str = QA_TILES_URL, timeout: float = 60) -> Path:
+    """Stream and gunzip OSM QA tiles to out_dir/<name>.mbtiles, unless that file exists.
+
+    The bytes go to ``<name>.mbtiles.partial``, renamed when the whole file arrived and
+    opens as vector MBTiles.
+
+    Raises:
+        SourceError: an unknown name (HTTP 404), other HTTP or network errors, a broken gzip.
+    """
+    import requests
+    from tqdm import tqdm
+
+    if not re.fullmatch(r"[a-z0-9_]+", name):
+        raise SourceError(
+            f"QA tiles name {name!r}: names are country names in lower case with underscores "
+            f"(e.g. united_kingdom) or 'planet'; see {QA_TILES_LIST}"
+        )
+    path = Path(out_dir) / f"{name}.mbtiles"
+    if path.exists():
+        print(f"{path}: already here, using it as it is (delete it to download again)", file=sys.stderr)
+        return path
+    url = qa_tiles_url(name, base_url)
+    try:
+        response = requests.get(url, stream=True, timeout=timeout, headers={"User-Agent": USER_AGENT})
+    except requests.RequestException as error:
+        raise SourceError(f"{url}: cannot connect ({error}); check --base-url and the network") from None
+    with response:
+        if response.status_code == 404:
+            raise SourceError(
+                f"{url}: no QA tiles named {name!r} (HTTP 404); names are country names in lower case with "
+                f"underscores (e.g. united_kingdom, new_zealand), listed at {QA_TILES_LIST}"
+            )
+        if response.status_code != 200:
+            raise SourceError(f"{url}: HTTP {response.status_code} {response.reason}; retry later or check --base-url")
+        partial = path.with_name(path.name + ".partial")
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        total = int(response.headers.get("Content-Length") or 0) or None
+        inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)  # 16+: expect a gzip header
+        try:
+            with open(partial, "wb") as out, tqdm(total=total, unit="B", unit_scale=True, desc=f"{name}.mbtiles.gz",
+                                                  file=sys.stderr, disable=None) as progress:
+                for chunk in response.iter_content(1 << 20):
+                    out.write(inflate.decompress(chunk))
+                    progress.update(len(chunk))
+                out.write(inflate.flush())
+            if not inflate.eof:
+                raise SourceError(f"{url}: the download ended early; run the command again")
+            QaTilesSource(partial, name=name).close()
+            partial.replace(path)
+        except zlib.error as error:
+            raise SourceError(f"{url}: not a gzip file ({error}); check --base-url") from None
+        except requests.RequestException as error:
+            raise SourceError(f"{url}: the download broke off ({error}); run the command again") from None
+        finally:
+            if partial.exists():
+                partial.unlink()
+    print(f"{path}: downloaded from {url}", file=sys.stderr)
+    return path
+
+
+def configure_download_osm(parser) -> None:
+    parser.add_argument("--name", default="united_kingdom",
+                        help="QA_TILES: a country in lower case with underscores, or 'planet'")
+    parser.add_argument("--base-url", default=QA_TILES_URL, help="where <name>.mbtiles.gz files live")
+    parser.add_argument("--out-dir", default="data/osm", help="the folder for <name>.mbtiles")
+
+
+def run_download_osm(args) -> int:
+    download_qa_tiles(args.name, args.out_dir, args.base_url)
+    return 0

@@ -1,0 +1,384 @@
+"""Bounding boxes, tile lists and reproducible random samples of tiles.
+
+Files written here (one tile per line, fields separated by one space, `#` starts a comment):
+
+- ``data/all_tiles.txt``: ``source z x y``: the OSM source tiles (z12 for OSM QA tiles) that
+  hold data inside BBOX; ``source`` is the OSM source's name (e.g. ``demo`` for
+  data/osm/demo.mbtiles). Sorted by (z, x, y). (`prepare.py all-tiles`)
+- ``data/sample.txt``: ``source z x y``: the first COUNT tiles at ZOOM_LEVEL of the random
+  sample stream (see sample_stream), in stream order. (`prepare.py sample`)
+
+Tiles are mercantile.Tile(x, y, z) in the XYZ (slippy map) scheme: y counts from the north.
+
+The sample is a seeded pseudo-random permutation of the index range of the candidate tiles
+(the ZOOM_LEVEL tiles inside BBOX and inside the listed source tiles), so it never lists every
+candidate: a country at z17 (tens of millions of tiles) samples in well under a second with
+memory proportional to the number of source tiles. The stream yields distinct tiles, can be
+read past COUNT (the filter step draws more when tiles fail the label ratio), and ends when
+every candidate has been drawn.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import mercantile
+import numpy as np
+
+from osmseg import cli
+from osmseg.errors import BBoxError, SourceError, UserError
+
+MAX_LATITUDE = 85.0511287798066  # Web Mercator's limit: arctan(sinh(pi)) in degrees
+MAX_ZOOM = 22
+BBOX_FORMAT = "-lon,-lat,+lon,+lat (west,south,east,north in degrees), e.g. -3.3843,51.2437,-2.3923,51.848"
+DEFAULT_BBOX = "-3.3843,51.2437,-2.3923,51.848"  # the seed's (skynet-data's) default: around Bristol
+
+
+# ---- bounding boxes and zooms -----------------------------------------------------------------
+
+
+def parse_bbox(text: str) -> mercantile.LngLatBbox:
+    """Parse "west,south,east,north" in degrees into a mercantile.LngLatBbox.
+
+    Raises:
+        BBoxError: for text that is not four numbers, an inverted box (west > east or
+            south > north), one outside Web Mercator's range (|lon| > 180, |lat| > 85.0511),
+            or an empty one (zero width or height).
+    """
+    where = f"bounding box {text!r}"
+    parts = [part.strip() for part in str(text).split(",")]
+    if len(parts) != 4:
+        raise BBoxError(f"{where}: expected 4 comma-separated numbers, got {len(parts)}; write it as {BBOX_FORMAT}")
+    try:
+        west, south, east, north = (float(part) for part in parts)
+    except ValueError:
+        raise BBoxError(f"{where}: not all numbers; write it as {BBOX_FORMAT}") from None
+    if not all(math.isfinite(v) for v in (west, south, east, north)):
+        raise BBoxError(f"{where}: coordinates must be finite numbers; write it as {BBOX_FORMAT}")
+    for name, value, limit in (("west", west, 180), ("east", east, 180), ("south", south, MAX_LATITUDE),
+                               ("north", north, MAX_LATITUDE)):
+        if abs(value) > limit:
+            raise BBoxError(
+                f"{where}: {name} {value} is outside [-{limit:g}, {limit:g}] (longitude within ±180, latitude "
+                f"within ±85.0511, Web Mercator's range); write it as {BBOX_FORMAT}"
+            )
+    if west > east or south > north:
+        raise BBoxError(
+            f"{where}: inverted (west {west} > east {east} or south {south} > north {north}); "
+            f"write it as {BBOX_FORMAT}"
+        )
+    if west == east or south == north:
+        raise BBoxError(f"{where}: empty (zero width or height); give it an area, as {BBOX_FORMAT}")
+    return mercantile.LngLatBbox(west, south, east, north)
+
+
+def check_zoom(zoom, name: str = "zoom") -> int:
+    """Return zoom as an int if it is a whole number in 0..22, else raise UserError."""
+    try:
+        value = int(zoom.strip()) if isinstance(zoom, str) else int(zoom)
+        if isinstance(zoom, bool) or value != zoom and not isinstance(zoom, str):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise UserError(f"{name} {zoom!r} is not a whole number; pick a zoom level in 0-{MAX_ZOOM}") from None
+    if not 0 <= value <= MAX_ZOOM:
+        raise UserError(f"{name} {zoom!r} is outside 0-{MAX_ZOOM}; pick a zoom level in 0-{MAX_ZOOM} (17 for training)")
+    return value
+
+
+def tile_range(bbox: mercantile.LngLatBbox, zoom: int) -> tuple[int, int, int, int]:
+    """The inclusive range (x0, y0, x1, y1) of tiles at zoom that overlap bbox.
+
+    A tile that only touches bbox's edge is left out, as mercantile.tiles does.
+    """
+    eps = 1e-9  # degrees: keeps an edge lying exactly on a tile border from pulling in the next tile
+    west, south, east, north = bbox
+    first = mercantile.tile(west + eps, min(north, MAX_LATITUDE) - eps, zoom)
+    last = mercantile.tile(max(east - eps, west + eps), max(south + eps, -MAX_LATITUDE) + eps, zoom)
+    top = (1 << zoom) - 1
+    return (min(max(first.x, 0), top), min(max(first.y, 0), top), min(max(last.x, 0), top), min(max(last.y, 0), top))
+
+
+def source_tiles(bbox: mercantile.LngLatBbox, zoom: int) -> list[mercantile.Tile]:
+    """Every tile at zoom that overlaps bbox, sorted by (x, y). For source tiles (z12), not z17."""
+    x0, y0, x1, y1 = tile_range(bbox, zoom)
+    if (x1 - x0 + 1) * (y1 - y0 + 1) > 10_000_000:
+        raise UserError(f"{(x1 - x0 + 1) * (y1 - y0 + 1)} tiles at z{zoom} is too many to list; use a smaller zoom")
+    return [mercantile.Tile(x, y, zoom) for x in range(x0, x1 + 1) for y in range(y0, y1 + 1)]
+
+
+# ---- tile lists -------------------------------------------------------------------------------
+
+
+def read_tile_list(path) -> list[tuple[str, mercantile.Tile]]:
+    """Read `source z x y` lines (extra columns, blank lines and `#` comments ignored).
+
+    Raises:
+        UserError: a missing file, or a line that is not `source z x y` (naming the line).
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such tile list; make it first (e.g. `make {path}`)") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise UserError(f"{path}: cannot read the tile list ({error})") from None
+    entries = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        fields = line.split()
+        try:
+            z, x, y = (int(field) for field in fields[1:4])
+            if len(fields) < 4 or not 0 <= z <= MAX_ZOOM or not (0 <= x < 1 << z and 0 <= y < 1 << z):
+                raise ValueError
+        except ValueError:
+            raise UserError(
+                f"{path}:{number}: expected `source z x y` with a valid tile, got {line!r}; fix or remake the file"
+            ) from None
+        entries.append((fields[0], mercantile.Tile(x, y, z)))
+    return entries
+
+
+def format_tile_list(entries: Iterable[tuple[str, mercantile.Tile]]) -> str:
+    return "".join(f"{source} {tile.z} {tile.x} {tile.y}\n" for source, tile in entries)
+
+
+def write_tile_list(path, entries: Iterable[tuple[str, mercantile.Tile]]) -> None:
+    """Write `source z x y` lines atomically (a temporary name, then a rename)."""
+    cli.write_text_atomic(path, format_tile_list(entries))
+
+
+# ---- the random sample ------------------------------------------------------------------------
+
+_MASK64 = (1 << 64) - 1
+
+
+def _mix64(values: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser (Steele, Lea & Flood 2014): a fast, well-mixed 64-bit hash."""
+    values = values ^ (values >> np.uint64(30))
+    values = values * np.uint64(0xBF58476D1CE4E5B9)
+    values = values ^ (values >> np.uint64(27))
+    values = values * np.uint64(0x94D049BB133111EB)
+    return values ^ (values >> np.uint64(31))
+
+
+class _Permutation:
+    """A seeded pseudo-random permutation of range(size), computed on demand.
+
+    A balanced Feistel network (Luby & Rackoff) permutes [0, 2^(2h)) for the smallest h with
+    2^(2h) >= size; walking its inputs in order and dropping outputs >= size permutes
+    [0, size) (cycle walking, Black & Rogaway 2002), evaluated in numpy blocks.
+    """
+
+    ROUNDS = 6
+
+    def __init__(self, size: int, seed: int):
+        self.size = size
+        self.half = max(1, math.ceil(math.log2(max(size, 2)) / 2))
+        self.domain = 1 << (2 * self.half)
+        keys = _mix64(np.arange(1, self.ROUNDS + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+                      ^ np.uint64(seed & _MASK64))
+        self.keys = [np.uint64(k) for k in keys]
+
+    def __call__(self, inputs: np.ndarray) -> np.ndarray:
+        mask = np.uint64((1 << self.half) - 1)
+        shift = np.uint64(self.half)
+        left, right = inputs >> shift, inputs & mask
+        for key in self.keys:
+            left, right = right, left ^ (_mix64(right ^ key) & mask)
+        return (left << shift) | right
+
+    def blocks(self, block: int = 1 << 14) -> Iterator[np.ndarray]:
+        """The permutation's values in order, a block at a time."""
+        for start in range(0, self.domain, block):
+            inputs = np.arange(start, min(start + block, self.domain), dtype=np.uint64)
+            outputs = self(inputs)
+            yield outputs[outputs < np.uint64(self.size)]
+
+
+class SampleStream:
+    """An iterator over the random sample (see sample_stream); `total` is how many it holds.
+
+    `sources` names the source tile each drawn tile lies in (sample_entries uses it).
+    """
+
+    def __init__(self, bbox: mercantile.LngLatBbox, zoom: int, seed: int,
+                 within: Sequence[mercantile.Tile | tuple[str, mercantile.Tile]] | None = None):
+        zoom = check_zoom(zoom)
+        bx0, by0, bx1, by1 = tile_range(bbox, zoom)
+        # Candidate tiles as rectangles in tile index space: the box itself, or the part of
+        # each source tile's descendants (or ancestor) at zoom that lies inside the box.
+        rectangles: list[tuple[int, int, int, int]] = []
+        self._names: list[str | None] = []
+        if within is None:
+            rectangles.append((bx0, by0, bx1, by1))
+            self._names.append(None)
+        else:
+            seen = set()
+            for item in within:
+                name, tile = item if isinstance(item[0], str) else (None, item)
+                if tile.z <= zoom:
+                    shift = zoom - tile.z
+                    x0, y0 = tile.x << shift, tile.y << shift
+                    x1, y1 = x0 + (1 << shift) - 1, y0 + (1 << shift) - 1
+                else:
+                    parent = mercantile.parent(tile, zoom=zoom)
+                    x0 = x1 = parent.x
+                    y0 = y1 = parent.y
+                rect = (max(x0, bx0), max(y0, by0), min(x1, bx1), min(y1, by1))
+                if rect[0] > rect[2] or rect[1] > rect[3] or rect in seen:
+                    continue
+                seen.add(rect)
+                rectangles.append(rect)
+                self._names.append(name)
+        self.zoom = zoom
+        self._rectangles = rectangles
+        sizes = [(x1 - x0 + 1) * (y1 - y0 + 1) for x0, y0, x1, y1 in rectangles]
+        self._starts = np.cumsum([0] + sizes[:-1], dtype=np.int64)
+        self.total = int(sum(sizes))
+        self._blocks = _Permutation(self.total, seed).blocks() if self.total else iter(())
+        self._pending: list[tuple[int, mercantile.Tile]] = []
+
+    def __iter__(self) -> "SampleStream":
+        return self
+
+    def __len__(self) -> int:
+        return self.total
+
+    def _locate(self, indices: np.ndarray) -> list[tuple[int, mercantile.Tile]]:
+        regions = np.searchsorted(self._starts, indices.astype(np.int64), side="right") - 1
+        located = []
+        for index, region in zip(indices.tolist(), regions.tolist()):
+            x0, y0, x1, _ = self._rectangles[region]
+            offset = index - int(self._starts[region])
+            width = x1 - x0 + 1
+            located.append((region, mercantile.Tile(x0 + offset % width, y0 + offset // width, self.zoom)))
+        return located
+
+    def next_entry(self) -> tuple[int, mercantile.Tile]:
+        """The next (region index, tile); raises StopIteration when every candidate was drawn."""
+        while not self._pending:
+            block = next(self._blocks)  # StopIteration ends the stream
+            self._pending = self._locate(block)[::-1]
+        return self._pending.pop()
+
+    def __next__(self) -> mercantile.Tile:
+        return self.next_entry()[1]
+
+    def source_name(self, region: int) -> str | None:
+        return self._names[region]
+
+
+def sample_stream(bbox: mercantile.LngLatBbox, zoom: int, seed: int = 0,
+                  within: Sequence[mercantile.Tile] | None = None) -> SampleStream:
+    """A reproducible random stream of distinct tiles at zoom inside bbox (and inside `within`).
+
+    data/sample.txt holds its first COUNT tiles; the filter step reads on to replace tiles
+    that fail the label ratio. The stream ends when every candidate tile has been drawn, and
+    `len(stream)` says how many that is.
+
+    Args:
+        bbox: the WGS84 box the tiles must overlap.
+        zoom: the tiles' zoom (0-22).
+        seed: the same seed, box, zoom and source tiles always give the same stream.
+        within: source tiles (e.g. the z12 tiles of data/all_tiles.txt, as Tiles or as
+            (source, Tile) entries) the tiles must lie in; None: the whole box.
+    """
+    return SampleStream(bbox, zoom, seed, within)
+
+
+def sample_entries(bbox: mercantile.LngLatBbox, zoom: int, seed: int,
+                   entries: Sequence[tuple[str, mercantile.Tile]]) -> Iterator[tuple[str, mercantile.Tile]]:
+    """sample_stream over data/all_tiles.txt entries, yielding (source name, Tile) in the same order."""
+    stream = SampleStream(bbox, zoom, seed, entries)
+    while True:
+        try:
+            region, tile = stream.next_entry()
+        except StopIteration:
+            return
+        yield stream.source_name(region), tile
+
+
+# ---- prepare.py all-tiles ---------------------------------------------------------------------
+
+
+def configure_all_tiles(parser) -> None:
+    from osmseg import osm
+
+    parser.add_argument("--osm-source", default="qa-tiles", choices=osm.KINDS, help="the kind of OSM source")
+    parser.add_argument("--osm", default="data/osm/united_kingdom.mbtiles",
+                        help="qa-tiles: the .mbtiles; file: the .osm/.osm.pbf/.geojson; overpass: the folder "
+                             "to save the response in")
+    parser.add_argument("--bbox", default=DEFAULT_BBOX, help=f"the area: {BBOX_FORMAT}")
+    parser.add_argument("--classes", default="classes/mine.json",
+                        help="overpass only: the classes file whose tag keys to query")
+    parser.add_argument("--overpass-url", default=osm.OVERPASS_URL, help="overpass only: the API endpoint")
+    parser.add_argument("--timeout", type=int, default=180, help="overpass only: seconds to wait for the answer")
+    parser.add_argument("--out", default="data/all_tiles.txt", help="the tile list to write (source z x y)")
+
+
+def open_from_args(args, bbox: mercantile.LngLatBbox):
+    """The OSM source named by --osm-source/--osm (and the overpass options)."""
+    from osmseg import osm
+    from osmseg.classes import load_classes
+
+    if args.osm_source == "overpass":
+        return osm.open_source("overpass", args.osm, bbox=bbox, classes=load_classes(args.classes),
+                               endpoint=args.overpass_url, timeout=args.timeout)
+    return osm.open_source(args.osm_source, args.osm)
+
+
+def run_all_tiles(args) -> int:
+    bbox = parse_bbox(args.bbox)
+    with open_from_args(args, bbox) as source:
+        tiles = source.source_tiles(bbox)
+        name = source.name
+    if not tiles:
+        raise SourceError(
+            f"{args.osm}: no OSM data inside the bounding box {args.bbox}; pick a box inside the file's area "
+            "or another OSM file"
+        )
+    write_tile_list(args.out, [(name, tile) for tile in tiles])
+    print(f"{args.out}: {len(tiles)} z{tiles[0].z} source tiles of {name!r} inside {args.bbox}", file=sys.stderr)
+    return 0
+
+
+# ---- prepare.py sample ------------------------------------------------------------------------
+
+
+def configure_sample(parser) -> None:
+    parser.add_argument("--all-tiles", default="data/all_tiles.txt", help="the source tiles to sample inside")
+    parser.add_argument("--bbox", default=DEFAULT_BBOX, help=f"the area: {BBOX_FORMAT}")
+    parser.add_argument("--zoom", type=int, default=17, help="the zoom level of the sampled tiles (ZOOM_LEVEL)")
+    parser.add_argument("--count", type=int, default=10000, help="how many tiles to draw (TRAIN_SIZE)")
+    parser.add_argument("--seed", type=int, default=0, help="the random seed: the same seed draws the same tiles")
+    parser.add_argument("--out", default="data/sample.txt", help="the sample to write (source z x y)")
+
+
+def run_sample(args) -> int:
+    bbox = parse_bbox(args.bbox)
+    zoom = check_zoom(args.zoom, "--zoom")
+    if args.count <= 0:
+        raise UserError(f"--count (TRAIN_SIZE) {args.count} must be positive; ask for at least one tile")
+    entries = read_tile_list(args.all_tiles)
+    if not entries:
+        raise UserError(f"{args.all_tiles}: lists no source tiles; remake it (make {args.all_tiles}) with another BBOX")
+    stream = SampleStream(bbox, zoom, args.seed, entries)
+    sample = []
+    for _ in range(min(args.count, stream.total)):
+        region, tile = stream.next_entry()
+        sample.append((stream.source_name(region), tile))
+    if stream.total < args.count:
+        print(
+            f"note: the bounding box holds only {stream.total} tiles at z{zoom} inside {args.all_tiles} "
+            f"(asked for {args.count}); keeping them all",
+            file=sys.stderr,
+        )
+    write_tile_list(args.out, sample)
+    print(f"{args.out}: {len(sample)} z{zoom} tiles drawn with seed {args.seed}", file=sys.stderr)
+    return 0
+
