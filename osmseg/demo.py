@@ -1,0 +1,679 @@
+"""The offline demo world: a seeded synthetic town with OSM tags, written as OSM QA tiles.
+
+`build_world(seed)` lays out a small town of about 6 km × 6 km centred on lon 0, lat 0, so
+that it straddles the z12 tile borders at lon 0 and lat 0. Streets form a jittered grid;
+each block is zoned (commercial in the centre, residential around it, an industrial belt
+along the railway, farmland, forest, meadows and other vegetation at the edge, a little
+brownfield) and filled with buildings, trees, tree rows, parking and parks. A river, a
+railway and the roads belong to no class of classes/mine.json. As in real OSM, a share of
+what is on the ground is missing from the map: about 15% of buildings, 8% of landuse
+areas and a third of single trees are flagged `mapped=False`. The imagery server
+(osmseg.tileserver) draws every feature; the QA tiles hold only the mapped ones, so the
+labels are noisy the way real OSM labels are.
+
+File written here (by `write_qa_tiles`, `prepare.py demo-world`):
+
+data/osm/demo.mbtiles -- OSM QA tiles, the format of osmlab's planet/country QA tiles:
+    * an MBTiles 1.3 SQLite file with tables `metadata(name, value)` and
+      `tiles(zoom_level, tile_column, tile_row, tile_data)`;
+    * tiles at z12 only, `tile_row` in TMS order (tile_row = 2**12 - 1 - y);
+    * `tile_data` is a gzipped Mapbox Vector Tile (spec 2.1) with one layer, `osm`, extent
+      2**20 (EXTENT; the newer QA tiles' precision: about 1 cm at z12 at the equator);
+      features are clipped to the tile with no buffer; closed areas are Polygons or
+      MultiPolygons, ways are LineStrings, nodes are Points;
+    * properties: the OSM tags (strings), `@id` (integer, the same for a way in every
+      tile it crosses) and `@type` ("way" or "node"); the MVT feature id is `@id` too;
+    * metadata: name, description, version, type, format=pbf, minzoom=maxzoom=12,
+      bounds "w,s,e,n" and center "lon,lat,12" in degrees, json with `vector_layers`
+      (the `osm` layer's `fields`, every tag key as "String", as tippecanoe writes them),
+      plus `demo_seed` and `demo_generator` so that a re-run can skip a finished file.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import sqlite3
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, NamedTuple
+
+import mercantile
+import numpy as np
+import shapely
+import shapely.affinity
+from shapely.geometry import LineString, Point, Polygon, box
+
+from osmseg import cli
+from osmseg.errors import SourceError
+
+# lon/lat ±0.0275° is ±3061 m in EPSG:3857 at the equator: 22 × 22 = 484 z17 tiles, and the
+# z12 borders at lon 0 and lat 0 cross the middle of the town.
+DEMO_BBOX = mercantile.LngLatBbox(-0.0275, -0.0275, 0.0275, 0.0275)
+QA_ZOOM = 12
+EXTENT = 2**20
+LAYER = "osm"
+# Bump when the generator's output changes, so that `demo-world` rebuilds old files.
+GENERATOR_VERSION = "1"
+
+# Probabilities of "missing from OSM" (the noisy labels of issue 2).
+UNMAPPED_BUILDING = 0.15
+UNMAPPED_LANDUSE = 0.08
+UNMAPPED_TREE = 0.33
+
+# Zoning: the tags of each kind of block. Vegetation tags are those of classes/mine.json's
+# vegetation filter, so that every one of them occurs somewhere.
+BLOCK_TAGS = {
+    "residential": {"landuse": "residential"},
+    "commercial": {"landuse": "commercial"},
+    "industrial": {"landuse": "industrial"},
+    "brownfield": {"landuse": "brownfield"},
+    "forest": {"landuse": "forest"},
+    "wood": {"natural": "wood"},
+    "farmland": {"landuse": "farmland"},
+    "meadow": {"landuse": "meadow"},
+    "scrub": {"natural": "scrub"},
+    "heath": {"natural": "heath"},
+    "grassland": {"natural": "grassland"},
+    "orchard": {"landuse": "orchard"},
+    "allotments": {"landuse": "allotments"},
+    "vineyard": {"landuse": "vineyard"},
+    "park": {"leisure": "park", "surface": "grass"},
+    "school": {"amenity": "school"},
+    "empty": {},
+}
+
+ROAD_WIDTHS = {"primary": 14.0, "secondary": 11.0, "tertiary": 9.0, "residential": 7.0}
+RIVER_WIDTH = 32.0
+RAIL_WIDTH = 12.0
+
+
+class WorldFeature(NamedTuple):
+    """One feature of the demo world.
+
+    Attributes:
+        id: the OSM-style id (`@id`), unique in the world.
+        geometry: a shapely geometry in EPSG:3857 metres.
+        tags: OSM tags, str -> str.
+        mapped: False for features that the imagery shows but OSM lacks.
+    """
+
+    id: int
+    geometry: object
+    tags: dict
+    mapped: bool
+
+    @property
+    def osm_type(self) -> str:
+        return "node" if self.geometry.geom_type == "Point" else "way"
+
+
+@dataclass
+class World:
+    """The demo world: its features and where they are.
+
+    Attributes:
+        seed: the seed it was built from.
+        bbox: its extent in degrees (mercantile.LngLatBbox).
+        features: every feature, mapped or not, in drawing order (areas, then ways, then
+            buildings and trees).
+    """
+
+    seed: int
+    bbox: mercantile.LngLatBbox
+    features: list[WorldFeature]
+    _tree: shapely.STRtree | None = field(default=None, repr=False)
+
+    @property
+    def bounds(self) -> mercantile.Bbox:
+        """The world's extent in EPSG:3857 metres."""
+        left, bottom = mercantile.xy(self.bbox.west, self.bbox.south)
+        right, top = mercantile.xy(self.bbox.east, self.bbox.north)
+        return mercantile.Bbox(left, bottom, right, top)
+
+    @property
+    def tree(self) -> shapely.STRtree:
+        """A spatial index over all features' geometries (built once)."""
+        if self._tree is None:
+            self._tree = shapely.STRtree([f.geometry for f in self.features])
+        return self._tree
+
+    def query(self, bounds: mercantile.Bbox, mapped_only: bool = False) -> list[WorldFeature]:
+        """The features whose geometry intersects `bounds` (EPSG:3857 metres), in drawing order."""
+        hits = self.tree.query(box(*bounds), predicate="intersects")
+        chosen = [self.features[i] for i in np.sort(hits)]
+        return [f for f in chosen if f.mapped] if mapped_only else chosen
+
+    def mapped(self) -> list[WorldFeature]:
+        return [f for f in self.features if f.mapped]
+
+    def summary(self) -> dict[str, dict[str, int]]:
+        """Counts of features by main tag (`building`, `landuse=...`, ...), mapped and not."""
+        counts: dict[str, dict[str, int]] = {}
+        for feature in self.features:
+            key = _main_tag(feature.tags)
+            entry = counts.setdefault(key, {"mapped": 0, "unmapped": 0})
+            entry["mapped" if feature.mapped else "unmapped"] += 1
+        return dict(sorted(counts.items()))
+
+
+def _main_tag(tags: dict) -> str:
+    if "building" in tags:
+        return "building"
+    for key in ("landuse", "natural", "leisure", "amenity", "highway", "railway", "waterway"):
+        if key in tags:
+            return f"{key}={tags[key]}"
+    return "other"
+
+
+# --------------------------------------------------------------------------- generator
+
+
+class _Builder:
+    """Collects features with ids; knows the random generator and the obstacles."""
+
+    def __init__(self, rng: np.random.Generator):
+        self.rng = rng
+        self.features: list[WorldFeature] = []
+        self._next_id = 1
+
+    def add(self, geometry, tags: dict, mapped: bool = True) -> None:
+        if geometry.is_empty:
+            return
+        self.features.append(WorldFeature(self._next_id, geometry, dict(tags), bool(mapped)))
+        self._next_id += 1
+
+    def add_many(self, geometries: Iterable, tags_list: Iterable[dict], mapped: Iterable[bool]) -> None:
+        for geometry, tags, is_mapped in zip(geometries, tags_list, mapped):
+            self.add(geometry, tags, is_mapped)
+
+
+def _grid_lines(rng: np.random.Generator, low: float, high: float) -> np.ndarray:
+    """Street positions from the middle outwards; 0 falls inside the central block."""
+    positions = [-rng.uniform(70, 100), rng.uniform(70, 100)]
+    while positions[0] > low - 60:
+        positions.insert(0, positions[0] - rng.uniform(150, 260))
+    while positions[-1] < high + 60:
+        positions.append(positions[-1] + rng.uniform(150, 260))
+    return np.array(positions)
+
+
+def _road_class(index: int, centre_index: int) -> str:
+    offset = abs(index - centre_index)
+    if offset in (0, 1) and index >= centre_index:
+        return "primary"
+    if offset % 4 == 2:
+        return "secondary"
+    if offset % 4 == 0:
+        return "tertiary"
+    return "residential"
+
+
+def _inset_quad(corners: np.ndarray, insets: np.ndarray) -> np.ndarray:
+    """Move each edge of a counter-clockwise quad inwards by its own distance."""
+    directions = np.roll(corners, -1, axis=0) - corners
+    directions /= np.linalg.norm(directions, axis=1, keepdims=True)
+    normals = np.stack([-directions[:, 1], directions[:, 0]], axis=1)  # left = inside for CCW
+    points = corners + normals * insets[:, None]
+    out = np.empty_like(corners)
+    for k in range(4):
+        # Intersect offset edge k-1 with offset edge k.
+        p, t = points[k - 1], directions[k - 1]
+        q, w = points[k], directions[k]
+        denominator = t[0] * w[1] - t[1] * w[0]
+        s = ((q[0] - p[0]) * w[1] - (q[1] - p[1]) * w[0]) / denominator
+        out[k] = p + s * t
+    return out
+
+
+def _rectangles(centres: np.ndarray, along: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """Rotated rectangles as shapely Polygons: centres (N,2), unit `along` (N,2), sizes (N,2)=(length, depth)."""
+    across = np.stack([-along[:, 1], along[:, 0]], axis=1)
+    half_l = along * (sizes[:, :1] / 2)
+    half_d = across * (sizes[:, 1:] / 2)
+    ring = np.stack(
+        [centres - half_l - half_d, centres + half_l - half_d, centres + half_l + half_d, centres - half_l + half_d],
+        axis=1,
+    )
+    return shapely.polygons(ring)
+
+
+def _bilinear(quad: np.ndarray, u: float, v: float) -> np.ndarray:
+    v0, v1, v2, v3 = quad
+    return (1 - u) * (1 - v) * v0 + u * (1 - v) * v1 + u * v * v2 + (1 - u) * v * v3
+
+
+def _sub_quad(quad: np.ndarray, u0: float, u1: float, v0: float, v1: float) -> Polygon:
+    return Polygon([_bilinear(quad, u0, v0), _bilinear(quad, u1, v0), _bilinear(quad, u1, v1), _bilinear(quad, u0, v1)])
+
+
+def _keep_inside(candidates: list, area) -> list[int]:
+    """Indices of candidate geometries inside `area` that overlap no earlier kept one."""
+    if not candidates:
+        return []
+    geoms = np.array(candidates, dtype=object)
+    inside = shapely.within(geoms, area)
+    tree = shapely.STRtree(geoms)
+    pairs = tree.query(geoms, predicate="intersects")
+    clash = {int(b) for a, b in pairs.T if a < b}  # the later of two overlapping ones goes
+    return [i for i in range(len(candidates)) if inside[i] and i not in clash]
+
+
+def _house_tags(rng: np.random.Generator) -> dict:
+    kind = rng.choice(["house", "house", "house", "yes", "yes", "residential", "detached"])
+    return {"building": str(kind), "building:levels": str(int(rng.integers(1, 4)))}
+
+
+def _fill_residential(b: _Builder, quad: np.ndarray, area) -> None:
+    rng = b.rng
+    houses, house_tags, sheds, trees = [], [], [], []
+    for k in range(4):
+        a, c = quad[k], quad[(k + 1) % 4]
+        length = float(np.hypot(*(c - a)))
+        along = (c - a) / length
+        inward = np.array([-along[1], along[0]])
+        s = rng.uniform(20, 30)
+        while s < length - 20:
+            width, depth = rng.uniform(7, 13), rng.uniform(8, 12)
+            setback = rng.uniform(4, 8)
+            centre = a + along * (s + width / 2) + inward * (setback + depth / 2)
+            houses.append((centre, along, (width, depth)))
+            house_tags.append(_house_tags(rng))
+            if rng.random() < 0.35:
+                shed_centre = centre + inward * (depth / 2 + rng.uniform(5, 9)) + along * rng.uniform(-2, 2)
+                sheds.append((shed_centre, along, (rng.uniform(3, 5), rng.uniform(3, 4))))
+            if rng.random() < 0.45:
+                trees.append(centre + inward * (depth / 2 + rng.uniform(10, 16)) + along * rng.uniform(-4, 4))
+            s += width + rng.uniform(3, 9)
+    geoms, tags = [], []
+    if houses:
+        geoms += list(_rectangles(*(np.array(x) for x in zip(*houses))))
+        tags += house_tags
+    if sheds:
+        geoms += list(_rectangles(*(np.array(x) for x in zip(*sheds))))
+        tags += [{"building": str(rng.choice(["shed", "garage"]))} for _ in sheds]
+    keep = _keep_inside(geoms, area)
+    unmapped = rng.random(len(geoms)) < UNMAPPED_BUILDING
+    b.add_many([geoms[i] for i in keep], [tags[i] for i in keep], [not unmapped[i] for i in keep])
+    _add_trees(b, trees, area)
+
+
+def _add_trees(b: _Builder, points: list, area) -> None:
+    if not points:
+        return
+    geoms = shapely.points(np.array(points))
+    inside = shapely.within(geoms, area)
+    unmapped = b.rng.random(len(points)) < UNMAPPED_TREE
+    for geometry, ok, missing in zip(geoms, inside, unmapped):
+        if ok:
+            b.add(geometry, {"natural": "tree"}, not missing)
+
+
+def _fill_lots(b: _Builder, quad: np.ndarray, area, kind: str) -> None:
+    """Commercial and industrial blocks: a few large buildings on lots, the rest paved."""
+    rng = b.rng
+    nu, nv = int(rng.integers(1, 3)), int(rng.integers(1, 3))
+    geoms, tags = [], []
+    for i in range(nu):
+        for j in range(nv):
+            u0, u1, v0, v1 = i / nu, (i + 1) / nu, j / nv, (j + 1) / nv
+            roll = rng.random()
+            if kind == "industrial" and roll < 0.2:
+                # Storage tanks in a row.
+                count = int(rng.integers(1, 4))
+                radius = rng.uniform(6, 11)
+                for t in range(count):
+                    centre = _bilinear(quad, u0 + (u1 - u0) * (t + 1) / (count + 1), (v0 + v1) / 2)
+                    geoms.append(Point(centre).buffer(radius, quad_segs=6))
+                    tags.append({"building": "storage_tank", "man_made": "storage_tank"})
+            elif roll < 0.8:
+                mu, mv = rng.uniform(0.08, 0.2, size=2)
+                du, dv = (u1 - u0) * mu, (v1 - v0) * mv
+                geoms.append(_sub_quad(quad, u0 + du, u1 - du, v0 + dv, v1 - dv))
+                if kind == "industrial":
+                    tags.append({"building": str(rng.choice(["industrial", "warehouse", "industrial"])),
+                                 "building:levels": str(int(rng.integers(1, 3)))})
+                else:
+                    tags.append({"building": str(rng.choice(["commercial", "retail", "office"])),
+                                 "building:levels": str(int(rng.integers(2, 8)))})
+            else:
+                b.add(_sub_quad(quad, u0 + 0.03, u1 - 0.03, v0 + 0.03, v1 - 0.03).intersection(area),
+                      {"amenity": "parking", "parking": "surface"})
+    keep = _keep_inside(geoms, area)
+    unmapped = rng.random(len(geoms)) < UNMAPPED_BUILDING
+    b.add_many([geoms[i] for i in keep], [tags[i] for i in keep], [not unmapped[i] for i in keep])
+
+
+def _fill_park(b: _Builder, quad: np.ndarray, area) -> None:
+    rng = b.rng
+    path = LineString([_bilinear(quad, 0, rng.uniform(0.2, 0.8)), _bilinear(quad, 1, rng.uniform(0.2, 0.8))])
+    b.add(path.intersection(area), {"highway": "footway"})
+    if rng.random() < 0.5:
+        centre = _bilinear(quad, rng.uniform(0.3, 0.7), rng.uniform(0.3, 0.7))
+        pond = shapely.affinity.scale(Point(centre).buffer(rng.uniform(12, 25), quad_segs=8), 1.6, 1.0)
+        pond = pond.difference(path.buffer(3))
+        b.add(pond.intersection(area), {"natural": "water"})
+    trees = [_bilinear(quad, *rng.uniform(0.05, 0.95, size=2)) for _ in range(int(rng.integers(5, 15)))]
+    _add_trees(b, trees, area)
+
+
+def _fill_school(b: _Builder, quad: np.ndarray, area) -> None:
+    rng = b.rng
+    geoms = [_sub_quad(quad, 0.1, 0.45, 0.15, 0.6)]
+    tags = [{"building": "school", "building:levels": "2"}]
+    keep = _keep_inside(geoms, area)
+    b.add_many([geoms[i] for i in keep], [tags[i] for i in keep], [True] * len(keep))
+    pitch = _sub_quad(quad, 0.55, 0.9, 0.2, 0.8).intersection(area)
+    b.add(pitch, {"leisure": "pitch", "sport": "soccer", "surface": "grass"}, rng.random() > UNMAPPED_LANDUSE)
+
+
+def _hedges(b: _Builder, quad: np.ndarray, area) -> None:
+    """Tree rows along one or two edges of a field, a few metres inside it."""
+    rng = b.rng
+    for k in rng.choice(4, size=int(rng.integers(1, 3)), replace=False):
+        a, c = quad[k], quad[(k + 1) % 4]
+        along = (c - a) / np.hypot(*(c - a))
+        inward = np.array([-along[1], along[0]]) * 3.0
+        row = LineString([a + inward + along * 5, c + inward - along * 5]).intersection(area)
+        if not row.is_empty and row.geom_type == "LineString":
+            b.add(row, {"natural": "tree_row"}, rng.random() > UNMAPPED_TREE)
+
+
+def _zone(rng: np.random.Generator, centre: np.ndarray, radius: float, rail_distance: float) -> str:
+    r = float(np.hypot(*centre)) / radius + rng.normal(0, 0.06)
+    def pick(options: dict) -> str:
+        names = list(options)
+        weights = np.array([options[n] for n in names], dtype=float)
+        return str(rng.choice(names, p=weights / weights.sum()))
+    if centre[0] > 250 and rail_distance < 550 and r < 0.95:
+        return pick({"industrial": 55, "brownfield": 12, "commercial": 8, "residential": 15, "empty": 5, "meadow": 5})
+    if r < 0.2:
+        return pick({"commercial": 65, "residential": 20, "park": 10, "school": 5})
+    if r < 0.6:
+        return pick({"residential": 72, "commercial": 7, "park": 5, "school": 3, "brownfield": 3,
+                     "empty": 4, "allotments": 3, "grassland": 3})
+    return pick({"farmland": 28, "forest": 12, "wood": 8, "meadow": 11, "scrub": 6, "orchard": 4,
+                 "heath": 3, "grassland": 4, "allotments": 2, "vineyard": 3, "residential": 13,
+                 "empty": 4, "brownfield": 2})
+
+
+def build_world(seed: int = 0, bbox: mercantile.LngLatBbox = DEMO_BBOX) -> World:
+    """Lay out the demo town deterministically from `seed`.
+
+    Args:
+        seed: the random seed; the same seed gives the same features, ids and tags.
+        bbox: the extent in degrees (a smaller one makes a smaller town for tests).
+
+    Returns:
+        The World, with features in drawing order.
+    """
+    rng = np.random.default_rng(seed)
+    b = _Builder(rng)
+    left, bottom = mercantile.xy(bbox.west, bbox.south)
+    right, top = mercantile.xy(bbox.east, bbox.north)
+    radius = min(right - left, top - bottom) / 2
+
+    xs = _grid_lines(rng, left, right)
+    ys = _grid_lines(rng, bottom, top)
+    grid = np.stack(np.meshgrid(xs, ys, indexing="ij"), axis=-1)
+    grid += rng.uniform(-12, 12, size=grid.shape)
+    cx, cy = len(xs) // 2, len(ys) // 2  # the line index just right of / above 0
+    column_class = [_road_class(i, cx) for i in range(len(xs))]
+    row_class = [_road_class(j, cy) for j in range(len(ys))]
+
+    # The river runs north-south west of the centre, the railway east-west south of it:
+    # both cross a z12 border (lat 0 and lon 0).
+    river_y = np.linspace(bottom - 200, top + 200, 60)
+    river_x = left + 0.22 * (right - left) + 90 * np.sin(river_y / 400 + rng.uniform(0, 6)) + 40 * np.sin(river_y / 137)
+    river = LineString(np.column_stack([river_x, river_y]))
+    rail_x = np.linspace(left - 200, right + 200, 40)
+    rail_y = bottom + 0.33 * (top - bottom) + 60 * np.sin(rail_x / 900 + rng.uniform(0, 6))
+    railway = LineString(np.column_stack([rail_x, rail_y]))
+    obstacles = shapely.union(river.buffer(RIVER_WIDTH / 2 + 4), railway.buffer(RAIL_WIDTH / 2 + 4))
+
+    # Blocks, zoned and filled. Landuse first so that it is drawn underneath.
+    fills = []
+    for i in range(len(xs) - 1):
+        for j in range(len(ys) - 1):
+            corners = np.array([grid[i, j], grid[i + 1, j], grid[i + 1, j + 1], grid[i, j + 1]], dtype=float)
+            insets = np.array([ROAD_WIDTHS[row_class[j]], ROAD_WIDTHS[column_class[i + 1]],
+                               ROAD_WIDTHS[row_class[j + 1]], ROAD_WIDTHS[column_class[i]]]) / 2 + 2.0
+            quad = _inset_quad(corners, insets)
+            area = Polygon(quad)
+            if area.intersects(obstacles):
+                area = area.difference(obstacles)
+                if area.is_empty or area.area < 500:
+                    continue
+            centre = quad.mean(axis=0)
+            if i == cx - 1 and j == cy - 1:
+                kind = "commercial"  # the town square around (0, 0)
+            else:
+                kind = _zone(rng, centre, radius, railway.distance(Point(centre)))
+            tags = BLOCK_TAGS[kind]
+            if kind == "farmland" and rng.random() < 0.6:
+                # Two or three fields of different crops side by side.
+                parts = int(rng.integers(2, 4))
+                for p in range(parts):
+                    field_area = _sub_quad(quad, p / parts, (p + 1) / parts, 0, 1).intersection(area)
+                    b.add(field_area, tags, rng.random() > UNMAPPED_LANDUSE)
+            elif tags:
+                b.add(area, tags, rng.random() > UNMAPPED_LANDUSE or kind == "commercial" and i == cx - 1 and j == cy - 1)
+            fills.append((kind, quad, area, i == cx - 1 and j == cy - 1))
+
+    # Water and ways above landuse.
+    b.add(river.buffer(RIVER_WIDTH / 2), {"natural": "water", "water": "river"})
+    b.add(river, {"waterway": "river", "name": "Demo River"})
+    for i in range(len(xs)):
+        b.add(LineString(grid[i, :]), {"highway": column_class[i], "name": f"Avenue {i}"})
+    for j in range(len(ys)):
+        b.add(LineString(grid[:, j]), {"highway": row_class[j], "name": f"Street {j}"})
+    b.add(railway, {"railway": "rail", "usage": "main"})
+
+    # What stands on the blocks.
+    for kind, quad, area, is_square in fills:
+        if is_square:
+            town_hall = _rectangles(np.zeros((1, 2)), np.array([[1.0, 0.0]]), np.array([[44.0, 32.0]]))[0]
+            b.add(town_hall, {"building": "townhall", "amenity": "townhall", "building:levels": "3"})
+            _add_trees(b, [_bilinear(quad, u, v) for u in (0.1, 0.9) for v in (0.1, 0.5, 0.9)], area)
+        elif kind == "residential":
+            _fill_residential(b, quad, area)
+        elif kind in ("commercial", "industrial"):
+            _fill_lots(b, quad, area, kind)
+        elif kind == "park":
+            _fill_park(b, quad, area)
+        elif kind == "school":
+            _fill_school(b, quad, area)
+        elif kind == "farmland":
+            _hedges(b, quad, area)
+        elif kind in ("meadow", "grassland", "empty") and rng.random() < 0.5:
+            _add_trees(b, [_bilinear(quad, *rng.uniform(0.1, 0.9, size=2)) for _ in range(int(rng.integers(2, 8)))], area)
+
+    # Drawing order: areas underneath, then ways, then buildings and trees on top.
+    def layer(feature: WorldFeature) -> int:
+        tags = feature.tags
+        if "building" in tags:
+            return 4
+        if tags.get("natural") in ("tree", "tree_row"):
+            return 5
+        if feature.geometry.geom_type in ("LineString", "MultiLineString"):
+            return 3
+        if tags.get("natural") == "water" or tags.get("amenity") == "parking" or tags.get("leisure") == "pitch":
+            return 2
+        return 1
+    features = sorted(b.features, key=lambda f: (layer(f), f.id))
+    return World(seed=seed, bbox=bbox, features=features)
+
+
+# --------------------------------------------------------------------------- QA tiles
+
+
+def _parts(geometry, wanted: tuple[str, ...]):
+    """The parts of a clipped geometry of the wanted kinds (clipping can yield collections)."""
+    if geometry.is_empty:
+        return None
+    if geometry.geom_type in wanted:
+        return geometry
+    if geometry.geom_type == "GeometryCollection":
+        pieces = [g for g in geometry.geoms if g.geom_type in wanted and not g.is_empty]
+        if not pieces:
+            return None
+        return shapely.union_all(pieces) if len(pieces) > 1 else pieces[0]
+    return None
+
+
+_KINDS = {
+    "Polygon": ("Polygon", "MultiPolygon"),
+    "MultiPolygon": ("Polygon", "MultiPolygon"),
+    "LineString": ("LineString", "MultiLineString"),
+    "MultiLineString": ("LineString", "MultiLineString"),
+}
+
+
+def tile_features(world: World, tile: mercantile.Tile) -> list[dict]:
+    """The mapped features of one QA tile, clipped to it, as mapbox_vector_tile feature dicts."""
+    bounds = mercantile.xy_bounds(tile)
+    frame = box(*bounds)
+    features = []
+    for feature in world.query(bounds, mapped_only=True):
+        geometry = feature.geometry
+        if geometry.geom_type == "Point":
+            # Half-open tile extent, so that a node on a border lands in one tile only.
+            if not (bounds.left <= geometry.x < bounds.right and bounds.bottom < geometry.y <= bounds.top):
+                continue
+            clipped = geometry
+        else:
+            clipped = _parts(geometry.intersection(frame), _KINDS[geometry.geom_type])
+            if clipped is None:
+                continue
+        properties = dict(feature.tags)
+        properties["@id"] = feature.id
+        properties["@type"] = feature.osm_type
+        features.append({"geometry": clipped, "properties": properties, "id": feature.id})
+    return features
+
+
+def encode_tile(world: World, tile: mercantile.Tile) -> bytes | None:
+    """The raw (not gzipped) MVT bytes of one QA tile, or None if it holds no feature."""
+    import mapbox_vector_tile
+
+    features = tile_features(world, tile)
+    if not features:
+        return None
+    bounds = mercantile.xy_bounds(tile)
+    options = {
+        "quantize_bounds": tuple(bounds),
+        "extents": EXTENT,
+        "on_invalid_geometry": mapbox_vector_tile.encoder.on_invalid_geometry_make_valid,
+    }
+    return mapbox_vector_tile.encode({"name": LAYER, "features": features}, default_options=options)
+
+
+def qa_tiles_of(world: World) -> list[mercantile.Tile]:
+    """The z12 tiles that cover the world."""
+    return list(mercantile.tiles(*world.bbox, zooms=QA_ZOOM))
+
+
+def write_qa_tiles(world: World, path: str | Path, progress: bool = False) -> int:
+    """Write the world's mapped features as OSM QA tiles (see the module docstring).
+
+    The file appears at `path` only when complete.
+
+    Returns:
+        The number of tiles written.
+    """
+    tiles = qa_tiles_of(world)
+    fields = sorted({key for f in world.features if f.mapped for key in f.tags})
+    vector_layer = {
+        "id": LAYER,
+        "description": "",
+        "minzoom": QA_ZOOM,
+        "maxzoom": QA_ZOOM,
+        "fields": {"@id": "Number", "@type": "String", **{key: "String" for key in fields}},
+    }
+    west, south, east, north = world.bbox
+    metadata = {
+        "name": "demo",
+        "description": f"osmseg demo world, seed {world.seed}: synthetic OSM QA tiles",
+        "version": "2",
+        "type": "overlay",
+        "format": "pbf",
+        "minzoom": str(QA_ZOOM),
+        "maxzoom": str(QA_ZOOM),
+        "bounds": f"{west:.6f},{south:.6f},{east:.6f},{north:.6f}",
+        "center": f"{(west + east) / 2:.6f},{(south + north) / 2:.6f},{QA_ZOOM}",
+        "json": json.dumps({"vector_layers": [vector_layer]}),
+        "demo_seed": str(world.seed),
+        "demo_generator": GENERATOR_VERSION,
+    }
+    written = 0
+    with cli.atomic_path(path) as tmp:
+        connection = sqlite3.connect(tmp)
+        try:
+            connection.execute("CREATE TABLE metadata (name TEXT, value TEXT)")
+            connection.execute(
+                "CREATE TABLE tiles (zoom_level INTEGER, tile_column INTEGER, tile_row INTEGER, tile_data BLOB)"
+            )
+            connection.execute("CREATE UNIQUE INDEX tile_index ON tiles (zoom_level, tile_column, tile_row)")
+            connection.executemany("INSERT INTO metadata VALUES (?, ?)", metadata.items())
+            iterator = tiles
+            if progress:
+                from tqdm import tqdm
+
+                iterator = tqdm(tiles, desc="demo QA tiles", unit="tile", file=sys.stderr)
+            for tile in iterator:
+                data = encode_tile(world, tile)
+                if data is None:
+                    continue
+                tms_row = 2**tile.z - 1 - tile.y
+                connection.execute(
+                    "INSERT INTO tiles VALUES (?, ?, ?, ?)",
+                    (tile.z, tile.x, tms_row, gzip.compress(data, mtime=0)),
+                )
+                written += 1
+            connection.commit()
+        finally:
+            connection.close()
+    return written
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The metadata table of an MBTiles file (empty if it is not one)."""
+    try:
+        connection = sqlite3.connect(f"file:{Path(path)}?mode=ro", uri=True)
+        try:
+            return dict(connection.execute("SELECT name, value FROM metadata").fetchall())
+        finally:
+            connection.close()
+    except sqlite3.Error:
+        return {}
+
+
+# --------------------------------------------------------------------------- prepare.py demo-world
+
+
+def configure_demo_world(parser) -> None:
+    parser.add_argument("--out", default="data/osm/demo.mbtiles", help="the MBTiles file to write")
+    parser.add_argument("--seed", type=int, default=0, help="the demo world's random seed")
+
+
+def run_demo_world(args) -> int:
+    out = Path(args.out)
+    if out.is_dir():
+        raise SourceError(f"{out} is a directory; pass a file name for --out (e.g. data/osm/demo.mbtiles)")
+    if out.exists():
+        metadata = read_metadata(out)
+        if metadata.get("demo_seed") == str(args.seed) and metadata.get("demo_generator") == GENERATOR_VERSION:
+            print(f"{out}: demo world (seed {args.seed}) already written; skipping", file=sys.stderr)
+            return 0
+        print(f"{out}: made from another seed or generator; rebuilding", file=sys.stderr)
+    world = build_world(args.seed)
+    count = write_qa_tiles(world, out, progress=True)
+    mapped = sum(f.mapped for f in world.features)
+    print(
+        f"{out}: {count} z{QA_ZOOM} QA tiles, {mapped} mapped features "
+        f"({len(world.features) - mapped} more only in the imagery), seed {args.seed}",
+        file=sys.stderr,
+    )
+    return 0
