@@ -770,8 +770,8 @@ def _read_osm(path: Path) -> list[Feature]:
                 elif obj.is_area():
                     if obj.from_way() and not is_area(tags):
                         continue  # a closed line (roundabout, fence): kept as a line above
-                    if not obj.from_way() and tags.get("type") not in ("multipolygon", "boundary"):
-                        continue
+                    # Relations: osmium builds areas from type=multipolygon and type=boundary
+                    # only, and drops the `type` tag from the area's tags.
                     wkb = factory.create_multipolygon(obj)
                     kind = "way" if obj.from_way() else "relation"
                     if obj.from_way():

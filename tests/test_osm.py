@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import gzip
+import http.server
 import json
 import sqlite3
+import threading
 from pathlib import Path
 
 import mapbox_vector_tile
@@ -13,7 +15,9 @@ import pytest
 import shapely
 from shapely.geometry import LineString, Point, Polygon, box
 
+import prepare
 from osmseg import osm
+from osmseg.classes import load_classes
 from osmseg.errors import SourceError
 
 # Two z12 tiles side by side near Monaco; the border between them is x = LEFT.right.
@@ -261,4 +265,265 @@ def test_source_is_picklable(monaco_mbtiles):
     assert len(copy.features(bounds)) == len(source.features(bounds))
 
 
-_ = json  # used by the file-source tests below
+# ---- file sources ------------------------------------------------------------------------------
+
+OSM_XML = """<?xml version="1.0" encoding="UTF-8"?>
+<osm version="0.6" generator="osmseg tests">
+ <node id="1" lat="43.730" lon="7.420" version="1"/>
+ <node id="2" lat="43.730" lon="7.425" version="1"/>
+ <node id="3" lat="43.735" lon="7.425" version="1"/>
+ <node id="4" lat="43.735" lon="7.420" version="1"/>
+ <node id="5" lat="43.731" lon="7.421" version="1"/>
+ <node id="6" lat="43.731" lon="7.422" version="1"/>
+ <node id="7" lat="43.732" lon="7.422" version="1"/>
+ <node id="8" lat="43.732" lon="7.421" version="1"/>
+ <node id="9" lat="43.7335" lon="7.4235" version="1"><tag k="natural" v="tree"/></node>
+ <way id="10" version="1"><nd ref="1"/><nd ref="2"/><nd ref="3"/><nd ref="4"/><nd ref="1"/></way>
+ <way id="11" version="1"><nd ref="5"/><nd ref="6"/><nd ref="7"/><nd ref="8"/><nd ref="5"/></way>
+ <way id="12" version="1"><nd ref="5"/><nd ref="6"/><nd ref="7"/><nd ref="8"/><nd ref="5"/>
+  <tag k="building" v="yes"/></way>
+ <way id="13" version="1"><nd ref="1"/><nd ref="3"/><tag k="highway" v="residential"/></way>
+ <way id="14" version="1"><nd ref="2"/><nd ref="3"/><nd ref="4"/><nd ref="2"/><tag k="highway" v="residential"/></way>
+ <relation id="20" version="1">
+  <member type="way" ref="10" role="outer"/><member type="way" ref="11" role="inner"/>
+  <tag k="type" v="multipolygon"/><tag k="landuse" v="forest"/>
+ </relation>
+</osm>
+"""
+
+
+def _check_small_osm(source):
+    by_id = {f.tags["@id"]: f for f in source.features(mercantile.xy_bounds(mercantile.Tile(2132, 1493, 12)))}
+    assert set(by_id) == {"9", "12", "13", "14", "20"}
+    forest = by_id["20"]
+    assert forest.tags == {"landuse": "forest", "@id": "20", "@type": "relation"}
+    assert forest.geometry.geom_type == "Polygon" and len(forest.geometry.interiors) == 1  # the hole
+    hole = shapely.Polygon(forest.geometry.interiors[0])
+    assert hole.equals_exact(by_id["12"].geometry, 1e-3) or hole.symmetric_difference(by_id["12"].geometry).area < 1
+    assert by_id["12"].geometry.geom_type == "Polygon"  # a closed building way is an area
+    assert by_id["14"].geometry.geom_type == "LineString"  # a closed highway stays a line
+    assert by_id["9"].geometry.geom_type == "Point"
+    x, y = by_id["9"].geometry.x, by_id["9"].geometry.y
+    assert mercantile.lnglat(x, y) == pytest.approx((7.4235, 43.7335), abs=1e-7)
+    assert source.source_tiles(mercantile.LngLatBbox(7.3, 43.5, 7.6, 43.8)) == [mercantile.Tile(2132, 1493, 12)]
+    assert source.source_tiles(mercantile.LngLatBbox(0, 0, 1, 1)) == []
+    # Queries return only what lies near the bounds.
+    far = mercantile.xy_bounds(mercantile.tile(7.5, 43.6, 17))
+    assert source.features(far) == []
+
+
+def test_osm_xml_file(tmp_path):
+    path = tmp_path / "small.osm"
+    path.write_text(OSM_XML)
+    source = osm.open_source("file", path)
+    assert source.name == "small"
+    _check_small_osm(source)
+
+
+def test_osm_pbf_file(tmp_path):
+    import osmium
+
+    xml = tmp_path / "small.osm"
+    xml.write_text(OSM_XML)
+    pbf = tmp_path / "small.osm.pbf"
+    with osmium.SimpleWriter(str(pbf)) as writer:
+        for obj in osmium.FileProcessor(str(xml)):
+            writer.add(obj)
+    _check_small_osm(osm.open_source("file", pbf))
+
+
+def test_unreadable_osm_file(tmp_path):
+    path = tmp_path / "broken.osm.pbf"
+    path.write_bytes(b"\x00\x01 not a pbf" * 10)
+    with pytest.raises(SourceError, match="broken.osm.pbf: cannot read the OSM file"):
+        osm.open_source("file", path)
+    with pytest.raises(SourceError, match="no such OSM file"):
+        osm.open_source("file", tmp_path / "absent.osm")
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(SourceError, match="unknown OSM file type"):
+        osm.open_source("file", tmp_path / "notes.txt")
+    (tmp_path / "bad.geojson").write_text("{not json")
+    with pytest.raises(SourceError, match="bad.geojson: cannot read the GeoJSON"):
+        osm.open_source("file", tmp_path / "bad.geojson")
+
+
+def test_portugal_geojson(portugal_dir):
+    source = osm.open_source("file", portugal_dir / "labels.geojson")
+    raw = json.loads((portugal_dir / "labels.geojson").read_text())["features"]
+    ids = {f["properties"]["@id"] for f in raw}
+    assert len(source) == len(ids) < len(raw)  # pieces of one object merged into one feature
+    features = source.features(mercantile.xy_bounds(mercantile.Tile(62093, 50163, 17)))
+    assert features and all(v is not None and isinstance(v, str) for f in features for v in f.tags.values())
+    beach = [f for f in source.features(mercantile.xy_bounds(mercantile.Tile(62093, 50163, 17)), margin=8)
+             if f.tags.get("natural") == "beach"]
+    assert beach and all(f.geometry.geom_type.endswith("Polygon") for f in beach)
+    west, south, east, north = _lnglat_bounds(features)
+    assert -9.50 < west < east < -9.40 and 38.82 < south < north < 38.90
+    assert source.source_tiles(mercantile.LngLatBbox(-9.5, 38.8, -9.4, 38.9)) == [mercantile.Tile(1940, 1567, 12)]
+
+
+# ---- loopback HTTP servers ------------------------------------------------------------------------
+
+
+class _Server:
+    """A tiny HTTP server on 127.0.0.1 answering from a dict of path -> (status, bytes)."""
+
+    def __init__(self, routes: dict):
+        self.routes = routes
+        self.requests: list[tuple[str, str, dict, bytes]] = []
+        owner = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _answer(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                owner.requests.append((self.command, self.path, dict(self.headers), body))
+                status, data = owner.routes.get(self.path.split("?")[0], (404, b"not found"))
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = _answer
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def server():
+    servers = []
+
+    def start(routes):
+        servers.append(_Server(routes))
+        return servers[-1]
+
+    yield start
+    for s in servers:
+        s.close()
+
+
+# ---- overpass ------------------------------------------------------------------------------------
+
+
+def test_filter_keys(classes_file):
+    assert osm.filter_keys(load_classes(classes_file)) == ["building", "landuse", "natural", "surface"]
+
+
+def test_overpass_queries_once_and_reads_the_answer(server, tmp_path, classes_file):
+    fake = server({"/api/interpreter": (200, OSM_XML.encode())})
+    bbox = mercantile.LngLatBbox(7.41, 43.72, 7.43, 43.74)
+    options = dict(bbox=bbox, classes=load_classes(classes_file), endpoint=fake.url + "/api/interpreter", timeout=25)
+    source = osm.open_source("overpass", tmp_path / "osm", **options)
+    _check_small_osm(source)
+    (method, _, headers, body), = fake.requests
+    assert method == "POST" and "osmseg" in headers["User-Agent"]
+    from urllib.parse import parse_qs
+
+    query = parse_qs(body.decode())["data"][0]
+    assert "[timeout:25]" in query and "[bbox:43.72,7.41,43.74,7.43]" in query
+    for key in ("building", "landuse", "natural", "surface"):
+        assert f'nwr["{key}"]' in query
+    saved = list((tmp_path / "osm").glob("overpass-*.osm"))
+    assert len(saved) == 1 and saved[0].read_text() == OSM_XML
+    # A second open reads the saved answer instead of asking again.
+    osm.open_source("overpass", tmp_path / "osm", **options)
+    assert len(fake.requests) == 1
+
+
+@pytest.mark.parametrize(
+    "status, body, message",
+    [
+        (429, b"rate limited", "HTTP 429.*retry.*smaller bounding box"),
+        (504, b"gateway timeout", "HTTP 504.*retry later.*smaller bounding box"),
+        (400, b"bad query", "HTTP 400"),
+        (200, b"<html>oops</html>", "not OSM XML"),
+        (200, b'<osm version="0.6"><remark> runtime error: Query timed out </remark></osm>', "runtime error"),
+    ],
+)
+def test_overpass_errors_save_nothing(server, tmp_path, classes_file, status, body, message):
+    fake = server({"/api/interpreter": (status, body)})
+    with pytest.raises(SourceError, match=message):
+        osm.open_source("overpass", tmp_path, bbox=mercantile.LngLatBbox(7.41, 43.72, 7.43, 43.74),
+                        classes=load_classes(classes_file), endpoint=fake.url + "/api/interpreter")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_overpass_unreachable(tmp_path, classes_file):
+    with pytest.raises(SourceError, match="cannot connect"):
+        osm.open_source("overpass", tmp_path, bbox=mercantile.LngLatBbox(7.41, 43.72, 7.43, 43.74),
+                        classes=load_classes(classes_file), endpoint="http://127.0.0.1:9/api/interpreter")
+
+
+def test_all_tiles_from_overpass(server, tmp_path, classes_file, capsys):
+    fake = server({"/api/interpreter": (200, OSM_XML.encode())})
+    out = tmp_path / "all_tiles.txt"
+    status = prepare.cli.run(prepare.main, [
+        "all-tiles", "--osm-source", "overpass", "--osm", str(tmp_path / "osm"), "--bbox", "7.41,43.72,7.43,43.74",
+        "--classes", str(classes_file), "--overpass-url", fake.url + "/api/interpreter", "--out", str(out)])
+    assert status == 0, capsys.readouterr().err
+    assert out.read_text() == "overpass 12 2132 1493\n"
+
+
+# ---- download-osm --------------------------------------------------------------------------------
+
+
+def _small_qa_tiles(tmp_path) -> bytes:
+    square = _border_square()
+    path = write_mbtiles(tmp_path / "made.mbtiles", {LEFT: [(square, {"@id": 1, "@type": "way", "building": "yes"})]})
+    return gzip.compress(path.read_bytes())
+
+
+def test_download_osm_streams_and_gunzips(server, tmp_path, capsys):
+    data = _small_qa_tiles(tmp_path)
+    fake = server({"/latest.country/monaco.mbtiles.gz": (200, data)})
+    out_dir = tmp_path / "osm"
+    argv = ["download-osm", "--name", "monaco", "--base-url", fake.url + "/latest.country/", "--out-dir", str(out_dir)]
+    assert prepare.cli.run(prepare.main, argv) == 0
+    path = out_dir / "monaco.mbtiles"
+    assert path.read_bytes() == gzip.decompress(data)
+    assert [p.name for p in out_dir.iterdir()] == ["monaco.mbtiles"]  # no partial left
+    assert osm.open_source("qa-tiles", path).all_tiles() == [LEFT]
+    # A file already there is used as it is: nothing is downloaded.
+    assert prepare.cli.run(prepare.main, argv) == 0
+    assert len(fake.requests) == 1 and "using it as it is" in capsys.readouterr().err
+
+
+def test_download_osm_unknown_name(server, tmp_path, capsys):
+    fake = server({})
+    argv = ["download-osm", "--name", "atlantis", "--base-url", fake.url + "/", "--out-dir", str(tmp_path)]
+    assert prepare.cli.run(prepare.main, argv) == 2
+    err = capsys.readouterr().err
+    assert "no QA tiles named 'atlantis' (HTTP 404)" in err and "lower case with underscores" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("payload, message", [(b"not gzip at all", "not a gzip file"), (None, "ended early")])
+def test_download_osm_broken_file_leaves_nothing(server, tmp_path, payload, message):
+    if payload is None:
+        payload = _small_qa_tiles(tmp_path)[:-100]  # cut short
+    fake = server({"/x/monaco.mbtiles.gz": (200, payload)})
+    out_dir = tmp_path / "osm"
+    with pytest.raises(SourceError, match=message):
+        osm.download_qa_tiles("monaco", out_dir, fake.url + "/x/")
+    assert not (out_dir / "monaco.mbtiles").exists() and not list(out_dir.glob("*.partial"))
+
+
+def test_download_osm_rejects_odd_names(tmp_path):
+    with pytest.raises(SourceError, match="lower case with underscores"):
+        osm.download_qa_tiles("United Kingdom", tmp_path, "http://127.0.0.1:9/")
+
+
+def test_qa_tiles_urls():
+    assert osm.qa_tiles_url("united_kingdom") == osm.QA_TILES_URL + "united_kingdom.mbtiles.gz"
+    assert osm.qa_tiles_url("planet") == (
+        "https://s3.amazonaws.com/mapbox/osm-qa-tiles-production/latest.planet.mbtiles.gz"
+    )
