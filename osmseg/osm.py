@@ -137,8 +137,9 @@ class OsmSource:
         """The source tiles at self.zoom holding data inside bbox, sorted by (z, x, y)."""
         raise NotImplementedError
 
-    def features(self, bounds: mercantile.Bbox) -> list[Feature]:
-        """The features inside EPSG:3857 bounds (left, bottom, right, top), merged across tiles."""
+    def features(self, bounds: mercantile.Bbox, margin: float = 0.0) -> list[Feature]:
+        """The features inside EPSG:3857 bounds (left, bottom, right, top), merged across
+        source tiles and clipped to bounds grown by `margin` (a fraction of its size)."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -477,13 +478,13 @@ class QaTilesSource(OsmSource):
         return pieces
 
     # ---- features ---------------------------------------------------------------------
-    def features(self, bounds: mercantile.Bbox, margin: float = 0.125) -> list[Feature]:
-        """The features inside EPSG:3857 bounds, merged across source tiles and clipped.
+    def features(self, bounds: mercantile.Bbox, margin: float = 0.0) -> list[Feature]:
+        """The features inside EPSG:3857 bounds, merged across source tiles and clipped to them.
 
         Args:
             bounds: (left, bottom, right, top) in metres.
-            margin: how far beyond bounds (a fraction of its size) geometries reach, so that
-                strokes of lines just outside bounds are still drawn at its edges.
+            margin: grow bounds by this fraction of its size first (callers that render
+                usually grow bounds themselves by a few pixels' strokes).
         """
         import shapely
 
@@ -526,10 +527,9 @@ class QaTilesSource(OsmSource):
             polygons = [p.geometry for p in pieces if p.kind == "polygon"]
             if len({p.tile for p in pieces}) == 1:
                 return _single(polygons)
-            union = shapely.unary_union(polygons)
-            # Close slivers left where two tiles' clipped edges disagree by a quantisation step.
-            radius = self._tolerance()
-            return union.buffer(radius, join_style="mitre").buffer(-radius, join_style="mitre")
+            # Pieces overlap in the tiles' buffers, or meet on the shared tile edge (both
+            # sides compute it from the same mercantile bounds), so a union leaves no seam.
+            return shapely.unary_union(polygons)
         lines = [part for p in pieces for part in getattr(p.geometry, "geoms", [p.geometry])]
         if is_area(tags):
             closed = [line for line in lines if line.is_closed and len(line.coords) >= 4]
@@ -667,7 +667,7 @@ class FileSource(OsmSource):
         hits = self._tree.query(boxes, predicate="intersects")
         return sorted({tiles[i] for i in hits[0].tolist()})
 
-    def features(self, bounds: mercantile.Bbox, margin: float = 0.125) -> list[Feature]:
+    def features(self, bounds: mercantile.Bbox, margin: float = 0.0) -> list[Feature]:
         import shapely
 
         query = _expand(bounds, margin)
@@ -831,12 +831,21 @@ def overpass_query(bbox: mercantile.LngLatBbox, keys: list[str], timeout: int = 
     )
 
 
-def overpass_source(location, *, bbox: mercantile.LngLatBbox, classes, endpoint: str = OVERPASS_URL,
+def overpass_source(location, *, bbox=None, classes=None, endpoint: str = OVERPASS_URL,
                     timeout: int = 180, name: str | None = None) -> FileSource:
     """Query Overpass once for the classes' keys in bbox, save the .osm under location, read it.
 
     The answer is saved as ``<location>/overpass-<hash of the query>.osm`` (atomically); a
-    saved answer to the same query is read again instead of asking twice.
+    saved answer to the same query is read again instead of asking twice, so every stage
+    (all-tiles, labels, filter) can open the source with the same options.
+
+    Args:
+        location: the folder to save answers in (data/osm).
+        bbox: the area, a mercantile.LngLatBbox or its "west,south,east,north" text.
+        classes: the classes (a Classes, or the path of a classes file) whose keys to ask for.
+        endpoint: the Overpass API interpreter URL.
+        timeout: seconds the server may spend (sent in the query) and we wait beyond that.
+        name: the name written in tile lists (default "overpass").
 
     Raises:
         SourceError: 429 (rate limited) and 504 (busy or box too large) with what to do,
@@ -846,6 +855,16 @@ def overpass_source(location, *, bbox: mercantile.LngLatBbox, classes, endpoint:
 
     from osmseg import cli
 
+    from osmseg.classes import load_classes
+    from osmseg.tiles import parse_bbox
+
+    if bbox is None or classes is None:
+        raise SourceError(
+            "the overpass OSM source needs the bounding box and the classes file (options bbox and classes) "
+            "to know what to ask for"
+        )
+    bbox = parse_bbox(bbox) if isinstance(bbox, str) else mercantile.LngLatBbox(*bbox)
+    classes = load_classes(classes) if isinstance(classes, (str, Path)) else classes
     keys = filter_keys(classes)
     if not keys:
         raise SourceError("the classes file's filters name no OSM keys ([key]); nothing to ask Overpass for")

@@ -201,10 +201,7 @@ class _Permutation:
 
 
 class SampleStream:
-    """An iterator over the random sample (see sample_stream); `total` is how many it holds.
-
-    `sources` names the source tile each drawn tile lies in (sample_entries uses it).
-    """
+    """An iterator over the random sample (see sample_stream); `total` is how many it holds."""
 
     def __init__(self, bbox: mercantile.LngLatBbox, zoom: int, seed: int,
                  within: Sequence[mercantile.Tile | tuple[str, mercantile.Tile]] | None = None):
@@ -214,6 +211,7 @@ class SampleStream:
         # each source tile's descendants (or ancestor) at zoom that lies inside the box.
         rectangles: list[tuple[int, int, int, int]] = []
         self._names: list[str | None] = []
+        self.entries = False
         if within is None:
             rectangles.append((bx0, by0, bx1, by1))
             self._names.append(None)
@@ -221,6 +219,7 @@ class SampleStream:
             seen = set()
             for item in within:
                 name, tile = item if isinstance(item[0], str) else (None, item)
+                self.entries = self.entries or name is not None
                 if tile.z <= zoom:
                     shift = zoom - tile.z
                     x0, y0 = tile.x << shift, tile.y << shift
@@ -266,10 +265,12 @@ class SampleStream:
             self._pending = self._locate(block)[::-1]
         return self._pending.pop()
 
-    def __next__(self) -> mercantile.Tile:
-        return self.next_entry()[1]
+    def __next__(self):
+        region, tile = self.next_entry()
+        return (self._names[region], tile) if self.entries else tile
 
     def source_name(self, region: int) -> str | None:
+        """The source name of a region (next_entry's first item); None when given bare Tiles."""
         return self._names[region]
 
 
@@ -285,15 +286,19 @@ def sample_stream(bbox: mercantile.LngLatBbox, zoom: int, seed: int = 0,
         bbox: the WGS84 box the tiles must overlap.
         zoom: the tiles' zoom (0-22).
         seed: the same seed, box, zoom and source tiles always give the same stream.
-        within: source tiles (e.g. the z12 tiles of data/all_tiles.txt, as Tiles or as
-            (source, Tile) entries) the tiles must lie in; None: the whole box.
+        within: the source tiles the tiles must lie in: Tiles, or the (source, Tile) entries
+            of data/all_tiles.txt (read_tile_list); None: the whole box.
+
+    Returns:
+        An iterator of Tiles, or of (source name, Tile) entries when `within` holds entries
+        (the source tile's name each drawn tile lies in), in the same order either way.
     """
     return SampleStream(bbox, zoom, seed, within)
 
 
 def sample_entries(bbox: mercantile.LngLatBbox, zoom: int, seed: int,
                    entries: Sequence[tuple[str, mercantile.Tile]]) -> Iterator[tuple[str, mercantile.Tile]]:
-    """sample_stream over data/all_tiles.txt entries, yielding (source name, Tile) in the same order."""
+    """sample_stream over data/all_tiles.txt entries, always yielding (source name, Tile)."""
     stream = SampleStream(bbox, zoom, seed, entries)
     while True:
         try:

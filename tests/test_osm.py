@@ -434,9 +434,12 @@ def test_overpass_queries_once_and_reads_the_answer(server, tmp_path, classes_fi
         assert f'nwr["{key}"]' in query
     saved = list((tmp_path / "osm").glob("overpass-*.osm"))
     assert len(saved) == 1 and saved[0].read_text() == OSM_XML
-    # A second open reads the saved answer instead of asking again.
-    osm.open_source("overpass", tmp_path / "osm", **options)
+    # A second open (as the labels stage does, with text options) reads the saved answer.
+    again = dict(options, bbox="7.41,43.72,7.43,43.74", classes=str(classes_file))
+    assert len(osm.open_source("overpass", tmp_path / "osm", **again)) == len(source)
     assert len(fake.requests) == 1
+    with pytest.raises(SourceError, match="needs the bounding box and the classes file"):
+        osm.open_source("overpass", tmp_path / "osm")
 
 
 @pytest.mark.parametrize(

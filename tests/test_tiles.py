@@ -156,7 +156,10 @@ def test_sample_entries_name_the_source():
     entries = [("a", mercantile.Tile(2132, 1493, 12)), ("b", mercantile.Tile(2133, 1493, 12))]
     bbox = mercantile.LngLatBbox(7.0, 43.0, 8.0, 44.0)
     named = list(tiles.sample_entries(bbox, 14, 5, entries))
-    assert [tile for _, tile in named] == list(tiles.sample_stream(bbox, 14, 5, within=entries))
+    # Given entries, the stream yields entries; given bare tiles, the same tiles in the same order.
+    assert named == list(tiles.sample_stream(bbox, 14, 5, within=entries))
+    assert [tile for _, tile in named] == list(tiles.sample_stream(bbox, 14, 5, within=[t for _, t in entries]))
+    assert len(named) == 2 * 16
     for source, tile in named:
         assert dict((t, s) for s, t in entries)[mercantile.parent(tile, zoom=12)] == source
 
