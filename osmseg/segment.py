@@ -45,6 +45,7 @@ windows of rows, so only the accumulators and one strip of pixels are in memory.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -342,30 +343,41 @@ def segment_strips(
     cols = window_positions(width, window, stride)
     row_weights = axis_weights(padded_height, window, rows, floor)
     col_weights = axis_weights(padded_width, window, cols, floor)
-    # The accumulator holds the rows of the current row of windows; rows above the next
-    # row of windows are final and leave it as a Strip.
-    accumulator = np.zeros((window, padded_width, num_classes), dtype=np.float32)
-    bar = tqdm(total=len(rows) * len(cols), unit="window", file=sys.stderr, disable=not progress, leave=False)
-    try:
+    pixels_of_row: dict[int, np.ndarray] = {}
+
+    def windows() -> Iterator[tuple[int, int, np.ndarray]]:
         for k, top in enumerate(rows):
             pixels = reader.read(int(top), int(min(top + window, height)))
+            pixels_of_row[k] = pixels
             strip = _pad_to(pixels, window, padded_width).astype(np.float32)
-            for first in range(0, len(cols), batch_size):
-                batch_cols = cols[first : first + batch_size]
-                batch = np.stack([strip[:, left : left + window] for left in batch_cols])
-                probabilities = np.asarray(predict(batch), dtype=np.float32)
-                expected = (len(batch_cols), window, window, num_classes)
-                if probabilities.shape != expected:
-                    raise ValueError(f"predict returned shape {probabilities.shape}, expected {expected}")
-                for index, left in enumerate(batch_cols):
-                    weight = np.outer(row_weights[k], col_weights[first + index])
-                    accumulator[:, left : left + window] += probabilities[index] * weight[:, :, None]
-                bar.update(len(batch_cols))
-            bottom = int(rows[k + 1]) if k + 1 < len(rows) else height
-            done = bottom - int(top)
-            yield Strip(int(top), pixels[:done, :width], accumulator[:done, :width].copy())
-            accumulator[: window - done] = accumulator[done:]
-            accumulator[window - done :] = 0
+            for index, left in enumerate(cols):
+                yield k, index, strip[:, left : left + window]
+
+    # The accumulator holds the rows of the current row of windows; when its last window is
+    # in, the rows above the next row of windows are final and leave as a Strip. Batches run
+    # on across rows of windows, so only a scene's very last batch is short.
+    accumulator = np.zeros((window, padded_width, num_classes), dtype=np.float32)
+    stream = windows()
+    bar = tqdm(total=len(rows) * len(cols), unit="window", file=sys.stderr, disable=not progress, leave=False)
+    try:
+        while batch := list(itertools.islice(stream, batch_size)):
+            probabilities = np.asarray(predict(np.stack([tile for _, _, tile in batch])), dtype=np.float32)
+            expected = (len(batch), window, window, num_classes)
+            if probabilities.shape != expected:
+                raise ValueError(f"predict returned shape {probabilities.shape}, expected {expected}")
+            for (k, index, _), window_probabilities in zip(batch, probabilities):
+                left = cols[index]
+                weight = np.outer(row_weights[k], col_weights[index])
+                accumulator[:, left : left + window] += window_probabilities * weight[:, :, None]
+                if index + 1 < len(cols):
+                    continue
+                top = int(rows[k])
+                done = (int(rows[k + 1]) if k + 1 < len(rows) else height) - top
+                pixels = pixels_of_row.pop(k)
+                yield Strip(top, pixels[:done, :width], accumulator[:done, :width].copy())
+                accumulator[: window - done] = accumulator[done:]
+                accumulator[window - done :] = 0
+            bar.update(len(batch))
     finally:
         bar.close()
 

@@ -306,7 +306,7 @@ def test_failed_scene_leaves_nothing_behind(tmp_path):
 
     out = tmp_path / "out"
     with pytest.raises(RuntimeError):
-        segment.write_scene(segment.ArrayReader(image), failing, CLASSES, out, window=32, overlap=0)
+        segment.write_scene(segment.ArrayReader(image), failing, CLASSES, out, window=32, overlap=0, batch_size=2)
     assert list(out.iterdir()) == []
 
 
