@@ -53,11 +53,11 @@ import numpy as np
 from osmseg import cli
 from osmseg.classes import IGNORE, Classes, load_classes, parse_classes
 from osmseg.errors import CacheError, UserError
+from osmseg.imagery import find_image, tile_stem
 
 SCHEMA_VERSION = 1
 COMPRESSION = "gzip"
 COMPRESSION_LEVEL = 1
-IMAGE_SUFFIXES = (".jpg", ".png", ".webp")  # what `prepare.py images` writes
 IMPORT_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp")
 IMPORT_MASK_SUFFIXES = (".png", ".tif", ".tiff", ".bmp", ".webp", ".jpg", ".jpeg")
 _WRITE_BLOCK = 32  # tiles buffered before one write: a few MB, independent of N
@@ -104,20 +104,6 @@ class BuildSummary:
     @property
     def skipped_count(self) -> int:
         return sum(map(len, self.skipped.values()))
-
-
-def tile_stem(tile: mercantile.Tile) -> str:
-    """A tile's file stem, z-x-y (the pipeline's shared convention)."""
-    return f"{tile.z}-{tile.x}-{tile.y}"
-
-
-def find_image(images_dir: Path, tile: mercantile.Tile) -> Path | None:
-    """The imagery file of a tile in `images_dir` ({z}-{x}-{y}.jpg|png|webp), or None."""
-    for suffix in IMAGE_SUFFIXES:
-        path = Path(images_dir) / f"{tile_stem(tile)}{suffix}"
-        if path.is_file():
-            return path
-    return None
 
 
 # --- Splitting ---------------------------------------------------------------------------
@@ -912,6 +898,7 @@ class BatchReader:
         self.batch_size = int(batch_size)
         self.shuffle, self.augment, self.seed = bool(shuffle), bool(augment), int(seed)
         self.epoch = 0
+        self._begun = False
         self.weights = np.zeros(256, dtype=np.float32)  # label value → sample weight; 255 stays 0
         num_classes = info.classes.num_classes
         if class_weights is None:
@@ -929,11 +916,20 @@ class BatchReader:
         return math.ceil(len(self.indices) / self.batch_size)
 
     def set_epoch(self, epoch: int) -> None:
-        """Jump to an epoch (resuming a training run gives the order it would have had)."""
-        self.epoch = int(epoch)
+        """Use the order of this epoch from now on (until the next on_epoch_begin).
 
-    def on_epoch_end(self) -> None:
-        self.epoch += 1
+        A resumed training run calls it with its first epoch; a hand-written loop calls it at
+        the start of every epoch.
+        """
+        self.epoch = int(epoch)
+        self._begun = False
+
+    def on_epoch_begin(self) -> None:
+        # Keras' fit calls this once per epoch. Not on_epoch_end: fit also calls that once
+        # before its first epoch (EpochIterator.reset), after peeking at batch 0.
+        if self._begun:
+            self.epoch += 1
+        self._begun = True
 
     def order(self) -> np.ndarray:
         """The tile indices of this epoch, in reading order."""

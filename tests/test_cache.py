@@ -405,7 +405,10 @@ def test_batches_shuffle_per_epoch_reproducibly_and_cover_every_tile(world):
     epoch0 = epoch_order(first)
     assert sorted(epoch0) == list(indices)
     np.testing.assert_array_equal(epoch0, epoch_order(second))
+    first.on_epoch_begin()  # as fit does: the first begin keeps epoch 0, the next one moves on
+    np.testing.assert_array_equal(epoch0, epoch_order(first))
     first.on_epoch_end()
+    first.on_epoch_begin()
     epoch1 = epoch_order(first)
     assert sorted(epoch1) == list(indices) and not np.array_equal(epoch0, epoch1)
     second.set_epoch(1)
@@ -583,3 +586,22 @@ def test_import_bad_input_exits_2(pairs, capsys, edit, message):
     assert cli.run(prepare.main, argv) == 2
     assert message in capsys.readouterr().err
     assert not (pairs["root"] / "training.hdf5").exists()
+
+
+def test_fit_with_worker_processes(world):
+    """Keras fit reads batches in two forked workers after the parent opened the file itself,
+    and epoch e of fit uses the order of epoch e."""
+    keras = pytest.importorskip("keras")
+    _, out = _build(world)
+    batches = cache.make_batches(out, None, 4, augment=True, workers=2, use_multiprocessing=True, max_queue_size=2)
+    batches[0]  # the parent now holds an open handle that the forked workers must not use
+    batches.set_epoch(0)
+    inputs = keras.Input((SIZE, SIZE, 3))
+    outputs = keras.layers.Conv2D(CLASSES.num_classes, 1, activation="softmax")(keras.layers.Rescaling(1 / 255)(inputs))
+    net = keras.Model(inputs, outputs)
+    net.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    seen = []
+    record = keras.callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs: seen.append(batches.epoch))
+    history = net.fit(batches, epochs=2, shuffle=False, verbose=0, callbacks=[record])
+    assert len(history.history["loss"]) == 2 and np.isfinite(history.history["loss"]).all()
+    assert seen == [0] * 3 + [1] * 3
