@@ -45,6 +45,7 @@ import numpy as np
 
 from osmseg import cli
 from osmseg.errors import SourceError, UserError
+from osmseg.tiles import read_tile_list
 
 IMAGE_SUFFIXES = (".jpg", ".png", ".webp")
 DEFAULT_SUBDOMAINS = ("a", "b", "c")  # Leaflet's and OSM's convention for {s}
@@ -389,17 +390,19 @@ def _fetch_tilejson_text(url: str, secrets: Sequence[str], timeout: float, sessi
     shown = redact(url, secrets)
     error_text = ""
     for attempt in range(4):
+        if attempt:
+            time.sleep(wait)
         try:
             response = session.get(url, timeout=timeout)
         except requests.RequestException as error:
             error_text = _describe_request_error(error, secrets)
-            time.sleep(min(2.0, 0.2 * 2**attempt))
+            wait = 0.2 * 2**attempt
             continue
         if response.status_code in (401, 403):
             raise SourceError(_auth_message(response.status_code, shown))
         if response.status_code >= 500 or response.status_code == 429:
             error_text = f"HTTP {response.status_code}"
-            time.sleep(_retry_after(response) or min(2.0, 0.2 * 2**attempt))
+            wait = min(60.0, _retry_after(response) or 0.2 * 2**attempt)
             continue
         if response.status_code != 200:
             raise SourceError(f"TileJSON {shown}: HTTP {response.status_code}; check the URL in IMAGE_TILES")
@@ -979,23 +982,6 @@ def download_tiles(tiles: Iterable[mercantile.Tile], source: TileSource, out_dir
 # --- prepare.py images --------------------------------------------------------------------
 
 
-def read_sample(path: Path) -> list[tuple[str, mercantile.Tile]]:
-    """Read a tile list (`source z x y [counts...]` lines, # comments) as (source, Tile) pairs."""
-    if not path.exists():
-        raise UserError(f"{path}: no such tile list; run `make data/sample-filtered.txt` first")
-    entries = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        fields = line.split()
-        try:
-            z, x, y = (int(v) for v in fields[1:4])
-        except (ValueError, IndexError):
-            raise UserError(f"{path}:{number}: expected `source z x y ...`, got {line[:60]!r}") from None
-        entries.append((fields[0], mercantile.Tile(x, y, z)))
-    return entries
-
-
 def configure_images(parser) -> None:
     parser.add_argument("--sample", type=Path, default=Path("data/sample-filtered.txt"),
                         help="tiles to download (`source z x y ...` lines)")
@@ -1059,7 +1045,7 @@ def training_set_report(entries: Sequence[tuple[str, mercantile.Tile]], images: 
 
 def run_images(args) -> int:
     token = getattr(args, "token", None) or os.environ.get(TOKEN_ENV) or None
-    entries = read_sample(args.sample)
+    entries = read_tile_list(args.sample)
     if args.tile_size < 1:
         raise UserError(f"--tile-size {args.tile_size}: give a positive number of pixels")
     if args.retries < 0:

@@ -81,7 +81,7 @@ class FakeServer:
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
         self.thread.start()
 
     def paths(self) -> list[str]:
@@ -537,3 +537,93 @@ def test_images_command_bad_input_exits_2(tmp_path, capsys):
     sample.write_text("demo 17 1 1\n")
     assert cli.run(prepare.main, ["images", "--sample", str(sample), "--image-tiles", "http://h/{z}/{y}"]) == 2
     assert "lacks {x}" in capsys.readouterr().err
+
+
+# --- The demo world's server (osmseg.tileserver) and its fault switches ----------------------------
+
+
+@pytest.fixture(scope="module")
+def demo_server():
+    tileserver = pytest.importorskip("osmseg.tileserver")
+    from osmseg.demo import DEMO_BBOX
+
+    with tileserver.DemoTileServer(seed=0) as server:
+        west, south, east, north = DEMO_BBOX
+        centre = mercantile.tile((west + east) / 2, (south + north) / 2, 17)
+        server.demo_tiles = [mercantile.Tile(centre.x + i, centre.y + j, 17) for i in range(3) for j in range(2)]
+        for tile in server.demo_tiles:
+            server.tile_bytes(tile)  # drawn once here, so that tests time the transfer only
+        yield server
+
+
+@pytest.fixture
+def demo(demo_server):
+    demo_server.set_faults(latency=0.0, token=None, rate_limit_every=0, retry_after=1, error_every=0,
+                           truncate_every=0)
+    return demo_server
+
+
+def assert_served_bytes(server, directory: Path):
+    for tile in server.demo_tiles:
+        assert (directory / f"{imagery.tile_stem(tile)}.jpg").read_bytes() == server.tile_bytes(tile)
+
+
+def test_demo_form_starts_and_stops_its_own_server(tmp_path, demo_server):
+    source = imagery.open_tile_source("demo")
+    with source:
+        url = source.templates[0].split("/{z}")[0]
+        assert (source.minzoom, source.maxzoom) == (15, 19) and source.bounds is not None
+        summary = fast(source, demo_server.demo_tiles[:2], tmp_path)
+    assert summary.downloaded == 2
+    with pytest.raises(OSError):
+        socket.create_connection(urllib.parse.urlsplit(url)[1].split(":"), timeout=1).close()
+
+
+def test_demo_server_latency_is_overlapped_by_workers(demo, tmp_path):
+    demo.set_faults(latency=0.2)
+    source = imagery.open_tile_source(demo.tilejson_url)
+    started = time.monotonic()
+    summary = fast(source, demo.demo_tiles, tmp_path, workers=6)
+    elapsed = time.monotonic() - started
+    assert summary.downloaded == 6 and 0.2 <= elapsed < 6 * 0.2 * 0.7
+    assert_served_bytes(demo, tmp_path)
+
+
+@pytest.mark.parametrize("fault", ["error_every", "truncate_every"])
+def test_demo_server_5xx_and_truncation_are_retried(demo, tmp_path, fault):
+    demo.set_faults(**{fault: 2})
+    source = imagery.open_tile_source(demo.tilejson_url + "?x=1")  # ?x: the TileJSON may hit a fault too
+    before = demo.request_count
+    summary = fast(source, demo.demo_tiles, tmp_path, workers=2)
+    assert summary.downloaded == 6 and not summary.failed and not summary.rejected
+    assert summary.requests >= 6 + 2 and demo.request_count - before >= 8
+    assert_served_bytes(demo, tmp_path)
+
+
+def test_demo_server_429_retry_after_is_honoured(demo, tmp_path):
+    demo.set_faults(rate_limit_every=5, retry_after=1)
+    source = imagery.open_tile_source(demo.tilejson_url)
+    started = time.monotonic()
+    summary = fast(source, demo.demo_tiles, tmp_path, workers=2, backoff=0.0)
+    assert summary.downloaded == 6
+    assert time.monotonic() - started >= 0.95  # at least one full Retry-After wait
+    assert_served_bytes(demo, tmp_path)
+
+
+def test_demo_server_token_401_stops_at_once_and_never_shows_the_token(demo, tmp_path, capsys):
+    demo.set_faults(token=TOKEN)
+    with pytest.raises(SourceError, match="token is missing") as caught:
+        imagery.open_tile_source(f"tilejson+{demo.tilejson_url}")
+    spec = f"tilejson+{demo.tilejson_url}?access_token=$(MapboxAccessToken)"
+    source = imagery.open_tile_source(spec, TOKEN)
+    assert TOKEN in source.templates[0]  # carried from the TileJSON URL to the tiles
+    demo.set_faults(token="pk.a-new-token-the-user-lacks")
+    before = demo.request_count
+    with pytest.raises(SourceError, match="token was refused") as caught:
+        # The server refuses before drawing, so asking for many tiles costs nothing.
+        many = [mercantile.Tile(t.x + 10 * k, t.y, t.z) for k in range(8) for t in demo.demo_tiles]
+        fast(source, many, tmp_path, workers=2)
+    assert demo.request_count - before <= 4
+    assert TOKEN not in str(caught.value) + capsys.readouterr().err
+    demo.set_faults(token=TOKEN)
+    assert fast(source, demo.demo_tiles, tmp_path).downloaded == 6
