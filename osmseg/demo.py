@@ -36,6 +36,7 @@ import json
 import math
 import sqlite3
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, NamedTuple
@@ -261,43 +262,51 @@ def _keep_inside(candidates: list, area) -> list[int]:
     return [i for i in range(len(candidates)) if inside[i] and i not in clash]
 
 
-def _house_tags(rng: np.random.Generator) -> dict:
-    kind = rng.choice(["house", "house", "house", "yes", "yes", "residential", "detached"])
-    return {"building": str(kind), "building:levels": str(int(rng.integers(1, 4)))}
+_HOUSE_KINDS = ("house", "house", "house", "yes", "yes", "residential", "detached")
 
 
 def _fill_residential(b: _Builder, quad: np.ndarray, area) -> None:
+    """Houses in a row along each street, sheds and trees in the back gardens."""
     rng = b.rng
-    houses, house_tags, sheds, trees = [], [], [], []
+    centres, alongs, sizes, tags = [], [], [], []
+    trees = []
     for k in range(4):
         a, c = quad[k], quad[(k + 1) % 4]
         length = float(np.hypot(*(c - a)))
         along = (c - a) / length
         inward = np.array([-along[1], along[0]])
-        s = rng.uniform(20, 30)
-        while s < length - 20:
-            width, depth = rng.uniform(7, 13), rng.uniform(8, 12)
-            setback = rng.uniform(4, 8)
-            centre = a + along * (s + width / 2) + inward * (setback + depth / 2)
-            houses.append((centre, along, (width, depth)))
-            house_tags.append(_house_tags(rng))
-            if rng.random() < 0.35:
-                shed_centre = centre + inward * (depth / 2 + rng.uniform(5, 9)) + along * rng.uniform(-2, 2)
-                sheds.append((shed_centre, along, (rng.uniform(3, 5), rng.uniform(3, 4))))
-            if rng.random() < 0.45:
-                trees.append(centre + inward * (depth / 2 + rng.uniform(10, 16)) + along * rng.uniform(-4, 4))
-            s += width + rng.uniform(3, 9)
-    geoms, tags = [], []
-    if houses:
-        geoms += list(_rectangles(*(np.array(x) for x in zip(*houses))))
-        tags += house_tags
-    if sheds:
-        geoms += list(_rectangles(*(np.array(x) for x in zip(*sheds))))
-        tags += [{"building": str(rng.choice(["shed", "garage"]))} for _ in sheds]
+        # Draw enough houses for the longest street, then keep those that fit.
+        n = int(length / 10) + 1
+        width, depth = rng.uniform(7, 13, n), rng.uniform(8, 12, n)
+        setback, gap = rng.uniform(4, 8, n), rng.uniform(3, 9, n)
+        start = rng.uniform(20, 30) + np.concatenate([[0.0], np.cumsum(width + gap)[:-1]])
+        fits = start + width < length - 20
+        mid = (start + width / 2)[fits, None]
+        depth, width, setback = depth[fits], width[fits], setback[fits]
+        house = a + along * mid + inward * (setback + depth / 2)[:, None]
+        centres.append(house)
+        alongs.append(np.repeat(along[None], len(house), axis=0))
+        sizes.append(np.column_stack([width, depth]))
+        kinds = rng.integers(0, len(_HOUSE_KINDS), len(house))
+        levels = rng.integers(1, 4, len(house))
+        tags += [{"building": _HOUSE_KINDS[kind], "building:levels": str(level)} for kind, level in zip(kinds, levels)]
+        # Sheds and garages behind a third of the houses.
+        has_shed = rng.random(len(house)) < 0.35
+        behind = (depth / 2 + rng.uniform(5, 9, len(house)))[:, None]
+        shed = house + inward * behind + along * rng.uniform(-2, 2, (len(house), 1))
+        centres.append(shed[has_shed])
+        alongs.append(np.repeat(along[None], int(has_shed.sum()), axis=0))
+        sizes.append(np.column_stack([rng.uniform(3, 5, len(house)), rng.uniform(3, 4, len(house))])[has_shed])
+        tags += [{"building": "garage" if g else "shed"} for g in rng.random(int(has_shed.sum())) < 0.5]
+        # Trees at the back of almost half the gardens.
+        has_tree = rng.random(len(house)) < 0.45
+        back = (depth / 2 + rng.uniform(10, 16, len(house)))[:, None]
+        trees.append((house + inward * back + along * rng.uniform(-4, 4, (len(house), 1)))[has_tree])
+    geoms = list(_rectangles(np.concatenate(centres), np.concatenate(alongs), np.concatenate(sizes)))
     keep = _keep_inside(geoms, area)
     unmapped = rng.random(len(geoms)) < UNMAPPED_BUILDING
     b.add_many([geoms[i] for i in keep], [tags[i] for i in keep], [not unmapped[i] for i in keep])
-    _add_trees(b, trees, area)
+    _add_trees(b, list(np.concatenate(trees)), area)
 
 
 def _add_trees(b: _Builder, points: list, area) -> None:
@@ -567,7 +576,10 @@ def encode_tile(world: World, tile: mercantile.Tile) -> bytes | None:
         "extents": EXTENT,
         "on_invalid_geometry": mapbox_vector_tile.encoder.on_invalid_geometry_make_valid,
     }
-    return mapbox_vector_tile.encode({"name": LAYER, "features": features}, default_options=options)
+    with warnings.catch_warnings():
+        # mapbox_vector_tile 2.x calls shapely.ops.transform, deprecated in shapely 2.1.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return mapbox_vector_tile.encode({"name": LAYER, "features": features}, default_options=options)
 
 
 def qa_tiles_of(world: World) -> list[mercantile.Tile]:

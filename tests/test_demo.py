@@ -1,0 +1,243 @@
+"""The demo world: its layout, its OSM QA tiles, and the `prepare.py demo-world` command."""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import json
+import re
+import sqlite3
+
+import mapbox_vector_tile
+import mercantile
+import pytest
+import shapely
+from shapely.geometry import shape
+
+import prepare
+from osmseg import cli, demo
+from osmseg.classes import load_classes
+
+# A town of about 2 × 2 z12-border-straddling kilometres keeps the CLI tests fast.
+SMALL_BBOX = mercantile.LngLatBbox(-0.009, -0.009, 0.009, 0.009)
+
+
+@pytest.fixture(scope="module")
+def world() -> demo.World:
+    return demo.build_world(0)
+
+
+@pytest.fixture(scope="module")
+def mbtiles(world, tmp_path_factory):
+    path = tmp_path_factory.mktemp("demo") / "demo.mbtiles"
+    demo.write_qa_tiles(world, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def decoded(mbtiles) -> dict[mercantile.Tile, dict]:
+    return _tiles(mbtiles)
+
+
+def _tiles(path) -> dict[mercantile.Tile, dict]:
+    """Decoded tiles by XYZ tile (TMS rows turned back)."""
+    connection = sqlite3.connect(path)
+    rows = connection.execute("SELECT zoom_level, tile_column, tile_row, tile_data FROM tiles").fetchall()
+    connection.close()
+    return {
+        mercantile.Tile(x, 2**z - 1 - row, z): mapbox_vector_tile.decode(gzip.decompress(data))
+        for z, x, row, data in rows
+    }
+
+
+def test_bbox_straddles_z12_borders_and_holds_400_z17_tiles():
+    assert demo.DEMO_BBOX.west < 0 < demo.DEMO_BBOX.east
+    assert demo.DEMO_BBOX.south < 0 < demo.DEMO_BBOX.north
+    assert len(list(mercantile.tiles(*demo.DEMO_BBOX, zooms=17))) >= 400
+
+
+def test_metadata_is_what_mapnik_and_tippecanoe_readers_expect(mbtiles, world):
+    connection = sqlite3.connect(mbtiles)
+    metadata = dict(connection.execute("SELECT name, value FROM metadata"))
+    connection.close()
+    assert metadata["format"] == "pbf"
+    assert metadata["minzoom"] == metadata["maxzoom"] == "12"
+    west, south, east, north = map(float, metadata["bounds"].split(","))
+    assert (west, south, east, north) == pytest.approx(tuple(demo.DEMO_BBOX), abs=1e-6)
+    lon, lat, zoom = metadata["center"].split(",")
+    assert (float(lon), float(lat), zoom) == (0.0, 0.0, "12")
+    layers = json.loads(metadata["json"])["vector_layers"]
+    assert [layer["id"] for layer in layers] == ["osm"]
+    fields = layers[0]["fields"]
+    for key in ("landuse", "building", "natural", "highway", "railway", "waterway", "surface"):
+        assert fields[key] == "String"
+    assert fields["@id"] == "Number"
+    assert metadata["demo_seed"] == "0"
+
+
+def test_tiles_are_gzipped_mvt_at_z12_with_one_osm_layer(decoded):
+    tiles = decoded
+    # The town straddles lon 0 and lat 0: the four z12 tiles around (0, 0).
+    assert set(tiles) == {mercantile.Tile(x, y, 12) for x in (2047, 2048) for y in (2047, 2048)}
+    for decoded in tiles.values():
+        assert list(decoded) == ["osm"]
+        assert decoded["osm"]["extent"] == demo.EXTENT
+        types = {f["geometry"]["type"] for f in decoded["osm"]["features"]}
+        assert {"Polygon", "LineString", "Point"} <= types
+
+
+def test_tms_rows_put_features_where_they_are(decoded, world):
+    by_id = {f.id: f for f in world.features}
+    for tile, layers in decoded.items():
+        left, bottom, right, top = mercantile.xy_bounds(tile)
+        features = layers["osm"]["features"]
+        for feature in features[:: max(1, len(features) // 200)]:
+            # Decoded coordinates are tile units with y up; back to metres.
+            geometry = shapely.transform(
+                shape(feature["geometry"]),
+                lambda c: c * [(right - left) / demo.EXTENT, (top - bottom) / demo.EXTENT] + [left, bottom],
+            )
+            original = by_id[feature["properties"]["@id"]]
+            assert original.mapped
+            assert original.geometry.buffer(0.05).contains(geometry.representative_point())
+            assert feature["properties"]["@type"] == original.osm_type
+            for key, value in original.tags.items():
+                assert feature["properties"][key] == value
+
+
+def test_every_class_filter_tag_is_in_the_qa_tiles(decoded, classes_file):
+    properties = [f["properties"] for d in decoded.values() for f in d["osm"]["features"]]
+    present = {(key, value) for p in properties for key, value in p.items()}
+    for cls in load_classes(classes_file).classes:
+        if cls.name == "building":
+            values = {p["building"] for p in properties if "building" in p}
+            assert len(values) >= 5, values  # several building=* values
+            continue
+        for key, value in re.findall(r"\[([\w:]+)\]\s*=\s*'([^']+)'", cls.filter):
+            assert (key, value) in present, f"{cls.name}: no feature tagged {key}={value}"
+    # ... and features of no class.
+    for key in ("highway", "railway", "waterway"):
+        assert any(key in p for p in properties)
+    assert ("natural", "water") in present
+
+
+def test_some_features_are_missing_from_osm(world, decoded):
+    buildings = [f for f in world.features if "building" in f.tags]
+    unmapped = [f for f in buildings if not f.mapped]
+    assert 0.10 <= len(unmapped) / len(buildings) <= 0.20
+    landuse = [f for f in world.features if "landuse" in f.tags]
+    assert 0 < sum(not f.mapped for f in landuse) < 0.2 * len(landuse)
+    ids = {f["properties"]["@id"] for d in decoded.values() for f in d["osm"]["features"]}
+    assert not ids & {f.id for f in world.features if not f.mapped}
+    assert {f.id for f in world.features if f.mapped} <= ids
+
+
+def test_features_cross_z12_borders_with_one_id(decoded, world):
+    tiles_of: dict[int, set] = {}
+    for tile, layers in decoded.items():
+        for feature in layers["osm"]["features"]:
+            tiles_of.setdefault(feature["properties"]["@id"], set()).add(tile)
+    by_id = {f.id: f for f in world.features}
+    crossing = {by_id[i].tags.get("building", by_id[i].tags.get("landuse")) for i, t in tiles_of.items() if len(t) > 1}
+    assert "townhall" in crossing  # the building at (0, 0) lies in all four tiles
+    assert "commercial" in crossing and "residential" in crossing
+    town_hall = next(f for f in world.features if f.tags.get("building") == "townhall")
+    assert len(tiles_of[town_hall.id]) == 4
+
+
+def test_areas_are_polygons_inside_their_tiles(decoded):
+    for layers in decoded.values():
+        for feature in layers["osm"]["features"]:
+            props, geometry = feature["properties"], feature["geometry"]
+            if "building" in props or "landuse" in props:
+                assert geometry["type"] in ("Polygon", "MultiPolygon")
+            x0, y0, x1, y1 = shape(geometry).bounds
+            assert 0 <= x0 and 0 <= y0 and x1 <= demo.EXTENT and y1 <= demo.EXTENT  # clipped, no buffer
+
+
+def test_same_seed_same_world_and_bytes(world, tmp_path):
+    again = demo.build_world(0)
+    assert [(f.id, f.tags, f.mapped) for f in again.features] == [(f.id, f.tags, f.mapped) for f in world.features]
+    assert all(shapely.equals_exact(a.geometry, b.geometry, 0) for a, b in zip(again.features, world.features))
+    for name in ("one", "two"):
+        demo.write_qa_tiles(demo.build_world(0, SMALL_BBOX), tmp_path / f"{name}.mbtiles")
+    assert _blobs(tmp_path / "one.mbtiles") == _blobs(tmp_path / "two.mbtiles")
+    other = demo.build_world(1, SMALL_BBOX)
+    small = demo.build_world(0, SMALL_BBOX)
+    assert [f.geometry.wkb for f in other.features[:50]] != [f.geometry.wkb for f in small.features[:50]]
+
+
+def _blobs(path):
+    connection = sqlite3.connect(path)
+    rows = connection.execute("SELECT * FROM tiles ORDER BY zoom_level, tile_column, tile_row").fetchall()
+    connection.close()
+    return rows
+
+
+def test_build_world_is_fast_and_query_finds_by_area(world):
+    import time
+
+    # CPU time, not wall time: the test machine is shared.
+    start = time.process_time()
+    demo.build_world(3)
+    assert time.process_time() - start < 2.0
+    square = mercantile.Bbox(-10, -10, 10, 10)
+    assert any(f.tags.get("building") == "townhall" for f in world.query(square))
+    assert all(f.mapped for f in world.query(mercantile.Bbox(-500, -500, 500, 500), mapped_only=True))
+
+
+def test_mapnik_tiles_plugin_reads_and_filters_it(mbtiles, world):
+    mapnik = pytest.importorskip("mapnik")
+    datasource = mapnik.Datasource(type="tiles", file=str(mbtiles), layer="osm")
+    assert "landuse" in datasource.fields()
+    xml = f"""<Map srs="epsg:3857" background-color="#000000">
+      <Style name="labels">
+        <Rule><Filter>[landuse] = 'residential'</Filter><PolygonSymbolizer fill="#010101" gamma="0"/></Rule>
+        <Rule><Filter>[building].match('.+')</Filter><PolygonSymbolizer fill="#050505" gamma="0"/></Rule>
+      </Style>
+      <Layer name="osm" srs="epsg:3857"><StyleName>labels</StyleName>
+        <Datasource>
+          <Parameter name="type">tiles</Parameter><Parameter name="file">{mbtiles}</Parameter>
+          <Parameter name="layer">osm</Parameter>
+        </Datasource>
+      </Layer>
+    </Map>"""
+    import numpy as np
+
+    residential = next(f for f in world.features if f.mapped and f.tags.get("landuse") == "residential")
+    point = residential.geometry.representative_point()
+    tile = mercantile.tile(*mercantile.lnglat(point.x, point.y), 17)
+    m = mapnik.Map(256, 256)
+    mapnik.load_map_from_string(m, xml)
+    m.zoom_to_box(mapnik.Box2d(*mercantile.xy_bounds(tile)))
+    image = mapnik.Image(256, 256)
+    mapnik.render(m, image)
+    red = np.frombuffer(image.to_string(), dtype=np.uint8).reshape(256, 256, 4)[..., 0]
+    assert set(np.unique(red)) <= {0, 1, 5}
+    assert (red == 1).mean() > 0.1
+
+
+# --------------------------------------------------------------------------- prepare.py demo-world
+
+
+@pytest.fixture
+def small_world(monkeypatch):
+    monkeypatch.setattr(demo, "build_world", functools.partial(demo.build_world, bbox=SMALL_BBOX))
+
+
+def test_demo_world_command_writes_then_skips_then_rebuilds(small_world, tmp_path, capsys):
+    out = tmp_path / "osm" / "demo.mbtiles"
+    assert cli.run(prepare.main, ["demo-world", "--out", str(out), "--seed", "0"]) == 0
+    first = out.stat().st_mtime_ns
+    assert demo.read_metadata(out)["demo_seed"] == "0"
+    assert cli.run(prepare.main, ["demo-world", "--out", str(out)]) == 0
+    assert out.stat().st_mtime_ns == first
+    assert "skipping" in capsys.readouterr().err
+    assert cli.run(prepare.main, ["demo-world", "--out", str(out), "--seed", "1"]) == 0
+    assert demo.read_metadata(out)["demo_seed"] == "1"
+    assert not [p for p in out.parent.iterdir() if p.name != "demo.mbtiles"]  # no temporary left
+
+
+def test_demo_world_command_refuses_a_directory(tmp_path, capsys):
+    assert cli.run(prepare.main, ["demo-world", "--out", str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().err
