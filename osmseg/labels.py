@@ -187,6 +187,7 @@ class LabelRenderer:
         Yields:
             (tile, RGB uint8 array (tile_size, tile_size, 3)), in the order of `tiles`.
         """
+        import cv2
         import mapnik
 
         tiles = list(tiles)
@@ -209,7 +210,8 @@ class LabelRenderer:
                 mapnik.render(self._map, image)
                 rgba = np.frombuffer(image.to_string(), dtype=np.uint8).reshape(self.tile_size, self.tile_size, 4)
                 # Untouched pixels are transparent (0, 0, 0, 0): their RGB is the background.
-                yield tile, rgba[..., :3].copy()
+                # (cv2 drops the alpha channel some 50 times faster than a strided numpy copy.)
+                yield tile, cv2.cvtColor(rgba, cv2.COLOR_RGBA2RGB)
         finally:
             # Free the features now rather than when the next group replaces them.
             layer.datasource = mapnik.MemoryDatasource()
@@ -266,7 +268,7 @@ def write_label(path: str | os.PathLike, rgb: np.ndarray) -> None:
 
     with cli.atomic_path(path) as tmp:
         # OpenCV writes BGR; level 1 compresses flat labels well and fast.
-        if not cv2.imwrite(str(tmp), np.ascontiguousarray(rgb[..., ::-1]), [cv2.IMWRITE_PNG_COMPRESSION, 1]):
+        if not cv2.imwrite(str(tmp), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_PNG_COMPRESSION, 1]):
             raise OSError(f"{path}: cannot write the label PNG")
 
 
@@ -283,7 +285,7 @@ def read_label(path: str | os.PathLike) -> np.ndarray:
         if not Path(path).exists():
             raise UserError(f"{path}: no such label; run `make data/labels/color` (prepare.py labels) first")
         raise UserError(f"{path}: not a readable PNG; delete it and re-run `make data/labels/color`")
-    return image[..., ::-1]
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
 def count_labels(label_rgb: np.ndarray, classes: Classes) -> np.ndarray:
@@ -382,6 +384,7 @@ def render_labels(
     """
     from tqdm import tqdm
 
+    check_filters(classes)  # here, not in the workers, so that a bad filter fails once
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     unique = list(dict.fromkeys(tiles))
@@ -523,3 +526,101 @@ def _counts_of(path: Path, classes: Classes, classes_path: str) -> np.ndarray:
             f"{path}: {error}; it was drawn with another classes file than {classes_path}: "
             "delete data/labels/color and re-run `make data/labels/color`"
         ) from None
+
+
+def filter_tiles(entries, counts_of, label_ratio: float, count: int, more=None, render=None):
+    """Keep the first `count` tiles whose labelled share exceeds `label_ratio`.
+
+    Sampling happens before filtering, so a sample can hold too few tiles that pass; then
+    further tiles are drawn from `more` (the same random stream), labelled with `render`,
+    and considered in turn, until `count` pass or the stream ends.
+
+    Args:
+        entries: the sample, [(source, Tile)], considered in order.
+        counts_of: Tile -> count_labels() counts of its (existing) label.
+        label_ratio: keep tiles whose labelled share of pixels is strictly above this.
+        count: how many tiles to keep.
+        more: an iterator of further (source, Tile), none of them in `entries`.
+        render: called with a list of Tiles from `more` to make their labels.
+
+    Returns:
+        (kept, considered): kept is [(source, Tile, counts)] (len(kept) < count only when
+        the sample and `more` ran out); considered is how many tiles were looked at.
+    """
+    kept: list = []
+    considered = 0
+
+    def consider(batch) -> None:
+        nonlocal considered
+        for source, tile in batch:
+            if len(kept) == count:
+                return
+            considered += 1
+            counts = counts_of(tile)
+            if labelled_share(counts) > label_ratio:
+                kept.append((source, tile, counts))
+
+    consider(entries)
+    while more is not None and len(kept) < count:
+        # Draw about as many as the pass rate so far says are needed, with some slack.
+        rate = max(len(kept) / considered, 0.05) if considered else 1.0
+        wanted = min(max(int((count - len(kept)) / rate * 1.2) + 1, 16), 4096)
+        batch = []
+        for entry in more:
+            batch.append(entry)
+            if len(batch) == wanted:
+                break
+        if not batch:
+            break
+        if render is not None:
+            render([tile for _, tile in batch])
+        consider(batch)
+    return kept, considered
+
+
+def run_filter(args) -> int:
+    from osmseg import tiles
+
+    _check_tile_size(args.tile_size)
+    if args.count <= 0:
+        raise UserError(f"--count {args.count}: must be a positive number of tiles (TRAIN_SIZE)")
+    if not 0 <= args.label_ratio < 1:
+        raise UserError(f"--label-ratio {args.label_ratio}: must be at least 0 and below 1 (LABEL_RATIO)")
+    classes = load_classes(args.classes)
+    check_filters(classes, str(args.classes))
+    entries = _read_sample(args.sample)
+    labels_dir = Path(args.labels)
+    counts_of = lambda tile: _counts_of(label_path(labels_dir, tile), classes, str(args.classes))  # noqa: E731
+    in_sample = {tile for _, tile in entries}
+
+    def more():
+        bbox = tiles.parse_bbox(args.bbox)
+        tiles.check_zoom(args.zoom)
+        if not Path(args.all_tiles).exists():
+            raise UserError(f"{args.all_tiles}: no such tile list; run `make data/all_tiles.txt` first")
+        within = tiles.read_tile_list(args.all_tiles)
+        for entry in tiles.sample_stream(bbox, args.zoom, args.seed, within):
+            if entry[1] not in in_sample:
+                yield entry
+
+    def render(batch):
+        spec = SourceSpec(args.osm_source, args.osm)
+        render_labels(batch, spec, classes, labels_dir, args.tile_size, args.workers)
+
+    kept, considered = filter_tiles(entries, counts_of, args.label_ratio, args.count, more(), render)
+    if not kept:
+        raise UserError(
+            f"no tile in --bbox {args.bbox} has a labelled share above {args.label_ratio} "
+            f"({considered} tiles looked at); lower LABEL_RATIO, or pick a BBOX or classes with data"
+        )
+    if len(kept) < args.count:
+        print(
+            f"filter: the box holds only {len(kept)} tiles whose labelled share exceeds {args.label_ratio} "
+            f"(of {considered} tiles at z{args.zoom}), fewer than --count {args.count}; keeping all {len(kept)}",
+            file=sys.stderr,
+        )
+    lines = [header(classes)] + [format_line(source, tile, counts) for source, tile, counts in kept]
+    cli.write_text_atomic(args.out, "\n".join(lines) + "\n")
+    cli.write_text_atomic(args.stats, stats_csv(label_stats([counts for _, _, counts in kept], classes)))
+    print(f"filter: kept {len(kept)} of {considered} tiles looked at, in {args.out}", file=sys.stderr)
+    return 0
