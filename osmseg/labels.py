@@ -55,6 +55,7 @@ COVERAGE_THRESHOLD = 0.5
 _CIRCUMFERENCE = 2 * math.pi * 6378137.0
 
 DEFAULT_TILE_SIZE = 256
+DEFAULT_BBOX = "-3.3843,51.2437,-2.3923,51.848"  # the seed's, as in osmseg.tiles and the Makefile
 
 
 def metres_per_pixel(zoom: int, tile_size: int = DEFAULT_TILE_SIZE) -> float:
@@ -507,7 +508,7 @@ def configure_filter(parser) -> None:
         "--label-ratio", type=float, default=0.0, help="keep tiles whose labelled share of pixels exceeds this"
     )
     parser.add_argument("--count", type=int, default=10000, help="tiles to keep (TRAIN_SIZE)")
-    parser.add_argument("--bbox", default="-3.3843,51.2437,-2.3923,51.848", help="west,south,east,north (to sample more)")
+    parser.add_argument("--bbox", default=DEFAULT_BBOX, help="west,south,east,north of the sample (to draw more tiles)")
     parser.add_argument("--zoom", type=int, default=17, help="zoom of the sampled tiles")
     parser.add_argument("--seed", type=int, default=0, help="the sample's random seed")
     parser.add_argument("--all-tiles", default="data/all_tiles.txt", help="OSM source tiles in the box")
@@ -518,9 +519,15 @@ def configure_filter(parser) -> None:
     parser.add_argument("--stats", default="data/labels/label-stats.csv", help="per-class statistics (CSV)")
 
 
-def _counts_of(path: Path, classes: Classes, classes_path: str) -> np.ndarray:
+def _counts_of(path: Path, classes: Classes, classes_path: str, tile_size: int) -> np.ndarray:
+    label = read_label(path)
+    if label.shape[:2] != (tile_size, tile_size):
+        raise UserError(
+            f"{path}: a {label.shape[1]}x{label.shape[0]} label, not --tile-size {tile_size}; "
+            "delete data/labels/color and re-run `make data/labels/color` with this TILE_SIZE"
+        )
     try:
-        return count_labels(read_label(path), classes)
+        return count_labels(label, classes)
     except ValueError as error:
         raise UserError(
             f"{path}: {error}; it was drawn with another classes file than {classes_path}: "
@@ -586,20 +593,20 @@ def run_filter(args) -> int:
         raise UserError(f"--count {args.count}: must be a positive number of tiles (TRAIN_SIZE)")
     if not 0 <= args.label_ratio < 1:
         raise UserError(f"--label-ratio {args.label_ratio}: must be at least 0 and below 1 (LABEL_RATIO)")
+    bbox = tiles.parse_bbox(args.bbox)
+    zoom = tiles.check_zoom(args.zoom, "--zoom")
     classes = load_classes(args.classes)
     check_filters(classes, str(args.classes))
     entries = _read_sample(args.sample)
     labels_dir = Path(args.labels)
-    counts_of = lambda tile: _counts_of(label_path(labels_dir, tile), classes, str(args.classes))  # noqa: E731
+    counts_of = lambda tile: _counts_of(label_path(labels_dir, tile), classes, str(args.classes), args.tile_size)  # noqa: E731
     in_sample = {tile for _, tile in entries}
 
     def more():
-        bbox = tiles.parse_bbox(args.bbox)
-        tiles.check_zoom(args.zoom)
-        if not Path(args.all_tiles).exists():
-            raise UserError(f"{args.all_tiles}: no such tile list; run `make data/all_tiles.txt` first")
+        # The same stream that drew data/sample.txt (same box, zoom, seed, source tiles),
+        # read on past the tiles the sample already holds.
         within = tiles.read_tile_list(args.all_tiles)
-        for entry in tiles.sample_stream(bbox, args.zoom, args.seed, within):
+        for entry in tiles.sample_entries(bbox, zoom, args.seed, within):
             if entry[1] not in in_sample:
                 yield entry
 

@@ -334,3 +334,125 @@ def test_prepare_labels_bad_filter_exits_2_naming_it(tmp_path, capsys):
 def test_read_label_names_a_missing_file(tmp_path):
     with pytest.raises(UserError, match="make data/labels/color"):
         labels.read_label(tmp_path / "17-1-2.png")
+
+
+# --- Filtering: labelled share, exact count, counts and stats --------------------------------
+
+def test_filter_tiles_keeps_the_first_passing_ones_in_order():
+    tiles = [mercantile.Tile(i, 0, 17) for i in range(6)]
+    shares = {0: 0, 1: 10, 2: 0, 3: 50, 4: 99, 5: 5}
+    counts = lambda tile: np.array([shares[tile.x], 0, 100 - shares[tile.x]])  # noqa: E731
+    entries = [("s", t) for t in tiles]
+    kept, considered = labels.filter_tiles(entries, counts, 0.0, 2, more=iter(()))
+    assert [t.x for _, t, _ in kept] == [1, 3] and considered == 4
+    kept, _ = labels.filter_tiles(entries, counts, 0.07, 10, more=iter(()))
+    assert [t.x for _, t, _ in kept] == [1, 3, 4]
+
+
+def test_filter_tiles_draws_more_until_the_count_passes():
+    counts = lambda tile: np.array([tile.x % 3 == 0, 0, 1])  # noqa: E731  every third tile labelled
+    entries = [("s", mercantile.Tile(i, 0, 17)) for i in range(1, 4)]  # one passes (x=3)
+    more = (("s", mercantile.Tile(i, 0, 17)) for i in range(4, 1000))
+    rendered = []
+    kept, _ = labels.filter_tiles(entries, counts, 0.0, 7, more=more, render=rendered.extend)
+    assert [t.x for _, t, _ in kept] == [3, 6, 9, 12, 15, 18, 21]
+    # Only drawn tiles were rendered, each once, and not far past what was needed.
+    assert len(rendered) == len(set(rendered)) and rendered[0].x == 4 and len(rendered) < 100
+
+
+def test_stats_and_lines_formats():
+    classes = classes_of(("water", "#010101", 1, "[a] = 'b'"), ("road", "#020202", 1, "[a] = 'c'"))
+    counts = [np.array([3, 0, 13]), np.array([1, 2, 13])]
+    assert labels.header(classes) == "#source z x y water road Background"
+    assert labels.format_line("demo", mercantile.Tile(5, 6, 17), counts[0]) == "demo 17 5 6 3 0 13"
+    rows = labels.label_stats(counts, classes)
+    assert rows == [("water", 4 / 32, 2), ("road", 2 / 32, 1), ("Background", 26 / 32, 2)]
+    assert labels.stats_csv(rows).splitlines()[0] == "class,pixel_frequency,tile_count"
+
+
+@pytest.fixture
+def little_world(tmp_path):
+    """A z12 source holding buildings in exactly 6 of the 16 z17 tiles of a 4x4 box."""
+    from osmseg import tiles
+
+    corner = mercantile.Tile(TILE.x, TILE.y - 3, 17)
+    box_tiles = [mercantile.Tile(corner.x + i, corner.y + j, 17) for i in range(4) for j in range(4)]
+    with_buildings = box_tiles[1::2][:6]
+    west, _, _, north = mercantile.bounds(corner)
+    _, south, east, _ = mercantile.bounds(box_tiles[-1])
+    shrink = 1e-7  # keep the box inside the 4x4 tiles, off their outer edges
+    bbox = f"{west + shrink},{south + shrink},{east - shrink},{north - shrink}"
+    path = tmp_path / "little.mbtiles"
+    write_qa_tiles(path, [(pixel_box(t, 10, 10, 20, 20), {"building": "yes"}) for t in with_buildings])
+    classes_path = tmp_path / "classes.json"
+    classes_path.write_text(CLASSES.to_json())
+    all_tiles = tmp_path / "all_tiles.txt"
+    tiles.write_tile_list(all_tiles, [("little", mercantile.parent(TILE, zoom=12))])
+    return {"path": path, "bbox": bbox, "with_buildings": set(with_buildings), "box": box_tiles,
+            "classes": classes_path, "all_tiles": all_tiles, "dir": tmp_path}
+
+
+def run_stage(world, stage, sample_count, count, capsys):
+    """Draw a sample of `sample_count` like prepare.py sample does, label it, then filter for `count`."""
+    import prepare
+    from osmseg import tiles
+
+    d = world["dir"]
+    bbox = tiles.parse_bbox(world["bbox"])
+    stream = tiles.sample_entries(bbox, 17, 0, tiles.read_tile_list(world["all_tiles"]))
+    sample = [entry for _, entry in zip(range(sample_count), stream)]
+    tiles.write_tile_list(d / "sample.txt", sample)
+    common = ["--classes", str(world["classes"]), "--osm", str(world["path"]), "--tile-size", str(SIZE), "--workers", "1"]
+    assert cli.run(prepare.main, ["labels", "--sample", str(d / "sample.txt"), "--out", str(d / "color"), *common]) == 0
+    status = cli.run(
+        prepare.main,
+        ["filter", "--sample", str(d / "sample.txt"), "--labels", str(d / "color"), "--count", str(count),
+         f"--bbox={world['bbox']}", "--zoom", "17", "--seed", "0", "--all-tiles", str(world["all_tiles"]),
+         "--out", str(d / "sample-filtered.txt"), "--stats", str(d / "label-stats.csv"), *common],
+    )
+    return status, sample, capsys.readouterr().err
+
+
+def read_filtered(path):
+    lines = path.read_text().splitlines()
+    rows = [line.split() for line in lines[1:]]
+    return lines[0], [(mercantile.Tile(int(r[2]), int(r[3]), int(r[1])), [int(c) for c in r[4:]]) for r in rows]
+
+
+def test_filter_keeps_exactly_count_tiles_drawing_past_the_sample(little_world, capsys):
+    status, sample, _ = run_stage(little_world, "filter", 4, 5, capsys)
+    assert status == 0
+    head, rows = read_filtered(little_world["dir"] / "sample-filtered.txt")
+    assert head == "#source z x y water road tree building Background"
+    assert len(rows) == 5
+    assert {tile for tile, _ in rows} <= little_world["with_buildings"]
+    for tile, counts in rows:
+        assert sum(counts) == SIZE * SIZE and counts[3] == 100  # a 10x10 building
+    # Some kept tiles were not in the sample: they were drawn from the same stream and labelled.
+    assert {tile for tile, _ in rows} - {tile for _, tile in sample}
+    stats = (little_world["dir"] / "label-stats.csv").read_text().splitlines()
+    assert stats[0] == "class,pixel_frequency,tile_count"
+    assert stats[4].startswith("building,") and stats[4].endswith(",5")
+
+
+def test_filter_says_so_when_the_box_has_fewer(little_world, capsys):
+    status, _, err = run_stage(little_world, "filter", 4, 10, capsys)
+    assert status == 0
+    _, rows = read_filtered(little_world["dir"] / "sample-filtered.txt")
+    assert {tile for tile, _ in rows} == little_world["with_buildings"]
+    assert "only 6 tiles" in err and "keeping all 6" in err
+    # Every tile of the box got a label on the way.
+    assert len(list((little_world["dir"] / "color").glob("*.png"))) == 16
+
+
+def test_filter_bad_input_exits_2(little_world, capsys, tmp_path):
+    import prepare
+
+    for args, words in [
+        (["--count", "0"], "--count"),
+        (["--label-ratio", "1.5"], "--label-ratio"),
+        (["--sample", str(tmp_path / "none.txt")], "make data/sample.txt"),
+    ]:
+        status = cli.run(prepare.main, ["filter", "--bbox=0,0,1,1", "--classes", str(little_world["classes"]), *args])
+        assert status == 2
+        assert words in capsys.readouterr().err
