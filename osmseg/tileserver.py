@@ -510,7 +510,7 @@ class DemoTileServer:
                 f"cannot listen on 127.0.0.1:{self.port} ({error.strerror}); pass another port, or 0 for a free one"
             ) from None
         self._server = server
-        self._thread = threading.Thread(target=server.serve_forever, name="demo-tile-server", daemon=True)
+        self._thread = threading.Thread(target=server.serve_forever, args=(0.05,), name="demo-tile-server", daemon=True)
         self._thread.start()
         return self
 
@@ -616,6 +616,11 @@ def configure_serve_demo(parser) -> None:
     parser.add_argument("--token", default=None, help="require ?access_token=TOKEN on every request")
 
 
+def _wait_forever(server: DemoTileServer) -> None:
+    """Block until Ctrl-C (a separate function so that tests can stand in for the user)."""
+    threading.Event().wait()
+
+
 def run_serve_demo(args) -> int:
     if not 0 <= args.port <= 65535:
         raise SourceError(f"--port {args.port} is not a TCP port; pass 0-65535 (0: any free port)")
@@ -628,8 +633,7 @@ def run_serve_demo(args) -> int:
         print(f"serving the demo world's imagery at {server.url}/{{z}}/{{x}}/{{y}}.jpg{note}; Ctrl-C stops",
               file=sys.stderr, flush=True)
         try:
-            while True:
-                time.sleep(3600)
+            _wait_forever(server)
         except KeyboardInterrupt:
             print(f"stopped after {server.request_count} requests", file=sys.stderr)
     return 0
