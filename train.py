@@ -1,0 +1,301 @@
+#!/usr/bin/env python3
+"""Train a SegNet on the training cache: best weights, resume state, a log and its curves.
+
+Reads data/training.hdf5 (prepare.py cache or import), holds back a seeded validation split,
+streams batches from the cache, and after every epoch writes:
+
+- weights.hdf5: the best weights so far by validation mean IoU (model.save's layout, with the
+  model, classes and training settings in its attributes);
+- weights.state.h5: the last epoch's full state (weights, optimizer, epoch, best score, log)
+  for --resume (layout in osmseg/training.py);
+- training_log.csv and training_log.png: per-epoch loss, pixel accuracy, mean IoU (training
+  and validation) and the validation IoU of every class (columns in osmseg/training.py).
+
+A NaN loss stops the run with exit status 1; the files above keep the last good epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from osmseg import cli
+from osmseg.errors import UserError
+
+# TensorFlow's C++ start-up chatter hides the progress bars; warnings and errors still show.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+OPTIMIZERS = ("sgd", "adam")
+SGD_MOMENTUM = 0.9  # the seed's optimizer
+
+
+def _positive_int(text: str) -> int:
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    import argparse
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0 or value != value or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} must be a positive number")
+    return value
+
+
+def _fraction(text: str) -> float:
+    import argparse
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"{text} must be at least 0 and below 1")
+    return value
+
+
+def build_parser():
+    import argparse
+
+    from model import MODELS
+
+    parser = cli.parser(prog="train.py", description=__doc__)
+    parser.add_argument("--data", default="data/training.hdf5", help="the training cache (prepare.py cache or import)")
+    parser.add_argument("--weights", default="weights.hdf5", help="where to write the best weights (the resume state goes beside it)")
+    parser.add_argument("--log", default="training_log.csv", help="the per-epoch CSV log (its curves go beside it as .png)")
+    parser.add_argument("--model", default="segnet", choices=MODELS, help="architecture")
+    parser.add_argument("--width", type=_positive_float, default=1.0, help="width multiplier of every layer's filters")
+    parser.add_argument("--epochs", type=_positive_int, default=10, help="epochs to train in total (a resumed run counts the finished ones)")
+    parser.add_argument("--batch-size", type=_positive_int, default=16, help="tiles per batch (across all devices)")
+    parser.add_argument("--learning-rate", type=_positive_float, default=0.001, help="the optimizer's learning rate")
+    parser.add_argument("--optimizer", default="sgd", choices=OPTIMIZERS, help=f"sgd (momentum {SGD_MOMENTUM}) or adam")
+    parser.add_argument("--validation", type=_fraction, default=0.2, help="share of the cache held back for validation (0: none)")
+    parser.add_argument(
+        "--class-weights", default="none", metavar="none|median-frequency|FILE",
+        help="loss weight per class: none, median-frequency (SegNet paper, from the training labels), "
+        "or a file (JSON list or {class: weight}, or CSV name,weight)",
+    )
+    parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=False, help="random flips and rotations of training tiles")
+    parser.add_argument("--mixed-precision", action=argparse.BooleanOptionalAction, default=False, help="16-bit activations (float16 on GPUs, bfloat16 on CPUs)")
+    parser.add_argument("--jit-compile", action=argparse.BooleanOptionalAction, default=False, help="compile the training step with XLA")
+    parser.add_argument("--encoder-weights", default="none", metavar="none|imagenet|FILE", help="initial encoder weights (segnet only)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the validation split, initial weights, data order and augmentation")
+    parser.add_argument("--resume", action="store_true", help="continue the run recorded in the weights' state file")
+    parser.add_argument(
+        "--distribute", action="store_true",
+        help="train on all local GPUs (tf.distribute.MirroredStrategy), or across machines when TF_CONFIG is set",
+    )
+    parser.add_argument("--workers", type=_positive_int, default=1, help="threads loading batches from the cache")
+    return parser
+
+
+def distribution_strategy(tf_config: str | None):
+    """MultiWorkerMirroredStrategy when TF_CONFIG is set, else MirroredStrategy over local GPUs (or CPUs)."""
+    import tensorflow as tf
+
+    if tf_config:
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
+    return tf.distribute.MirroredStrategy([device.name for device in devices])
+
+
+def is_chief(tf_config: str | None) -> bool:
+    """Whether this process writes the outputs: always, unless it is a non-chief multi-worker task."""
+    if not tf_config:
+        return True
+    try:
+        task = json.loads(tf_config).get("task", {})
+        cluster = json.loads(tf_config).get("cluster", {})
+    except (json.JSONDecodeError, AttributeError):
+        raise UserError("TF_CONFIG is not valid JSON; see the README's multi-worker section") from None
+    if "chief" in cluster:
+        return task.get("type") == "chief"
+    return task.get("type") == "worker" and int(task.get("index", 0)) == 0
+
+
+def _make_optimizer(name: str, learning_rate: float):
+    import keras
+
+    if name == "adam":
+        return keras.optimizers.Adam(learning_rate=learning_rate)
+    return keras.optimizers.SGD(learning_rate=learning_rate, momentum=SGD_MOMENTUM)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    tf_config = os.environ.get("TF_CONFIG") if args.distribute else None
+
+    from osmseg import cache, training
+
+    info = cache.open_cache(args.data)
+    if info.length == 0:
+        raise UserError(f"{args.data}: the cache holds no tiles; rebuild it (make data/training.hdf5) with more tiles")
+    names = info.classes.names
+    train_indices, validation_indices = cache.split_indices(info.length, args.validation, args.seed)
+    if args.validation > 0 and len(validation_indices) == 0:
+        raise UserError(
+            f"--validation {args.validation} of {info.length} tiles holds back none; "
+            "raise it, use a bigger cache, or pass --validation 0"
+        )
+    if args.batch_size > len(train_indices):
+        raise UserError(
+            f"--batch-size {args.batch_size} is larger than the {len(train_indices)} training tiles of {args.data} "
+            f"(after holding back {len(validation_indices)} for validation); pass --batch-size {len(train_indices)} or less"
+        )
+    encoder_weights = None if args.encoder_weights == "none" else args.encoder_weights
+
+    settings = {
+        "data": str(Path(args.data).resolve()),
+        "model": args.model,
+        "width": args.width,
+        "tile_size": info.tile_size,
+        "classes": [[c.name, c.hex] for c in info.classes.classes],
+        "validation": args.validation,
+        "batch_size": args.batch_size,
+        "learning_rate": args.learning_rate,
+        "optimizer": args.optimizer,
+        "class_weights": args.class_weights,
+        "augment": args.augment,
+        "mixed_precision": args.mixed_precision,
+        "encoder_weights": args.encoder_weights,
+        "seed": args.seed,
+    }
+    state_file = training.state_path(args.weights)
+    monitor = training.MONITOR if len(validation_indices) else "mean_iou"
+    if args.resume:
+        state = training.read_state(state_file)
+        training.check_resumable(state, settings, state_file)
+        if state.epoch >= args.epochs:
+            print(f"{state_file}: {state.epoch} epochs already trained (--epochs {args.epochs}); nothing to do")
+            return 0
+    else:
+        state = training.TrainState(settings=settings, monitor=monitor)
+        if state_file.exists():
+            print(f"{state_file}: starting over (pass --resume to continue the run recorded there)", file=sys.stderr)
+
+    class_weights = training.resolve_class_weights(args.class_weights, args.data, train_indices, names)
+    if class_weights is not None:
+        listed = ", ".join(f"{name} {weight:.3g}" for name, weight in zip(names, class_weights))
+        print(f"class weights ({args.class_weights}): {listed}")
+
+    import keras
+
+    import model as model_module
+
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(args.seed)
+    strategy = distribution_strategy(tf_config) if args.distribute else None
+    scope = strategy.scope() if strategy is not None else _no_scope()
+    with scope:
+        try:
+            net = model_module.build(
+                args.model, info.classes.num_classes, input_size=info.tile_size, width=args.width,
+                encoder_weights=encoder_weights, mixed_precision=args.mixed_precision,
+            )
+        except ValueError as error:
+            raise UserError(f"cannot build {args.model} for {args.data}: {error}") from None
+        optimizer = _make_optimizer(args.optimizer, args.learning_rate)
+        net.compile(
+            optimizer=optimizer,
+            loss=keras.losses.SparseCategoricalCrossentropy(),
+            weighted_metrics=training.streaming_metrics(names),
+            jit_compile=args.jit_compile,
+        )
+        if args.resume:
+            optimizer.build(net.trainable_variables)
+            training.restore_variables(state_file, net, optimizer)
+    if strategy is not None:
+        print(f"training on {strategy.num_replicas_in_sync} replicas ({type(strategy).__name__})")
+
+    config = {
+        "name": args.model,
+        "width": args.width,
+        "input_size": info.tile_size,
+        "num_classes": info.classes.num_classes,
+        "classes": info.classes.to_json(),
+        "mixed_precision": args.mixed_precision,
+        "training": {key: value for key, value in settings.items() if key not in ("classes", "tile_size")}
+        | {"class_weight_values": None if class_weights is None else [float(w) for w in class_weights]},
+    }
+
+    def save_weights(net, epoch, score):
+        model_module.save(net, args.weights, config | {"epoch": epoch, monitor: score})
+
+    log_file = Path(args.log)
+    checkpoint = training.checkpoint_callback(
+        state, names=names, save_weights=save_weights, state_file=state_file, log_file=log_file,
+        plot_file=log_file.with_suffix(".png"), write_files=is_chief(tf_config),
+    )
+    loader = {"workers": args.workers, "use_multiprocessing": False}
+    train_batches = cache.make_batches(
+        args.data, train_indices, args.batch_size, shuffle=True, augment=args.augment, seed=args.seed,
+        class_weights=class_weights, **loader,
+    )
+    validation_batches = None
+    if len(validation_indices):
+        validation_batches = cache.make_batches(
+            args.data, validation_indices, args.batch_size, shuffle=False, augment=False, seed=args.seed,
+            class_weights=class_weights, **loader,
+        )
+    _start_at_epoch(train_batches, state.epoch)
+    print(
+        f"training {args.model} (width {args.width}) on {len(train_indices)} tiles, validating on "
+        f"{len(validation_indices)}, epochs {state.epoch + 1}..{args.epochs}"
+    )
+    net.fit(
+        train_batches,
+        validation_data=validation_batches,
+        epochs=args.epochs,
+        initial_epoch=state.epoch,
+        shuffle=False,  # the batches reshuffle themselves from (seed, epoch); fit's shuffle is unseeded
+        callbacks=[training.progress_callback(), checkpoint],
+        verbose=0,
+    )
+    if checkpoint.diverged is not None:
+        epoch, batch = checkpoint.diverged
+        kept = f"{args.weights} keeps epoch {state.best_epoch}" if state.best_epoch else "no weights were written"
+        print(
+            f"error: the loss became NaN in epoch {epoch} (batch {batch}); {kept}, and {state_file} epoch "
+            f"{state.epoch}. Lower --learning-rate (now {args.learning_rate}) or try --no-mixed-precision, "
+            "then train again",
+            file=sys.stderr,
+        )
+        return 1
+    best = f"{state.monitor} {state.best:.4f} at epoch {state.best_epoch}" if state.best_epoch else "no finite score"
+    print(f"done: {best}; wrote {args.weights}, {log_file} and {log_file.with_suffix('.png')}")
+    return 0
+
+
+def _start_at_epoch(batches, epoch: int) -> None:
+    """Make a resumed run's data order that of an uninterrupted one (it depends on seed and epoch)."""
+    if hasattr(batches, "set_epoch"):
+        batches.set_epoch(epoch)
+    else:
+        for _ in range(epoch):
+            batches.on_epoch_end()
+
+
+class _no_scope:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run(main))
