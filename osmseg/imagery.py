@@ -725,6 +725,7 @@ class _Downloader:
         self.summary = DownloadSummary()
         self.any_response = False
         self.finished: set[str] = set()
+        self.file_mode = file_mode()
         self.session = None
         if source.kind == "http":
             self.session = session or new_session(workers)
@@ -748,15 +749,13 @@ class _Downloader:
         if reason is not None:
             self.keep_rejected(tile, data, kind)
             return "rejected", reason
-        with cli.atomic_path(self.out_dir / f"{tile_stem(tile)}.{kind}") as tmp:
-            tmp.write_bytes(data)
+        write_bytes_atomic(self.out_dir / f"{tile_stem(tile)}.{kind}", data, self.file_mode)
         with self.lock:
             self.summary.bytes += len(data)
         return "downloaded", ""
 
     def keep_rejected(self, tile: mercantile.Tile, data: bytes, kind: str | None) -> None:
-        with cli.atomic_path(self.out_dir / "rejected" / f"{tile_stem(tile)}.{kind or 'bin'}") as tmp:
-            tmp.write_bytes(data)
+        write_bytes_atomic(self.out_dir / "rejected" / f"{tile_stem(tile)}.{kind or 'bin'}", data, self.file_mode)
 
     def fetch(self, tile: mercantile.Tile) -> tuple[bytes | None, str]:
         if self.source.kind == "file":
@@ -843,6 +842,23 @@ class _Downloader:
             # Exponential backoff with jitter, so that retrying workers do not move in step.
             delay = min(self.max_backoff, self.backoff * 2 ** (errors - 1))
             self.stop.wait(delay / 2 + random.uniform(0, delay / 2))
+
+
+def file_mode() -> int:
+    """The mode a newly created file gets under this process's umask (usually 0o644).
+
+    Temporary files are created 0o600 (tempfile.mkstemp); images are not secret.
+    """
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def write_bytes_atomic(path: Path, data: bytes, mode: int) -> None:
+    """Write bytes under a temporary name, give them `mode`, then rename onto `path`."""
+    with cli.atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+        os.chmod(tmp, mode)
 
 
 def _clean_partials(out_dir: Path) -> None:

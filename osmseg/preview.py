@@ -31,10 +31,9 @@ from pathlib import Path
 
 import mercantile
 
-from osmseg import cli
 from osmseg.classes import Classes, load_classes
 from osmseg.errors import UserError
-from osmseg.imagery import IMAGE_SUFFIXES, find_image, read_tile_log, tile_stem
+from osmseg.imagery import IMAGE_SUFFIXES, file_mode, find_image, read_tile_log, tile_stem, write_bytes_atomic
 from osmseg.tiles import read_tile_list
 
 # Display colours for classes 1, 2, ...: distinct on imagery (Tableau 10, then more).
@@ -157,8 +156,9 @@ def collect(data_dir: Path, sample: Path, classes: Classes, page_dir: Path) -> d
 def _filter_svg(tables: list[list[float]] | None) -> str:
     if tables is None:
         return ""
+    # A quarter level up: the browser turns 255 x value into a byte, rounding or truncating.
     funcs = "".join(
-        f'<feFunc{channel} type="discrete" tableValues="{" ".join(f"{v:.4g}" for v in table)}"/>'
+        f'<feFunc{channel} type="discrete" tableValues="{" ".join(f"{min(1.0, v + 0.25 / 255):.5f}" for v in table)}"/>'
         for channel, table in zip("RGB", tables)
     )
     # Alpha = 255 (R + G + B), clipped to 1: background (#000000) becomes transparent.
@@ -193,22 +193,28 @@ def write_preview(data_dir: Path, sample: Path, classes_path: Path, out: Path, p
     classes = load_classes(classes_path, require_filters=False)
     data = collect(data_dir, sample, classes, out.resolve().parent)
     tables = channel_tables(classes, display_colours(classes))
-    cli.write_text_atomic(out, render_page(data, tables, page_size, f"osmseg preview: {sample.name}"))
+    page = render_page(data, tables, page_size, f"osmseg preview: {sample.name}")
+    write_bytes_atomic(out, page.encode(), file_mode())
     return data
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+def make_server(root: Path, port: int = 0) -> http.server.ThreadingHTTPServer:
+    """An HTTP server for the files under `root`, listening on 127.0.0.1 only (not started)."""
+    handler = functools.partial(_QuietHandler, directory=str(root))
+    try:
+        return http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
+    except OSError as error:
+        raise UserError(f"--port {port}: cannot listen on 127.0.0.1 ({error.strerror}); pick another port or 0") from None
 
 
 def serve(root: Path, page: Path, port: int = 0) -> None:
     """Serve `root` on 127.0.0.1 until Ctrl-C, printing the page's address."""
-
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-    handler = functools.partial(Quiet, directory=str(root))
-    try:
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
-    except OSError as error:
-        raise UserError(f"--port {port}: cannot listen on 127.0.0.1 ({error.strerror}); pick another port or 0") from None
+    server = make_server(root, port)
     address = f"http://127.0.0.1:{server.server_address[1]}/{_href(page, root)}"
     print(f"serving {root} at {address}  (Ctrl-C to stop)", flush=True)
     try:
