@@ -64,12 +64,12 @@ def sample_tiles(mbtiles: Path, count: int, seed: int, bbox=None) -> list[mercan
 # --- The three ways ---------------------------------------------------------------------------
 
 def run_pipeline(mbtiles: Path, tiles, workers: int) -> None:
-    from osmseg import labels
+    from osmseg import labels, osm
     from osmseg.classes import load_classes
 
     with tempfile.TemporaryDirectory() as out:
-        spec = labels.SourceSpec("qa-tiles", str(mbtiles))
-        summary = labels.render_labels(tiles, spec, load_classes(CLASSES), out, SIZE, workers, progress=False)
+        source = osm.open_source("qa-tiles", mbtiles)
+        summary = labels.render_labels(tiles, source, load_classes(CLASSES), out, SIZE, workers, progress=False)
         assert summary["rendered"] == len(tiles), summary
 
 

@@ -312,27 +312,17 @@ def count_labels(label_rgb: np.ndarray, classes: Classes) -> np.ndarray:
 
 # --- Rendering many tiles over all cores ---------------------------------------------------
 
-@dataclass(frozen=True)
-class SourceSpec:
-    """How a worker process opens the OSM source (osmseg.osm.open_source's arguments)."""
-
-    kind: str
-    location: str
-    options: tuple[tuple[str, object], ...] = ()
-
-    def open(self):
-        from osmseg import osm
-
-        return osm.open_source(self.kind, self.location, **dict(self.options))
-
-
 _worker: dict = {}
 
 
-def _worker_init(spec: SourceSpec, classes_json: str, tile_size: int, out_dir: str) -> None:
+def _worker_init(source_pickle: bytes, classes_json: str, tile_size: int, out_dir: str) -> None:
+    import pickle
+
     from osmseg.classes import parse_classes
 
-    _worker["source"] = spec.open()
+    # Each worker unpickles its own source (OSM sources reopen their files and start with
+    # empty caches when unpickled) and builds its own mapnik map, once.
+    _worker["source"] = pickle.loads(source_pickle)
     _worker["renderer"] = LabelRenderer(parse_classes(classes_json), tile_size)
     _worker["out_dir"] = out_dir
 
@@ -362,7 +352,7 @@ def _tasks(tiles: Iterable[mercantile.Tile], source_zoom: int) -> list[list[merc
 
 def render_labels(
     tiles: Iterable[mercantile.Tile],
-    spec: SourceSpec,
+    source,
     classes: Classes,
     out_dir: str | os.PathLike,
     tile_size: int = DEFAULT_TILE_SIZE,
@@ -373,7 +363,7 @@ def render_labels(
 
     Args:
         tiles: the tiles to label.
-        spec: the OSM source to read features from.
+        source: the osmseg.osm OsmSource to read features from (picklable: workers get a copy).
         classes: the classes to draw.
         out_dir: the labels folder ({z}-{x}-{y}.png inside).
         tile_size: label size in pixels.
@@ -393,7 +383,6 @@ def render_labels(
     summary = {"rendered": 0, "skipped": len(unique) - len(todo)}
     if not todo:
         return summary
-    source = spec.open()  # fails here, once, with a clear message if the source is bad
     tasks = _tasks(todo, source.zoom)
     bar = tqdm(total=len(todo), desc="labels", unit="tile", disable=not progress, file=sys.stderr)
     try:
@@ -406,8 +395,10 @@ def render_labels(
                     bar.update()
         else:
             import multiprocessing
+            import pickle
 
-            init = (spec, classes.to_json(), tile_size, str(out_dir))
+            source.close()  # no open file handle may cross into the workers
+            init = (pickle.dumps(source), classes.to_json(), tile_size, str(out_dir))
             with multiprocessing.Pool(min(workers, len(tasks)), _worker_init, init) as pool:
                 for written in pool.imap_unordered(_worker_render, tasks):
                     summary["rendered"] += written
@@ -420,8 +411,22 @@ def render_labels(
 # --- prepare.py labels ---------------------------------------------------------------------
 
 def _add_source_arguments(parser) -> None:
-    parser.add_argument("--osm-source", default="qa-tiles", help="kind of OSM source: qa-tiles, file or overpass")
-    parser.add_argument("--osm", default="data/osm/demo.mbtiles", help="the OSM source's file (or endpoint)")
+    from osmseg import osm
+
+    parser.add_argument("--osm-source", default="qa-tiles", choices=osm.KINDS, help="the kind of OSM source")
+    parser.add_argument(
+        "--osm", default="data/osm/demo.mbtiles",
+        help="qa-tiles: the .mbtiles; file: the .osm/.osm.pbf/.geojson; overpass: the folder of saved answers",
+    )
+    parser.add_argument("--overpass-url", default=osm.OVERPASS_URL, help="overpass only: the API endpoint")
+    parser.add_argument("--timeout", type=int, default=180, help="overpass only: seconds to wait for the answer")
+
+
+def _open_source(args):
+    """The OSM source named by --osm-source/--osm, opened as `prepare.py all-tiles` opens it."""
+    from osmseg import tiles
+
+    return tiles.open_from_args(args, tiles.parse_bbox(args.bbox))
 
 
 def _check_tile_size(tile_size: int) -> None:
@@ -433,6 +438,7 @@ def configure_labels(parser) -> None:
     parser.add_argument("--sample", default="data/sample.txt", help="tiles to label (lines `source z x y`)")
     parser.add_argument("--classes", default="classes/mine.json", help="classes file (names, colours, filters)")
     _add_source_arguments(parser)
+    parser.add_argument("--bbox", default=DEFAULT_BBOX, help="overpass only: the box the sample was drawn in")
     parser.add_argument("--tile-size", type=int, default=DEFAULT_TILE_SIZE, help="label size in pixels")
     parser.add_argument("--out", default="data/labels/color", help="folder of label PNGs {z}-{x}-{y}.png")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes to render with")
@@ -451,8 +457,8 @@ def run_labels(args) -> int:
     classes = load_classes(args.classes)
     LabelRenderer(classes, args.tile_size, origin=str(args.classes))  # checks every filter up front
     entries = _read_sample(args.sample)
-    spec = SourceSpec(args.osm_source, args.osm)
-    summary = render_labels([tile for _, tile in entries], spec, classes, args.out, args.tile_size, args.workers)
+    with _open_source(args) as source:
+        summary = render_labels([t for _, t in entries], source, classes, args.out, args.tile_size, args.workers)
     print(
         f"labels: {summary['rendered']} rendered, {summary['skipped']} already there, in {args.out}",
         file=sys.stderr,
@@ -610,11 +616,18 @@ def run_filter(args) -> int:
             if entry[1] not in in_sample:
                 yield entry
 
-    def render(batch):
-        spec = SourceSpec(args.osm_source, args.osm)
-        render_labels(batch, spec, classes, labels_dir, args.tile_size, args.workers)
+    sources = []  # opened once, at the first batch that needs labels
 
-    kept, considered = filter_tiles(entries, counts_of, args.label_ratio, args.count, more(), render)
+    def render(batch):
+        if not sources:
+            sources.append(_open_source(args))
+        render_labels(batch, sources[0], classes, labels_dir, args.tile_size, args.workers)
+
+    try:
+        kept, considered = filter_tiles(entries, counts_of, args.label_ratio, args.count, more(), render)
+    finally:
+        for source in sources:
+            source.close()
     if not kept:
         raise UserError(
             f"no tile in --bbox {args.bbox} has a labelled share above {args.label_ratio} "

@@ -247,10 +247,12 @@ def test_polygon_crossing_a_z12_border_renders_seamlessly(tmp_path):
 def test_render_labels_writes_pngs_and_resume_skips_existing(tmp_path):
     path = tmp_path / "osm.mbtiles"
     write_qa_tiles(path, [(pixel_box(TILE, 0, 0, 32, 32), {"building": "yes"})])
-    spec = labels.SourceSpec("qa-tiles", str(path))
+    from osmseg import osm
+
+    source = osm.open_source("qa-tiles", path)
     tiles = [TILE, mercantile.Tile(TILE.x + 1, TILE.y, 17)]
     out = tmp_path / "color"
-    first = labels.render_labels(tiles, spec, CLASSES, out, SIZE, workers=1, progress=False)
+    first = labels.render_labels(tiles, source, CLASSES, out, SIZE, workers=1, progress=False)
     assert first == {"rendered": 2, "skipped": 0}
     label = labels.read_label(out / f"17-{TILE.x}-{TILE.y}.png")
     assert label.shape == (SIZE, SIZE, 3)
@@ -260,7 +262,7 @@ def test_render_labels_writes_pngs_and_resume_skips_existing(tmp_path):
     kept = out / f"17-{TILE.x}-{TILE.y}.png"
     kept.write_bytes(b"not touched")
     (out / f"17-{TILE.x + 1}-{TILE.y}.png").unlink()
-    second = labels.render_labels(tiles, spec, CLASSES, out, SIZE, workers=1, progress=False)
+    second = labels.render_labels(tiles, source, CLASSES, out, SIZE, workers=1, progress=False)
     assert second == {"rendered": 1, "skipped": 1}
     assert kept.read_bytes() == b"not touched"
 
@@ -269,11 +271,13 @@ def test_render_labels_over_worker_processes_matches_one_process(tmp_path):
     path = tmp_path / "osm.mbtiles"
     features = [(pixel_box(TILE, 3, 5, 60, 9), {"building": "yes"}), (Point(pixel_point(TILE, 70.5, 5.5)).buffer(400), {"natural": "water"})]
     write_qa_tiles(path, features)
-    spec = labels.SourceSpec("qa-tiles", str(path))
+    from osmseg import osm
+
+    source = osm.open_source("qa-tiles", path)
     # Tiles in two z12 groups so that the pool gets two tasks.
     tiles = [TILE, mercantile.Tile(TILE.x + 1, TILE.y, 17), mercantile.Tile(TILE.x - 1, TILE.y, 17)]
-    one = labels.render_labels(tiles, spec, CLASSES, tmp_path / "one", SIZE, workers=1, progress=False)
-    two = labels.render_labels(tiles, spec, CLASSES, tmp_path / "two", SIZE, workers=2, progress=False)
+    one = labels.render_labels(tiles, source, CLASSES, tmp_path / "one", SIZE, workers=1, progress=False)
+    two = labels.render_labels(tiles, source, CLASSES, tmp_path / "two", SIZE, workers=2, progress=False)
     assert one == two == {"rendered": 3, "skipped": 0}
     for tile in tiles:
         name = f"17-{tile.x}-{tile.y}.png"
