@@ -775,9 +775,19 @@ class FileSource(OsmSource):
             whose properties are OSM tags.
         name: the name written in tile lists (default: the file name up to its first dot).
         zoom: the zoom of the source tiles source_tiles lists (default 12, like QA tiles).
+        keys: keep only objects with at least one of these tag keys (saves memory on large
+            extracts); None keeps every tagged object.
+        classes: a Classes (or the path of a classes file) whose filters' keys to keep, as
+            `keys` (see filter_keys).
     """
 
-    def __init__(self, path, name: str | None = None, zoom: int = QA_ZOOM):
+    def __init__(self, path, name: str | None = None, zoom: int = QA_ZOOM, keys=None, classes=None):
+        if classes is not None:
+            from osmseg.classes import load_classes
+
+            classes = load_classes(classes) if isinstance(classes, (str, Path)) else classes
+            keys = sorted(set(keys or ()) | set(filter_keys(classes)))
+        self.keys = None if keys is None else frozenset(keys)
         self.path = Path(path)
         self.name = name or self.path.name.split(".")[0]
         self.zoom = zoom
@@ -786,8 +796,10 @@ class FileSource(OsmSource):
         suffixes = [s.lower() for s in self.path.suffixes]
         if suffixes and suffixes[-1] in (".geojson", ".json"):
             features = _read_geojson(self.path)
+            if self.keys is not None:
+                features = [f for f in features if not self.keys.isdisjoint(f.tags)]
         elif ".osm" in suffixes or ".pbf" in suffixes or ".o5m" in suffixes:
-            features = _read_osm(self.path)
+            features = _read_osm(self.path, self.keys)
         else:
             raise SourceError(
                 f"{self.path}: unknown OSM file type; pass a .osm, .osm.pbf (OSM extract) or .geojson "
@@ -887,8 +899,11 @@ def _read_geojson(path: Path) -> list[Feature]:
     return _merge_by_id(items)
 
 
-def _read_osm(path: Path) -> list[Feature]:
-    """Tagged nodes, ways and (multipolygon) areas of an OSM extract, with pyosmium."""
+def _read_osm(path: Path, keys: frozenset | None = None) -> list[Feature]:
+    """Tagged nodes, ways and (multipolygon) areas of an OSM extract, with pyosmium.
+
+    Only objects with one of `keys` are kept when keys is given.
+    """
     import osmium
     import shapely
     from tqdm import tqdm
@@ -905,6 +920,8 @@ def _read_osm(path: Path) -> list[Feature]:
             if not obj.tags:
                 continue
             tags = {tag.k: tag.v for tag in obj.tags}
+            if keys is not None and keys.isdisjoint(tags):
+                continue
             try:
                 if obj.is_node():
                     wkb = factory.create_point(obj)
@@ -1055,7 +1072,7 @@ def overpass_source(location, *, bbox=None, classes=None, endpoint: str = OVERPA
                         f"Overpass API at {endpoint}: {remark.group(1).strip()}; retry later or use a smaller "
                         "bounding box"
                     )
-    return FileSource(path, name=name or "overpass")
+    return FileSource(path, name=name or "overpass", keys=keys)
 
 
 def _tail(path: Path, size: int = 4096) -> str:

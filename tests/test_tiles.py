@@ -77,16 +77,23 @@ def test_bad_zoom(zoom):
 
 
 @given(boxes(), st.integers(0, 18))
-def test_tile_range_covers_the_box(bbox, zoom):
+def test_tile_range_is_exactly_the_tiles_overlapping_the_box(bbox, zoom):
     x0, y0, x1, y1 = tiles.tile_range(bbox, zoom)
     assert x0 <= x1 and y0 <= y1
-    west, north = mercantile.ul(mercantile.Tile(x0, y0, zoom))
-    east, south = mercantile.ul(mercantile.Tile(x1 + 1, y1 + 1, zoom)) if x1 + 1 < 1 << zoom else (180.0, None)
-    if south is None:
-        south = mercantile.bounds(mercantile.Tile(x1, y1, zoom)).south
-    eps = 1e-7
-    assert west <= bbox.west + eps and bbox.east <= east + eps and bbox.north <= north + eps
-    assert south <= bbox.south + eps or y1 == (1 << zoom) - 1
+    eps = 1e-6  # degrees: tiles that only touch an edge may fall either way
+    first, last = mercantile.bounds(mercantile.Tile(x0, y0, zoom)), mercantile.bounds(mercantile.Tile(x1, y1, zoom))
+    # The corner tiles overlap the box ...
+    assert first.west < bbox.west + eps and first.north > bbox.north - eps
+    assert last.east > bbox.east - eps and last.south < bbox.south + eps
+    # ... and the next tiles out do not.
+    if x0 > 0:
+        assert mercantile.bounds(mercantile.Tile(x0 - 1, y0, zoom)).east <= bbox.west + eps
+    if x1 < (1 << zoom) - 1:
+        assert mercantile.bounds(mercantile.Tile(x1 + 1, y1, zoom)).west >= bbox.east - eps
+    if y0 > 0:
+        assert mercantile.bounds(mercantile.Tile(x0, y0 - 1, zoom)).south >= bbox.north - eps
+    if y1 < (1 << zoom) - 1:
+        assert mercantile.bounds(mercantile.Tile(x1, y1 + 1, zoom)).north <= bbox.south + eps
 
 
 # ---- the sample stream ------------------------------------------------------------------------
