@@ -33,7 +33,6 @@ import collections
 import gzip
 import hashlib
 import json
-import math
 import re
 import sqlite3
 import sys
@@ -268,8 +267,10 @@ def _single(geometries: list):
 
     if len(geometries) == 1:
         return geometries[0]
-    return shapely.unary_union(geometries) if geometries[0].geom_type.endswith("Polygon") else shapely.union_all(
-        geometries
+    return (
+        shapely.unary_union(geometries)
+        if geometries[0].geom_type.endswith("Polygon")
+        else shapely.union_all(geometries)
     )
 
 
@@ -301,8 +302,9 @@ class QaTilesSource(OsmSource):
             LineString pieces (the 2015 generation) before closing it as it is.
     """
 
-    def __init__(self, path, name: str | None = None, zoom: int | None = None, cache_size: int = 64,
-                 max_area_tiles: int = 256):
+    def __init__(
+        self, path, name: str | None = None, zoom: int | None = None, cache_size: int = 64, max_area_tiles: int = 256
+    ):
         self.path = Path(path)
         self.name = name or self.path.name.split(".")[0]
         self.cache_size = cache_size
@@ -425,10 +427,11 @@ class QaTilesSource(OsmSource):
 
     def _decode_bytes(self, data: bytes, tile: mercantile.Tile) -> list[_Piece]:
         import shapely
+        from google.protobuf.message import DecodeError
 
         try:
             decoded = decode_tile(data, tile)
-        except Exception as error:  # protobuf's DecodeError and malformed command streams
+        except (DecodeError, ValueError, IndexError) as error:
             raise SourceError(
                 f"{self.path}: tile {tile.z}/{tile.x}/{tile.y} is not a Mapbox Vector Tile ({error}); "
                 "pass OSM QA tiles (gzipped vector tiles)"
@@ -562,7 +565,7 @@ class QaTilesSource(OsmSource):
 
 
 def _kinds(geometries):
-    """"point", "line" or "polygon" for each geometry of an array."""
+    """ "point", "line" or "polygon" for each geometry of an array."""
     import numpy as np
     import shapely
 
@@ -663,8 +666,9 @@ def decode_tile(data: bytes, tile: mercantile.Tile, layer_name: str = LAYER):
     point_rows, line_rows, polygon_rows = [], [], []
     # Signed ring areas (shoelace formula in tile coordinates, y down), all rings at once:
     # MVT spec 4.3.4.4: exterior rings have a positive area, interior rings a negative one.
-    rings = [(start, end) for kind, _, parts, _ in feature_rows if kind == 3 for start, end, _ in parts
-             if end - start >= 3]
+    rings = [
+        (start, end) for kind, _, parts, _ in feature_rows if kind == 3 for start, end, _ in parts if end - start >= 3
+    ]
     if rings:
         starts, ends = np.array(rings, dtype=np.int64).T
         lengths = ends - starts
@@ -718,8 +722,12 @@ def decode_tile(data: bytes, tile: mercantile.Tile, layer_name: str = LAYER):
     for rows, index, offsets, geometry_type in (
         (point_rows, points_index, (np.array(point_offsets),), GeometryType.MULTIPOINT),
         (line_rows, lines_index, (np.array(line_parts), np.array(line_offsets)), GeometryType.MULTILINESTRING),
-        (polygon_rows, polygons_index, (np.array(ring_parts), np.array(polygon_offsets), np.array(ring_offsets)),
-         GeometryType.MULTIPOLYGON),
+        (
+            polygon_rows,
+            polygons_index,
+            (np.array(ring_parts), np.array(polygon_offsets), np.array(ring_offsets)),
+            GeometryType.MULTIPOLYGON,
+        ),
     ):
         if not rows:
             continue
@@ -744,7 +752,6 @@ def _gunzip(data: bytes) -> bytes:
         except zlib.error:
             return data
     return data
-
 
 
 # --------------------------------------------------------------------------------------
@@ -913,8 +920,7 @@ def _read_osm(path: Path, keys: frozenset | None = None) -> list[Feature]:
     area_ways: set[int] = set()
     try:
         processor = osmium.FileProcessor(str(path)).with_locations().with_areas()
-        progress = tqdm(desc=f"reading {path.name}", unit=" objects", file=sys.stderr, mininterval=1.0,
-                        disable=None)
+        progress = tqdm(desc=f"reading {path.name}", unit=" objects", file=sys.stderr, mininterval=1.0, disable=None)
         for obj in processor:
             progress.update()
             if not obj.tags:
@@ -957,7 +963,9 @@ def _read_osm(path: Path, keys: frozenset | None = None) -> list[Feature]:
             items.append((to_mercator(geometry), tags))
         progress.close()
     except (RuntimeError, OSError, ValueError) as error:
-        raise SourceError(f"{path}: cannot read the OSM file ({error}); pass a valid .osm or .osm.pbf extract") from None
+        raise SourceError(
+            f"{path}: cannot read the OSM file ({error}); pass a valid .osm or .osm.pbf extract"
+        ) from None
     return [Feature(g, t) for g, t in items]
 
 
@@ -996,8 +1004,9 @@ def overpass_query(bbox: mercantile.LngLatBbox, keys: list[str], timeout: int = 
     )
 
 
-def overpass_source(location, *, bbox=None, classes=None, endpoint: str = OVERPASS_URL,
-                    timeout: int = 180, name: str | None = None) -> FileSource:
+def overpass_source(
+    location, *, bbox=None, classes=None, endpoint: str = OVERPASS_URL, timeout: int = 180, name: str | None = None
+) -> FileSource:
     """Query Overpass once for the classes' keys in bbox, save the .osm under location, read it.
 
     The answer is saved as ``<location>/overpass-<hash of the query>.osm`` (atomically); a
@@ -1019,7 +1028,6 @@ def overpass_source(location, *, bbox=None, classes=None, endpoint: str = OVERPA
     import requests
 
     from osmseg import cli
-
     from osmseg.classes import load_classes
     from osmseg.tiles import parse_bbox
 
@@ -1038,10 +1046,17 @@ def overpass_source(location, *, bbox=None, classes=None, endpoint: str = OVERPA
     path = Path(location) / f"overpass-{digest}.osm"
     if not path.exists():
         try:
-            response = requests.post(endpoint, data={"data": query}, headers={"User-Agent": USER_AGENT},
-                                     timeout=(30, timeout + 30), stream=True)
+            response = requests.post(
+                endpoint,
+                data={"data": query},
+                headers={"User-Agent": USER_AGENT},
+                timeout=(30, timeout + 30),
+                stream=True,
+            )
         except requests.RequestException as error:
-            raise SourceError(f"Overpass API at {endpoint}: cannot connect ({error}); check the endpoint or retry later") from None
+            raise SourceError(
+                f"Overpass API at {endpoint}: cannot connect ({error}); check the endpoint or retry later"
+            ) from None
         with response:
             if response.status_code == 429:
                 raise SourceError(
@@ -1060,13 +1075,12 @@ def overpass_source(location, *, bbox=None, classes=None, endpoint: str = OVERPA
                 )
             with cli.atomic_path(path) as tmp:
                 with open(tmp, "wb") as out:
-                    for chunk in response.iter_content(1 << 16):
-                        out.write(chunk)
+                    out.writelines(response.iter_content(1 << 16))
                 head = tmp.read_bytes()[:4096].decode("utf-8", "replace")
                 tail = _tail(tmp)
                 if "<osm" not in head:
                     raise SourceError(f"Overpass API at {endpoint}: the answer is not OSM XML; check the endpoint")
-                remark = re.search(r"<remark>(.*?)</remark>", head + tail, re.S)
+                remark = re.search(r"<remark>(.*?)</remark>", head + tail, re.DOTALL)
                 if remark and "error" in remark.group(1).lower():
                     raise SourceError(
                         f"Overpass API at {endpoint}: {remark.group(1).strip()}; retry later or use a smaller "
@@ -1134,8 +1148,12 @@ def download_qa_tiles(name: str, out_dir, base_url: str = QA_TILES_URL, timeout:
         total = int(response.headers.get("Content-Length") or 0) or None
         inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)  # 16+: expect a gzip header
         try:
-            with open(partial, "wb") as out, tqdm(total=total, unit="B", unit_scale=True, desc=f"{name}.mbtiles.gz",
-                                                  file=sys.stderr, disable=None) as progress:
+            with (
+                open(partial, "wb") as out,
+                tqdm(
+                    total=total, unit="B", unit_scale=True, desc=f"{name}.mbtiles.gz", file=sys.stderr, disable=None
+                ) as progress,
+            ):
                 for chunk in response.iter_content(1 << 20):
                     out.write(inflate.decompress(chunk))
                     progress.update(len(chunk))
@@ -1156,8 +1174,9 @@ def download_qa_tiles(name: str, out_dir, base_url: str = QA_TILES_URL, timeout:
 
 
 def configure_download_osm(parser) -> None:
-    parser.add_argument("--name", default="united_kingdom",
-                        help="QA_TILES: a country in lower case with underscores, or 'planet'")
+    parser.add_argument(
+        "--name", default="united_kingdom", help="QA_TILES: a country in lower case with underscores, or 'planet'"
+    )
     parser.add_argument("--base-url", default=QA_TILES_URL, help="where <name>.mbtiles.gz files live")
     parser.add_argument("--out-dir", default="data/osm", help="the folder for <name>.mbtiles")
 

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
 import mercantile
 import numpy as np
@@ -58,8 +58,12 @@ def parse_bbox(text: str) -> mercantile.LngLatBbox:
         raise BBoxError(f"{where}: not all numbers; write it as {BBOX_FORMAT}") from None
     if not all(math.isfinite(v) for v in (west, south, east, north)):
         raise BBoxError(f"{where}: coordinates must be finite numbers; write it as {BBOX_FORMAT}")
-    for name, value, limit in (("west", west, 180), ("east", east, 180), ("south", south, MAX_LATITUDE),
-                               ("north", north, MAX_LATITUDE)):
+    for name, value, limit in (
+        ("west", west, 180),
+        ("east", east, 180),
+        ("south", south, MAX_LATITUDE),
+        ("north", north, MAX_LATITUDE),
+    ):
         if abs(value) > limit:
             raise BBoxError(
                 f"{where}: {name} {value} is outside [-{limit:g}, {limit:g}] (longitude within ±180, latitude "
@@ -67,8 +71,7 @@ def parse_bbox(text: str) -> mercantile.LngLatBbox:
             )
     if west > east or south > north:
         raise BBoxError(
-            f"{where}: inverted (west {west} > east {east} or south {south} > north {north}); "
-            f"write it as {BBOX_FORMAT}"
+            f"{where}: inverted (west {west} > east {east} or south {south} > north {north}); write it as {BBOX_FORMAT}"
         )
     if west == east or south == north:
         raise BBoxError(f"{where}: empty (zero width or height); give it an area, as {BBOX_FORMAT}")
@@ -180,8 +183,9 @@ class _Permutation:
         self.size = size
         self.half = max(1, math.ceil(math.log2(max(size, 2)) / 2))
         self.domain = 1 << (2 * self.half)
-        keys = _mix64(np.arange(1, self.ROUNDS + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
-                      ^ np.uint64(seed & _MASK64))
+        keys = _mix64(
+            np.arange(1, self.ROUNDS + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15) ^ np.uint64(seed & _MASK64)
+        )
         self.keys = [np.uint64(k) for k in keys]
 
     def __call__(self, inputs: np.ndarray) -> np.ndarray:
@@ -203,8 +207,13 @@ class _Permutation:
 class SampleStream:
     """An iterator over the random sample (see sample_stream); `total` is how many it holds."""
 
-    def __init__(self, bbox: mercantile.LngLatBbox, zoom: int, seed: int,
-                 within: Sequence[mercantile.Tile | tuple[str, mercantile.Tile]] | None = None):
+    def __init__(
+        self,
+        bbox: mercantile.LngLatBbox,
+        zoom: int,
+        seed: int,
+        within: Sequence[mercantile.Tile | tuple[str, mercantile.Tile]] | None = None,
+    ):
         zoom = check_zoom(zoom)
         bx0, by0, bx1, by1 = tile_range(bbox, zoom)
         # Candidate tiles as rectangles in tile index space: the box itself, or the part of
@@ -242,7 +251,7 @@ class SampleStream:
         self._blocks = _Permutation(self.total, seed).blocks() if self.total else iter(())
         self._pending: list[tuple[int, mercantile.Tile]] = []
 
-    def __iter__(self) -> "SampleStream":
+    def __iter__(self) -> SampleStream:
         return self
 
     def __len__(self) -> int:
@@ -274,8 +283,9 @@ class SampleStream:
         return self._names[region]
 
 
-def sample_stream(bbox: mercantile.LngLatBbox, zoom: int, seed: int = 0,
-                  within: Sequence[mercantile.Tile] | None = None) -> SampleStream:
+def sample_stream(
+    bbox: mercantile.LngLatBbox, zoom: int, seed: int = 0, within: Sequence[mercantile.Tile] | None = None
+) -> SampleStream:
     """A reproducible random stream of distinct tiles at zoom inside bbox (and inside `within`).
 
     data/sample.txt holds its first COUNT tiles; the filter step reads on to replace tiles
@@ -296,8 +306,9 @@ def sample_stream(bbox: mercantile.LngLatBbox, zoom: int, seed: int = 0,
     return SampleStream(bbox, zoom, seed, within)
 
 
-def sample_entries(bbox: mercantile.LngLatBbox, zoom: int, seed: int,
-                   entries: Sequence[tuple[str, mercantile.Tile]]) -> Iterator[tuple[str, mercantile.Tile]]:
+def sample_entries(
+    bbox: mercantile.LngLatBbox, zoom: int, seed: int, entries: Sequence[tuple[str, mercantile.Tile]]
+) -> Iterator[tuple[str, mercantile.Tile]]:
     """sample_stream over data/all_tiles.txt entries, always yielding (source name, Tile)."""
     stream = SampleStream(bbox, zoom, seed, entries)
     while True:
@@ -315,12 +326,15 @@ def configure_all_tiles(parser) -> None:
     from osmseg import osm
 
     parser.add_argument("--osm-source", default="qa-tiles", choices=osm.KINDS, help="the kind of OSM source")
-    parser.add_argument("--osm", default="data/osm/united_kingdom.mbtiles",
-                        help="qa-tiles: the .mbtiles; file: the .osm/.osm.pbf/.geojson; overpass: the folder "
-                             "to save the response in")
+    parser.add_argument(
+        "--osm",
+        default="data/osm/united_kingdom.mbtiles",
+        help="qa-tiles: the .mbtiles; file: the .osm/.osm.pbf/.geojson; overpass: the folder to save the response in",
+    )
     parser.add_argument("--bbox", default=DEFAULT_BBOX, help=f"the area: {BBOX_FORMAT}")
-    parser.add_argument("--classes", default="classes/mine.json",
-                        help="overpass only: the classes file whose tag keys to query")
+    parser.add_argument(
+        "--classes", default="classes/mine.json", help="overpass only: the classes file whose tag keys to query"
+    )
     parser.add_argument("--overpass-url", default=osm.OVERPASS_URL, help="overpass only: the API endpoint")
     parser.add_argument("--timeout", type=int, default=180, help="overpass only: seconds to wait for the answer")
     parser.add_argument("--out", default="data/all_tiles.txt", help="the tile list to write (source z x y)")
@@ -332,8 +346,14 @@ def open_from_args(args, bbox: mercantile.LngLatBbox):
     from osmseg.classes import load_classes
 
     if args.osm_source == "overpass":
-        return osm.open_source("overpass", args.osm, bbox=bbox, classes=load_classes(args.classes),
-                               endpoint=args.overpass_url, timeout=args.timeout)
+        return osm.open_source(
+            "overpass",
+            args.osm,
+            bbox=bbox,
+            classes=load_classes(args.classes),
+            endpoint=args.overpass_url,
+            timeout=args.timeout,
+        )
     return osm.open_source(args.osm_source, args.osm)
 
 
@@ -386,4 +406,3 @@ def run_sample(args) -> int:
     write_tile_list(args.out, sample)
     print(f"{args.out}: {len(sample)} z{zoom} tiles drawn with seed {args.seed}", file=sys.stderr)
     return 0
-

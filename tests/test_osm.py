@@ -39,9 +39,7 @@ def write_mbtiles(path: Path, tiles: dict, extent: int = 4096, buffer: int = 0, 
     """
     connection = sqlite3.connect(path)
     connection.execute("CREATE TABLE metadata (name TEXT, value TEXT)")
-    connection.execute(
-        "CREATE TABLE tiles (zoom_level INTEGER, tile_column INTEGER, tile_row INTEGER, tile_data BLOB)"
-    )
+    connection.execute("CREATE TABLE tiles (zoom_level INTEGER, tile_column INTEGER, tile_row INTEGER, tile_data BLOB)")
     connection.executemany("INSERT INTO metadata VALUES (?, ?)", [("name", path.stem), ("format", "pbf")])
     for tile, features in tiles.items():
         left, bottom, right, top = mercantile.xy_bounds(tile)
@@ -167,7 +165,10 @@ def test_tags_decide_areas(tmp_path):
             (ring, {"@id": 1, "@type": "way", "landuse": "forest"}),
             (shapely.affinity.translate(ring, 400), {"@id": 2, "@type": "way", "natural": "coastline"}),
             (shapely.affinity.translate(ring, 800), {"@id": 3, "@type": "way", "building": "yes", "area": "no"}),
-            (shapely.affinity.translate(ring, 1200), {"@id": 4, "@type": "way", "highway": "pedestrian", "area": "yes"}),
+            (
+                shapely.affinity.translate(ring, 1200),
+                {"@id": 4, "@type": "way", "highway": "pedestrian", "area": "yes"},
+            ),
             (Point(cx, cy - 500), {"@id": 5, "@type": "node", "natural": "tree"}),
         ]
     }
@@ -364,8 +365,11 @@ def test_portugal_geojson(portugal_dir):
     assert len(source) == len(ids) < len(raw)  # pieces of one object merged into one feature
     features = source.features(mercantile.xy_bounds(mercantile.Tile(62093, 50163, 17)))
     assert features and all(v is not None and isinstance(v, str) for f in features for v in f.tags.values())
-    beach = [f for f in source.features(mercantile.xy_bounds(mercantile.Tile(62093, 50163, 17)), margin=8)
-             if f.tags.get("natural") == "beach"]
+    beach = [
+        f
+        for f in source.features(mercantile.xy_bounds(mercantile.Tile(62093, 50163, 17)), margin=8)
+        if f.tags.get("natural") == "beach"
+    ]
     assert beach and all(f.geometry.geom_type.endswith("Polygon") for f in beach)
     west, south, east, north = _lnglat_bounds(features)
     assert -9.50 < west < east < -9.40 and 38.82 < south < north < 38.90
@@ -431,10 +435,15 @@ def test_filter_keys(classes_file):
 def test_overpass_queries_once_and_reads_the_answer(server, tmp_path, classes_file):
     fake = server({"/api/interpreter": (200, OSM_XML.encode())})
     bbox = mercantile.LngLatBbox(7.41, 43.72, 7.43, 43.74)
-    options = dict(bbox=bbox, classes=load_classes(classes_file), endpoint=fake.url + "/api/interpreter", timeout=25)
+    options = {
+        "bbox": bbox,
+        "classes": load_classes(classes_file),
+        "endpoint": fake.url + "/api/interpreter",
+        "timeout": 25,
+    }
     source = osm.open_source("overpass", tmp_path / "osm", **options)
     _check_small_osm(source, highways=False)  # only the classes' keys are kept
-    (method, _, headers, body), = fake.requests
+    ((method, _, headers, body),) = fake.requests
     assert method == "POST" and "osmseg" in headers["User-Agent"]
     from urllib.parse import parse_qs
 
@@ -465,23 +474,48 @@ def test_overpass_queries_once_and_reads_the_answer(server, tmp_path, classes_fi
 def test_overpass_errors_save_nothing(server, tmp_path, classes_file, status, body, message):
     fake = server({"/api/interpreter": (status, body)})
     with pytest.raises(SourceError, match=message):
-        osm.open_source("overpass", tmp_path, bbox=mercantile.LngLatBbox(7.41, 43.72, 7.43, 43.74),
-                        classes=load_classes(classes_file), endpoint=fake.url + "/api/interpreter")
+        osm.open_source(
+            "overpass",
+            tmp_path,
+            bbox=mercantile.LngLatBbox(7.41, 43.72, 7.43, 43.74),
+            classes=load_classes(classes_file),
+            endpoint=fake.url + "/api/interpreter",
+        )
     assert list(tmp_path.iterdir()) == []
 
 
 def test_overpass_unreachable(tmp_path, classes_file):
     with pytest.raises(SourceError, match="cannot connect"):
-        osm.open_source("overpass", tmp_path, bbox=mercantile.LngLatBbox(7.41, 43.72, 7.43, 43.74),
-                        classes=load_classes(classes_file), endpoint="http://127.0.0.1:9/api/interpreter")
+        osm.open_source(
+            "overpass",
+            tmp_path,
+            bbox=mercantile.LngLatBbox(7.41, 43.72, 7.43, 43.74),
+            classes=load_classes(classes_file),
+            endpoint="http://127.0.0.1:9/api/interpreter",
+        )
 
 
 def test_all_tiles_from_overpass(server, tmp_path, classes_file, capsys):
     fake = server({"/api/interpreter": (200, OSM_XML.encode())})
     out = tmp_path / "all_tiles.txt"
-    status = prepare.cli.run(prepare.main, [
-        "all-tiles", "--osm-source", "overpass", "--osm", str(tmp_path / "osm"), "--bbox", "7.41,43.72,7.43,43.74",
-        "--classes", str(classes_file), "--overpass-url", fake.url + "/api/interpreter", "--out", str(out)])
+    status = prepare.cli.run(
+        prepare.main,
+        [
+            "all-tiles",
+            "--osm-source",
+            "overpass",
+            "--osm",
+            str(tmp_path / "osm"),
+            "--bbox",
+            "7.41,43.72,7.43,43.74",
+            "--classes",
+            str(classes_file),
+            "--overpass-url",
+            fake.url + "/api/interpreter",
+            "--out",
+            str(out),
+        ],
+    )
     assert status == 0, capsys.readouterr().err
     assert out.read_text() == "overpass 12 2132 1493\n"
 
@@ -576,25 +610,39 @@ def test_decoder_matches_mapbox_vector_tile_on_monaco(monaco_mbtiles):
 
 
 def test_decoder_matches_mapbox_vector_tile_on_every_geometry_type():
-    left, bottom, right, top = mercantile.xy_bounds(LEFT)
+    left, _, _, top = mercantile.xy_bounds(LEFT)
     cx, cy = left + 3000, top - 3000
     shell = box(cx, cy, cx + 900, cy + 900)
     holed = shell.difference(box(cx + 300, cy + 300, cx + 600, cy + 600))
     features = [
         (holed, {"landuse": "forest", "@id": 1}),
-        (shapely.MultiPolygon([box(cx, cy - 2000, cx + 100, cy - 1900), box(cx + 500, cy - 2000, cx + 600, cy - 1900)]),
-         {"building": "yes", "levels": 3.5, "flag": True}),
-        (shapely.MultiLineString([[(cx, cy), (cx + 50, cy + 70)], [(cx - 90, cy), (cx - 20, cy - 30)]]), {"highway": "path"}),
+        (
+            shapely.MultiPolygon(
+                [box(cx, cy - 2000, cx + 100, cy - 1900), box(cx + 500, cy - 2000, cx + 600, cy - 1900)]
+            ),
+            {"building": "yes", "levels": 3.5, "flag": True},
+        ),
+        (
+            shapely.MultiLineString([[(cx, cy), (cx + 50, cy + 70)], [(cx - 90, cy), (cx - 20, cy - 30)]]),
+            {"highway": "path"},
+        ),
         (LineString([(cx, cy), (cx + 1000, cy + 500), (cx + 1500, cy - 10)]), {"highway": "primary", "@id": -5}),
         (Point(cx + 10, cy + 10), {"natural": "tree"}),
         (shapely.MultiPoint([(cx, cy), (cx + 100, cy + 100)]), {"amenity": "bench"}),
     ]
     for extent in (4096, 1 << 20):
         encoded = [{"geometry": _to_local(g, LEFT, extent).wkt, "properties": p} for g, p in features]
-        data = mapbox_vector_tile.encode([{"name": "osm", "features": encoded}],
-                                         default_options={"extents": extent, "y_coord_down": True})
+        data = mapbox_vector_tile.encode(
+            [{"name": "osm", "features": encoded}], default_options={"extents": extent, "y_coord_down": True}
+        )
         _assert_same_decoding(data, LEFT)
         geometries, _ = osm.decode_tile(data, LEFT)
         assert [g.geom_type for g in geometries] == [
-            "Polygon", "MultiPolygon", "MultiLineString", "LineString", "Point", "MultiPoint"]
+            "Polygon",
+            "MultiPolygon",
+            "MultiLineString",
+            "LineString",
+            "Point",
+            "MultiPoint",
+        ]
         assert len(geometries[0].interiors) == 1

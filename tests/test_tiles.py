@@ -32,7 +32,9 @@ def boxes(draw, max_size: float = 2.0):
 
 
 def test_parse_bbox_reads_the_seed_default():
-    assert tiles.parse_bbox("-3.3843,51.2437,-2.3923,51.848") == mercantile.LngLatBbox(-3.3843, 51.2437, -2.3923, 51.848)
+    assert tiles.parse_bbox("-3.3843,51.2437,-2.3923,51.848") == mercantile.LngLatBbox(
+        -3.3843, 51.2437, -2.3923, 51.848
+    )
     assert tiles.parse_bbox(" 1, 2 ,3,4 ") == (1, 2, 3, 4)
 
 
@@ -168,14 +170,23 @@ def test_sample_entries_name_the_source():
     assert [tile for _, tile in named] == list(tiles.sample_stream(bbox, 14, 5, within=[t for _, t in entries]))
     assert len(named) == 2 * 16
     for source, tile in named:
-        assert dict((t, s) for s, t in entries)[mercantile.parent(tile, zoom=12)] == source
+        assert {t: s for s, t in entries}[mercantile.parent(tile, zoom=12)] == source
 
 
 # ---- tile lists -------------------------------------------------------------------------------
 
 
-@given(st.lists(st.tuples(st.sampled_from(["demo", "monaco"]), st.integers(0, 22), st.integers(0, 2**22 - 1),
-                          st.integers(0, 2**22 - 1)), max_size=20))
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["demo", "monaco"]),
+            st.integers(0, 22),
+            st.integers(0, 2**22 - 1),
+            st.integers(0, 2**22 - 1),
+        ),
+        max_size=20,
+    )
+)
 def test_tile_lists_round_trip(tmp_path_factory, rows):
     entries = [(s, mercantile.Tile(x % (1 << z), y % (1 << z), z)) for s, z, x, y in rows]
     path = tmp_path_factory.mktemp("lists") / "list.txt"
@@ -217,8 +228,22 @@ def test_all_tiles_and_sample_on_monaco(monaco_mbtiles, tmp_path, capsys):
     assert status == 0
     entries = tiles.read_tile_list(all_tiles)
     assert len(entries) == 7 and {s for s, _ in entries} == {"monaco"}
-    status, _ = _prepare(["sample", "--all-tiles", str(all_tiles), "--bbox", bbox, "--count", "100", "--seed", "3",
-                          "--out", str(sample)], capsys)
+    status, _ = _prepare(
+        [
+            "sample",
+            "--all-tiles",
+            str(all_tiles),
+            "--bbox",
+            bbox,
+            "--count",
+            "100",
+            "--seed",
+            "3",
+            "--out",
+            str(sample),
+        ],
+        capsys,
+    )
     assert status == 0
     drawn = tiles.read_tile_list(sample)
     assert len(drawn) == 100 and len(set(drawn)) == 100
@@ -231,8 +256,9 @@ def test_sample_keeps_all_when_the_box_is_small(tmp_path, capsys):
     all_tiles, sample = tmp_path / "all_tiles.txt", tmp_path / "sample.txt"
     tiles.write_tile_list(all_tiles, [("demo", mercantile.Tile(2132, 1493, 12))])
     bbox = "7.4200,43.7300,7.4250,43.7330"
-    status, err = _prepare(["sample", "--all-tiles", str(all_tiles), "--bbox", bbox, "--count", "1000",
-                            "--out", str(sample)], capsys)
+    status, err = _prepare(
+        ["sample", "--all-tiles", str(all_tiles), "--bbox", bbox, "--count", "1000", "--out", str(sample)], capsys
+    )
     assert status == 0
     drawn = tiles.read_tile_list(sample)
     assert 1 <= len(drawn) < 20 and f"holds only {len(drawn)} tiles" in err and "keeping them all" in err
