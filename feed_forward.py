@@ -121,8 +121,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     jobs = list_images(args.image, args.outdir)
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
-    import numpy as np
-
     import model as segnet
     from osmseg import segment
     from osmseg.classes import parse_classes
@@ -135,14 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError(f"--window {window}: {error}") from None
     classes = parse_classes(config["classes"], origin=f"{args.weights} (classes)", require_filters=False)
 
-    def predict(batch):
-        # Keras traces a new graph for every new batch shape; rounding a short (last) batch
-        # up to a power of two bounds the shapes it sees at log2(batch size) + 1.
-        count = len(batch)
-        size = min(args.batch_size, 1 << (count - 1).bit_length())
-        if size > count:
-            batch = np.concatenate([batch, np.zeros((size - count,) + batch.shape[1:], batch.dtype)])
-        return keras_model.predict_on_batch(batch)[:count]
+    predict = segment.model_predict(keras_model, args.batch_size)
 
     failed: list[str] = []
     for image_path, outdir in jobs:

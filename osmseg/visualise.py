@@ -51,10 +51,12 @@ def overlay(image: np.ndarray, labels: np.ndarray, palette: np.ndarray, alpha: f
         palette: uint8 (C, 3) display colours.
         alpha: the colours' opacity.
     """
-    colours = palette[labels].astype(np.float32)
-    blended = image.astype(np.float32) * (1 - alpha) + colours * alpha
-    blended = np.where((labels > 0)[:, :, None], np.rint(blended), image)
-    return blended.astype(np.uint8)
+    import cv2
+
+    colours = palette[labels]
+    blended = cv2.addWeighted(image, 1 - alpha, colours, alpha, 0.0)
+    np.copyto(blended, image, where=(labels == 0)[:, :, None])
+    return blended
 
 
 def colormap_lut() -> np.ndarray:
@@ -114,20 +116,19 @@ def heatmap(probabilities: np.ndarray, title: str = "", min_height: int = 256) -
 
 
 class PngWriter:
-    """Writes an 8-bit RGB PNG row by row (PNG spec: IHDR, IDAT..., IEND; filter 0 rows).
+    """Writes an 8-bit RGB PNG row by row (PNG spec: IHDR, IDAT..., IEND; Sub-filtered rows).
 
     Use as a context manager; write() takes RGB uint8 (rows, width, 3) strips, top to
     bottom, and close() checks that exactly `height` rows came.
     """
 
-    def __init__(self, path: str | os.PathLike, width: int, height: int, level: int = 3):
+    def __init__(self, path: str | os.PathLike, width: int, height: int, level: int = 1):
         if width <= 0 or height <= 0:
             raise ValueError(f"PNG size must be positive, got {width}×{height}")
         self.path = Path(path)
         self.width, self.height = width, height
         self._rows = 0
         self._file = open(self.path, "wb")
-        # Level 3 compresses masks almost as well as 9 at a fraction of the time.
         self._compressor = zlib.compressobj(level)
         self._pending: list[bytes] = []
         self._pending_size = 0
@@ -149,8 +150,14 @@ class PngWriter:
             raise ValueError(f"expected uint8 (rows, {self.width}, 3), got {rows.dtype} {rows.shape}")
         if self._rows + len(rows) > self.height:
             raise ValueError(f"{self.path}: more than {self.height} rows written")
-        scanlines = np.zeros((len(rows), 1 + 3 * self.width), dtype=np.uint8)  # filter byte 0
-        scanlines[:, 1:] = rows.reshape(len(rows), -1)
+        # Filter type 1 (Sub: each byte minus the same channel's byte to its left, modulo
+        # 256) makes photographs compress about twice as well, and deflate level 1 then
+        # runs several times faster than on raw bytes (measured on a 4096² scene).
+        flat = rows.reshape(len(rows), -1)
+        scanlines = np.empty((len(rows), 1 + 3 * self.width), dtype=np.uint8)
+        scanlines[:, 0] = 1
+        scanlines[:, 1:4] = flat[:, :3]
+        np.subtract(flat[:, 3:], flat[:, :-3], out=scanlines[:, 4:])
         data = self._compressor.compress(scanlines.tobytes())
         if data:
             self._pending.append(data)
