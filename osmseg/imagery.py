@@ -535,10 +535,14 @@ def blank_reason(image: np.ndarray) -> str | None:
     Blank: at least 95% of pixels with max(R, G, B) < 40 (black, no data), or at least 50% with
     min(R, G, B) > 220 (white: clouds or no data).
     """
-    black = float((image.max(axis=2) < BLACK_MAX).mean())
+    # Element-wise over channel planes: numpy's reductions along a length-3 axis are ~20x slower,
+    # and this runs on every downloaded tile.
+    channels = [image[..., c] for c in range(image.shape[2])]
+    pixels = image.shape[0] * image.shape[1]
+    black = np.count_nonzero(np.maximum.reduce(channels) < BLACK_MAX) / pixels
     if black >= BLACK_FRACTION:
         return f"blank: {black:.0%} black pixels (max(R,G,B) < {BLACK_MAX})"
-    white = float((image.min(axis=2) > WHITE_MIN).mean())
+    white = np.count_nonzero(np.minimum.reduce(channels) > WHITE_MIN) / pixels
     if white >= WHITE_FRACTION:
         return f"blank: {white:.0%} white pixels (min(R,G,B) > {WHITE_MIN})"
     return None
