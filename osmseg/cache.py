@@ -809,16 +809,19 @@ def _plain(value):
 
 
 def _read_rows(dataset: h5py.Dataset, indices: np.ndarray) -> np.ndarray:
-    """dataset[indices] for indices in any order, with repeats.
+    """dataset[indices] for indices in any order, with repeats, one chunk read per row.
 
-    h5py's fancy indexing wants strictly increasing indices, so read those and reorder.
+    Not h5py's fancy indexing (dataset[[i, j, ...]]): it wants increasing indices and is
+    about ten times slower than a read per row here (40 against 450 tiles/s, 16-tile
+    batches). Rows are read in file order, which helps a cold disk, and placed where asked.
     """
     indices = np.asarray(indices, dtype=np.int64)
     if len(indices) and np.all(np.diff(indices) == 1):
         return dataset[indices[0] : indices[-1] + 1]
-    unique, inverse = np.unique(indices, return_inverse=True)
-    rows = dataset[unique] if len(unique) else np.empty((0,) + dataset.shape[1:], dataset.dtype)
-    return rows[inverse]
+    rows = np.empty((len(indices),) + dataset.shape[1:], dataset.dtype)
+    for position in np.argsort(indices, kind="stable"):
+        dataset.read_direct(rows, np.s_[indices[position]], np.s_[position])
+    return rows
 
 
 def _check_indices(indices, length: int, path: Path) -> np.ndarray:
