@@ -261,6 +261,17 @@ def _polygonal(geometry):
     return parts[0] if len(parts) == 1 else MultiPolygon(parts)
 
 
+def _clip(geometry, rectangle):
+    """geometry cut to a shapely box: GEOS's fast rectangle clip, or a full intersection where
+    that one fails (it can leave a degenerate ring behind on valid input)."""
+    import shapely
+
+    try:
+        return shapely.clip_by_rect(geometry, *rectangle.bounds)
+    except shapely.errors.GEOSException:
+        return shapely.intersection(geometry, rectangle)
+
+
 def _single(geometries: list):
     """One geometry from several of the same dimension (Multi* when needed)."""
     import shapely
@@ -283,7 +294,7 @@ class _Piece(NamedTuple):
 
     key: tuple  # (@type, @id), or a unique key for objects without an @id
     tags: dict
-    kind: str  # "point", "line" or "polygon"
+    kind: str  # "point", "line", "polygon", or "whole" (an object reassembled from every tile)
     geometry: object
     tile: mercantile.Tile
 
@@ -300,6 +311,11 @@ class QaTilesSource(OsmSource):
             one z12 tile in a row).
         max_area_tiles: how many source tiles to visit when reassembling one area stored as
             LineString pieces (the 2015 generation) before closing it as it is.
+
+    In the 2015 generation a tile lying wholly inside a large area holds nothing of it (the
+    outline passes elsewhere), so each tile also looks for such areas in its 8 neighbours:
+    areas whose outline stays more than one source tile away from a tile are missed there.
+    Newer files store clipped polygons, which have no such gap.
     """
 
     def __init__(
@@ -311,8 +327,8 @@ class QaTilesSource(OsmSource):
         self.max_area_tiles = max_area_tiles
         self._connection: sqlite3.Connection | None = None
         self._decoded: OrderedDict = OrderedDict()
+        self._indexes: OrderedDict = OrderedDict()
         self._areas: OrderedDict = OrderedDict()
-        self._trees: dict = {}
         if not self.path.is_file():
             raise SourceError(
                 f"{self.path}: no such MBTiles file; run `make download-osm-tiles` (prepare.py download-osm) "
@@ -329,7 +345,7 @@ class QaTilesSource(OsmSource):
                 "pass an OSM QA tiles file (cut at z12)"
             )
         self.zoom = zoom
-        self._check_vector()
+        self.areas_as_lines = self._check_vector()
 
     # ---- file access ------------------------------------------------------------------
     def _db(self) -> sqlite3.Connection:
@@ -352,15 +368,26 @@ class QaTilesSource(OsmSource):
     def _zooms(self) -> set[int]:
         return {row[0] for row in self._query("SELECT DISTINCT zoom_level FROM tiles")}
 
-    def _check_vector(self) -> None:
-        row = self._query("SELECT tile_data FROM tiles WHERE zoom_level = ? LIMIT 1", (self.zoom,))
-        data = _gunzip(row[0][0]) if row else b""
+    def _check_vector(self) -> bool:
+        """Check that the file holds vector tiles; return whether it stores areas as lines.
+
+        Looks at the largest of a few tiles: the 2015 generation has no polygons at all.
+        """
+        rows = self._query(
+            "SELECT tile_column, tile_row, tile_data FROM tiles WHERE zoom_level = ? LIMIT 8", (self.zoom,)
+        )
+        x, row, data = max(rows, key=lambda r: len(r[2]))
+        data = _gunzip(data)
         if data[:8] == b"\x89PNG\r\n\x1a\n" or data[:3] == b"\xff\xd8\xff" or data[8:12] == b"WEBP":
             raise SourceError(
                 f"{self.path}: holds raster image tiles, not vector tiles; pass OSM QA tiles "
                 "(gzipped Mapbox Vector Tiles with a layer 'osm')"
             )
-        self._decode_bytes(data, mercantile.Tile(0, 0, self.zoom))  # raises SourceError if not MVT
+        tile = mercantile.Tile(x, (1 << self.zoom) - 1 - row, self.zoom)
+        pieces = self._decode_bytes(data, tile)  # raises SourceError if not MVT
+        return not any(p.kind == "polygon" for p in pieces) and any(
+            p.kind == "line" and is_area(p.tags) for p in pieces
+        )
 
     def close(self) -> None:
         if self._connection is not None:
@@ -370,7 +397,7 @@ class QaTilesSource(OsmSource):
     def __getstate__(self):
         # Picklable for worker processes: each reopens the file and starts empty caches.
         state = dict(self.__dict__)
-        state.update(_connection=None, _decoded=OrderedDict(), _areas=OrderedDict(), _trees={})
+        state.update(_connection=None, _decoded=OrderedDict(), _indexes=OrderedDict(), _areas=OrderedDict())
         return state
 
     def has_tile(self, tile: mercantile.Tile) -> bool:
@@ -400,8 +427,8 @@ class QaTilesSource(OsmSource):
         return sorted(mercantile.Tile(x, top - row, self.zoom) for x, row in rows)
 
     # ---- decoding ---------------------------------------------------------------------
-    def _pieces(self, tile: mercantile.Tile) -> list[_Piece]:
-        """The decoded pieces of one source tile ([] when the file lacks it), LRU-cached."""
+    def _raw(self, tile: mercantile.Tile) -> dict[tuple, list[_Piece]]:
+        """The decoded pieces of one source tile by object key ({} when absent), LRU-cached."""
         if tile in self._decoded:
             self._decoded.move_to_end(tile)
             return self._decoded[tile]
@@ -409,21 +436,83 @@ class QaTilesSource(OsmSource):
             "SELECT tile_data FROM tiles WHERE zoom_level = ? AND tile_column = ? AND tile_row = ?",
             (tile.z, tile.x, (1 << tile.z) - 1 - tile.y),
         )
-        pieces = self._decode_bytes(_gunzip(row[0][0]), tile) if row else []
-        self._decoded[tile] = pieces
-        self._trees.pop(tile, None)
+        by_key: dict[tuple, list[_Piece]] = collections.defaultdict(list)
+        for piece in self._decode_bytes(_gunzip(row[0][0]), tile) if row else []:
+            by_key[piece.key].append(piece)
+        self._decoded[tile] = dict(by_key)
         while len(self._decoded) > self.cache_size:
-            old, _ = self._decoded.popitem(last=False)
-            self._trees.pop(old, None)
-        return pieces
+            self._decoded.popitem(last=False)
+        return self._decoded[tile]
 
-    def _tree(self, tile: mercantile.Tile):
+    def _index(self, tile: mercantile.Tile):
+        """What queries search in one source tile: (pieces, STRtree over their geometries).
+
+        Areas stored as LineStrings (the 2015 generation) are indexed by their filled
+        polygon, reassembled across tiles, so that a query well inside a large area (and far
+        from its outline) still finds it. LRU-cached like the decoded tiles.
+        """
         import shapely
 
-        pieces = self._pieces(tile)
-        if tile not in self._trees:
-            self._trees[tile] = shapely.STRtree([p.geometry for p in pieces])
-        return self._trees[tile], pieces
+        if tile in self._indexes:
+            self._indexes.move_to_end(tile)
+            return self._indexes[tile]
+        pieces: list[_Piece] = []
+        rings: list[_Piece] = []
+        for key, parts in self._raw(tile).items():
+            first = parts[0]
+            if first.kind != "line" or not is_area(first.tags):
+                pieces.extend(parts)
+            elif (
+                len(parts) == 1
+                and first.geometry.geom_type == "LineString"
+                and first.geometry.is_closed
+                and len(first.geometry.coords) >= 4
+            ):
+                rings.append(first)  # the common case, a whole closed way: filled below in bulk
+            else:
+                area = self._area(key, tile)
+                if area is not None:
+                    pieces.append(_Piece(key, first.tags, "whole", area, tile))
+        if self.areas_as_lines:
+            pieces.extend(self._areas_from_neighbours(tile, {p.key for p in pieces} | {p.key for p in rings}))
+        if rings:
+            coordinates, owners = shapely.get_coordinates([p.geometry for p in rings], return_index=True)
+            filled = shapely.polygons(shapely.linearrings(coordinates, indices=owners))
+            for piece, polygon in zip(rings, filled):
+                polygon = polygon if polygon.is_valid else _polygonal(shapely.make_valid(polygon))
+                if polygon is not None and polygon.area > 0:
+                    pieces.append(_Piece(piece.key, piece.tags, "whole", polygon, tile))
+                else:
+                    pieces.append(piece)  # a degenerate ring: drawn as the line it is
+        index = (pieces, shapely.STRtree([p.geometry for p in pieces]))
+        self._indexes[tile] = index
+        while len(self._indexes) > self.cache_size:
+            self._indexes.popitem(last=False)
+        return index
+
+    def _areas_from_neighbours(self, tile: mercantile.Tile, known: set) -> list[_Piece]:
+        """Areas (2015 generation) from the 8 neighbours that reach into `tile` without an
+        outline piece in it: typically `tile` lies wholly inside them."""
+        import shapely
+
+        tile_box = shapely.box(*mercantile.xy_bounds(tile))
+        found = []
+        for dx in (-1, 0, 1):
+            for dy in (-1, 0, 1):
+                neighbour = mercantile.Tile(tile.x + dx, tile.y + dy, tile.z)
+                if (dx, dy) == (0, 0) or not 0 <= neighbour.y < (1 << tile.z):
+                    continue
+                for key, parts in self._raw(neighbour).items():
+                    first = parts[0]
+                    if key in known or first.kind != "line" or not is_area(first.tags):
+                        continue
+                    if all(g.is_closed for p in parts for g in getattr(p.geometry, "geoms", [p.geometry])):
+                        continue  # wholly inside the neighbour
+                    known.add(key)
+                    area = self._area(key, neighbour)
+                    if area is not None and area.geom_type.endswith("Polygon") and area.intersects(tile_box):
+                        found.append(_Piece(key, first.tags, "whole", area, tile))
+        return found
 
     def _decode_bytes(self, data: bytes, tile: mercantile.Tile) -> list[_Piece]:
         import shapely
@@ -473,19 +562,19 @@ class QaTilesSource(OsmSource):
         query_box = shapely.box(*query)
         groups: dict[tuple, list[_Piece]] = collections.defaultdict(list)
         for tile in _tiles_touching(query, self.zoom):
-            tree, pieces = self._tree(tile)
+            pieces, tree = self._index(tile)
             if not pieces:
                 continue
             for index in tree.query(query_box, predicate="intersects"):
                 piece = pieces[index]
                 groups[piece.key].append(piece)
         features = []
-        for key, pieces in groups.items():
-            geometry = self._merge(key, pieces)
+        for pieces in groups.values():
+            geometry = self._merge(pieces)
             if geometry is None:
                 continue
             if not query_box.contains(geometry):
-                geometry = shapely.clip_by_rect(geometry, *query)
+                geometry = _clip(geometry, query_box)
             if geometry.is_empty:
                 continue
             features.append(Feature(geometry, pieces[0].tags))
@@ -496,28 +585,19 @@ class QaTilesSource(OsmSource):
         # within one quantisation step of each other.
         return 2 * (2 * WEB_MERCATOR_HALF / (1 << self.zoom)) / 4096
 
-    def _merge(self, key: tuple, pieces: list[_Piece]):
+    def _merge(self, pieces: list[_Piece]):
         """One geometry for one OSM object from its pieces in the queried tiles."""
         import shapely
 
-        tags = pieces[0].tags
         kinds = {p.kind for p in pieces}
-        if kinds == {"point"}:
-            return pieces[0].geometry
+        if kinds == {"point"} or "whole" in kinds:
+            return pieces[0].geometry  # points repeat in buffers; reassembled areas are whole
         if "polygon" in kinds:
             polygons = [p.geometry for p in pieces if p.kind == "polygon"]
-            if len({p.tile for p in pieces}) == 1:
-                return _single(polygons)
             # Pieces overlap in the tiles' buffers, or meet on the shared tile edge (both
             # sides compute it from the same mercantile bounds), so a union leaves no seam.
-            return shapely.unary_union(polygons)
-        lines = [part for p in pieces for part in getattr(p.geometry, "geoms", [p.geometry])]
-        if is_area(tags):
-            closed = [line for line in lines if line.is_closed and len(line.coords) >= 4]
-            if len(closed) == len(lines):
-                polygons, _ = _polygons_from_rings(closed, close_open=False)
-                return _single(polygons) if polygons else None
-            return self._area(key, pieces[0].tile)
+            return polygons[0] if len(polygons) == 1 else shapely.unary_union(polygons)
+        lines = [part for p in pieces if p.kind == "line" for part in getattr(p.geometry, "geoms", [p.geometry])]
         joined = _join_lines(lines, self._tolerance())
         return _single(joined) if joined else None
 
@@ -525,8 +605,9 @@ class QaTilesSource(OsmSource):
         """An area stored as LineString pieces (2015 generation), reassembled from every tile.
 
         Visits the neighbours across each border where a piece ends, until every end is
-        matched or the file has no more tiles there; rings that stay open (the object leaves
-        the file) are closed with a straight edge.
+        matched or the file has no more tiles there. Rings that stay open because the object
+        leaves the file are closed with a straight edge; a way whose ends lie inside the file
+        (not closed in OSM) stays a line.
         """
         if key in self._areas:
             self._areas.move_to_end(key)
@@ -541,14 +622,13 @@ class QaTilesSource(OsmSource):
                 continue
             visited.add(tile)
             left, bottom, right, top = mercantile.xy_bounds(tile)
-            for piece in self._pieces(tile):
-                if piece.key != key:
-                    continue
+            for piece in self._raw(tile).get(key, ()):
                 for line in getattr(piece.geometry, "geoms", [piece.geometry]):
                     lines.append(line)
                     if line.is_closed:
                         continue
                     for x, y in (line.coords[0], line.coords[-1]):
+                        # An end on the tile's edge continues in the neighbour across it.
                         dx = -1 if abs(x - left) <= tolerance else 1 if abs(x - right) <= tolerance else 0
                         dy = -1 if abs(y - top) <= tolerance else 1 if abs(y - bottom) <= tolerance else 0
                         for nx, ny in {(dx, 0), (0, dy), (dx, dy)} - {(0, 0)}:
@@ -556,12 +636,27 @@ class QaTilesSource(OsmSource):
                             if neighbour not in visited and 0 <= neighbour.y < (1 << tile.z):
                                 queue.append(neighbour)
         joined = _join_lines(lines, tolerance)
-        polygons, open_lines = _polygons_from_rings(joined, close_open=True)
+        polygons, open_lines = [], []
+        for line in joined:
+            ends = (line.coords[0], line.coords[-1])
+            if not line.is_closed and not all(_on_tile_edge(x, y, self.zoom, tolerance) for x, y in ends):
+                open_lines.append(line)  # it ends inside a tile: not a closed way in OSM
+            else:
+                found, left_open = _polygons_from_rings([line], close_open=True)
+                polygons.extend(found)
+                open_lines.extend(left_open)
         geometry = _single(polygons) if polygons else (_single(open_lines) if open_lines else None)
         self._areas[key] = geometry
         while len(self._areas) > 4096:
             self._areas.popitem(last=False)
         return geometry
+
+
+def _on_tile_edge(x: float, y: float, zoom: int, tolerance: float) -> bool:
+    """Whether EPSG:3857 point (x, y) lies within tolerance of an edge of the tiles at zoom."""
+    size = 2 * WEB_MERCATOR_HALF / (1 << zoom)
+    fx, fy = (x + WEB_MERCATOR_HALF) / size, (WEB_MERCATOR_HALF - y) / size
+    return min(abs(fx - round(fx)), abs(fy - round(fy))) * size <= tolerance
 
 
 def _kinds(geometries):
@@ -844,7 +939,7 @@ class FileSource(OsmSource):
             feature = self._features[index]
             geometry = feature.geometry
             if not query_box.contains(geometry):
-                geometry = shapely.clip_by_rect(geometry, *query)
+                geometry = _clip(geometry, query_box)
                 if geometry.is_empty:
                     continue
             found.append(Feature(geometry, feature.tags))

@@ -98,6 +98,17 @@ def test_monaco_closed_building_linestrings_come_back_as_polygons(monaco_mbtiles
     assert all(f.geometry.geom_type.endswith("LineString") for f in features if f.tags.get("natural") == "coastline")
 
 
+def test_monaco_z17_queries_stay_inside_their_bounds(monaco_mbtiles):
+    source = osm.open_source("qa-tiles", monaco_mbtiles)
+    # 68240/47792 holds a building that GEOS's rectangle clip cannot cut (a degenerate ring).
+    tiles = [mercantile.Tile(68240, 47792, 17)] + list(mercantile.tiles(7.415, 43.725, 7.43, 43.74, zooms=[17]))
+    for tile in tiles:
+        bounds = mercantile.xy_bounds(tile)
+        area = shapely.box(*bounds).buffer(1e-6)
+        for feature in source.features(bounds):
+            assert area.covers(feature.geometry)
+
+
 def test_monaco_source_tiles_and_z17_queries(monaco_mbtiles):
     source = osm.open_source("qa-tiles", monaco_mbtiles)
     assert len(source.all_tiles()) == 7
@@ -142,6 +153,61 @@ def test_area_split_across_z12_border_comes_back_whole(tmp_path, extent, buffer,
         assert geometry.contains(Point(left_bounds.right, square.centroid.y)) or not expected.contains(
             Point(left_bounds.right, square.centroid.y)
         )
+
+
+def _grid(center: mercantile.Tile):
+    return [mercantile.Tile(center.x + dx, center.y + dy, center.z) for dx in (-1, 0, 1) for dy in (-1, 0, 1)]
+
+
+def test_2015_area_around_a_whole_tile_is_found_inside_it(tmp_path):
+    # A forest whose outline runs through the 8 neighbours of CENTER: CENTER itself holds no
+    # piece of it, as in 2015 QA tiles, yet a query inside CENTER must find it.
+    center = mercantile.Tile(2132, 1494, 12)
+    left, bottom, right, top = mercantile.xy_bounds(center)
+    size = right - left
+    forest = box(left - size / 2, bottom - size / 2, right + size / 2, top + size / 2)
+    ring = LineString(forest.exterior.coords)
+    properties = {"@id": 3, "@type": "way", "landuse": "forest"}
+    path = write_mbtiles(tmp_path / "forest.mbtiles", {t: [(ring, properties)] for t in _grid(center)})
+    source = osm.open_source("qa-tiles", path)
+    assert source.areas_as_lines
+    inside = mercantile.tile(*mercantile.lnglat(left + size / 2, bottom + size / 2), 17)
+    (feature,) = source.features(mercantile.xy_bounds(inside))
+    assert feature.geometry.equals(shapely.box(*mercantile.xy_bounds(inside)))
+    # And in a neighbour, near the outline, it is the filled forest clipped to the query.
+    corner = mercantile.xy_bounds(mercantile.tile(*mercantile.lnglat(left - size / 4, top + size / 4), 15))
+    (feature,) = source.features(corner)
+    unit = size / 4096
+    assert feature.geometry.symmetric_difference(forest.intersection(shapely.box(*corner))).area < 4 * unit * size
+
+
+def test_2015_area_way_that_is_not_closed_stays_a_line(tmp_path):
+    left_bounds = mercantile.xy_bounds(LEFT)
+    y = (left_bounds.top + left_bounds.bottom) / 2
+    # landuse=grass drawn as an open way crossing into RIGHT and ending inside it.
+    way = LineString([(left_bounds.right - 500, y), (left_bounds.right + 500, y), (left_bounds.right + 500, y + 400)])
+    properties = {"@id": 4, "@type": "way", "landuse": "grass"}
+    closed = LineString(box(left_bounds.left + 100, y, left_bounds.left + 300, y + 200).exterior.coords)
+    features = {
+        LEFT: [(way, properties), (closed, {"@id": 6, "@type": "way", "building": "yes"})],
+        RIGHT: [(way, properties)],
+    }
+    source = osm.open_source("qa-tiles", write_mbtiles(tmp_path / "open.mbtiles", features))
+    found = {f.tags["@id"]: f.geometry for f in source.features(osm._expand(left_bounds, 1))}
+    assert found["4"].geom_type == "LineString" and found["4"].length == pytest.approx(way.length, rel=0.01)
+    assert found["6"].geom_type == "Polygon"
+
+
+def test_2015_area_leaving_the_file_is_closed_along_the_cut(tmp_path):
+    square = _border_square()
+    ring = LineString(square.exterior.coords)
+    # Only LEFT is in the file: the building's other half is missing.
+    properties = {"@id": 8, "@type": "way", "building": "yes"}
+    source = osm.open_source("qa-tiles", write_mbtiles(tmp_path / "cut.mbtiles", {LEFT: [(ring, properties)]}))
+    (feature,) = source.features(mercantile.xy_bounds(LEFT))
+    left_half = square.intersection(shapely.box(*mercantile.xy_bounds(LEFT)))
+    assert feature.geometry.geom_type == "Polygon"
+    assert feature.geometry.symmetric_difference(left_half).area < 0.02 * left_half.area
 
 
 def test_line_split_across_border_is_merged(tmp_path):
