@@ -991,11 +991,18 @@ def download_tiles(tiles: Iterable[mercantile.Tile], source: TileSource, out_dir
         missing = {s: r for s, r in read_tile_log(missing_path).items() if s not in run.finished}
         missing.update(summary.missing)
         cli.write_text_atomic(missing_path, "".join(f"{s}\t{r}\n" for s, r in sorted(missing.items())))
+        # A tile rejected before and accepted now (--retry-rejected) leaves the rejected list.
+        rejected = read_tile_log(rejected_path)
+        accepted = {s for s in rejected if s in run.finished and s not in summary.rejected}
+        if accepted:
+            cli.write_text_atomic(rejected_path, "".join(f"{s}\t{r}\n" for s, r in rejected.items() if s not in accepted))
         summary.seconds = time.perf_counter() - started
         if run.session is not None and session is None:
             run.session.close()
     if fatal:
-        raise SourceError(source.redact(fatal))
+        error = SourceError(source.redact(fatal))
+        error.summary = summary  # what was done before the stop, for the caller's report
+        raise error
     return summary
 
 
@@ -1070,12 +1077,25 @@ def run_images(args) -> int:
         raise UserError(f"--tile-size {args.tile_size}: give a positive number of pixels")
     if args.retries < 0:
         raise UserError(f"--retries {args.retries}: give zero or more")
+    # Every tile already there (or rejected before)? Then do not even open the source: a
+    # TileJSON request is a billed API call, and the demo server takes seconds to start.
+    rejected = {} if args.retry_rejected else read_tile_log(args.out / "rejected.txt")
+    pending = [t for _, t in entries if find_image(args.out, t) is None and tile_stem(t) not in rejected]
+    if not pending:
+        print(f"images: all {len(entries)} tiles are in {args.out} already (or were rejected); nothing to download")
+        print(training_set_report(entries, args.out, args.labels))
+        return 0
     source = open_tile_source(args.image_tiles, token, timeout=args.timeout)
     with source:
         print(f"imagery: {len(entries)} tiles from {source.description} into {args.out}", file=sys.stderr)
-        summary = download_tiles((tile for _, tile in entries), source, args.out, workers=args.workers,
-                                 rps=args.rps, tile_size=args.tile_size, timeout=args.timeout,
-                                 retries=args.retries, retry_rejected=args.retry_rejected)
+        try:
+            summary = download_tiles((tile for _, tile in entries), source, args.out, workers=args.workers,
+                                     rps=args.rps, tile_size=args.tile_size, timeout=args.timeout,
+                                     retries=args.retries, retry_rejected=args.retry_rejected)
+        except SourceError as error:
+            if getattr(error, "summary", None) is not None:
+                print(error.summary.line())
+            raise
     print(summary.line())
     for title, entries_ in (("failed", summary.failed), ("rejected", summary.rejected), ("missing", summary.missing)):
         for stem, reason in list(entries_.items())[:5]:
@@ -1083,6 +1103,9 @@ def run_images(args) -> int:
         if len(entries_) > 5:
             print(f"  ... {len(entries_) - 5} more {title}" + (f" (see {args.out / (title + '.txt')})"
                                                               if title != "failed" else ""))
+    if summary.rejected or summary.rejected_before:
+        print(f"rejected tiles are listed in {args.out / 'rejected.txt'} and not asked for again; "
+              "pass --retry-rejected to ask anyway")
     print(training_set_report(entries, args.out, args.labels, summary))
     if summary.failed:
         print(f"{len(summary.failed)} tiles failed; re-run to retry them (finished tiles are kept)", file=sys.stderr)

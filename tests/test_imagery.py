@@ -438,6 +438,12 @@ def test_blank_corrupt_and_wrong_size_images_are_rejected(serve, tmp_path):
     assert again.rejected_before == 4 and again.skipped == 1 and len(server.requests) == asked
     assert len((tmp_path / "rejected.txt").read_text().splitlines()) == 4
 
+    bodies[65536] = kept  # the provider fixed a tile: asked again on request, it leaves the list
+    retried = fast(source, tiles, tmp_path, retry_rejected=True)
+    assert retried.downloaded == 1 and len(retried.rejected) == 3
+    assert "17-65536-65536" not in imagery.read_tile_log(tmp_path / "rejected.txt")
+    assert len((tmp_path / "rejected.txt").read_text().splitlines()) == 3  # rewritten: one line a tile
+
 
 def test_blank_rule_thresholds():
     image = np.full((100, 100, 3), 100, np.uint8)
@@ -528,6 +534,11 @@ def test_images_command_reports_the_training_set(serve, tmp_path, capsys):
     assert "training set: 7 of 12" in printed and "4 missing imagery" in printed and "1 without a label" in printed
     assert cli.run(prepare.main, args) == 0
     assert "8 skipped" in capsys.readouterr().out
+    # With every tile there, the source is not even opened (here: nothing listens any more).
+    sample.write_text("".join(f"demo {t.z} {t.x} {t.y}\n" for t in Z17 if "65538" not in str(t.y)))
+    args[4] = f"http://127.0.0.1:{closed_port()}/{{z}}/{{x}}/{{y}}.jpg"
+    assert cli.run(prepare.main, args) == 0
+    assert "nothing to download" in capsys.readouterr().out
 
 
 def test_images_command_bad_input_exits_2(tmp_path, capsys):
