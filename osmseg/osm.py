@@ -334,17 +334,7 @@ class QaTilesSource(OsmSource):
                 f"{self.path}: no such MBTiles file; run `make download-osm-tiles` (prepare.py download-osm) "
                 "or pass --osm with an existing OSM QA tiles file"
             )
-        zooms = self._zooms()
-        if not zooms:
-            raise SourceError(f"{self.path}: the MBTiles file holds no tiles; download it again or pass another file")
-        if zoom is None:
-            zoom = QA_ZOOM if QA_ZOOM in zooms else max(zooms)
-        elif zoom not in zooms:
-            raise SourceError(
-                f"{self.path}: no tiles at z{zoom} (the file holds z{', z'.join(map(str, sorted(zooms)))}); "
-                "pass an OSM QA tiles file (cut at z12)"
-            )
-        self.zoom = zoom
+        self.zoom = self._pick_zoom(zoom)
         self.areas_as_lines = self._check_vector()
 
     # ---- file access ------------------------------------------------------------------
@@ -365,8 +355,26 @@ class QaTilesSource(OsmSource):
                 "(make download-osm-tiles) or pass an OSM QA tiles .mbtiles"
             ) from None
 
-    def _zooms(self) -> set[int]:
-        return {row[0] for row in self._query("SELECT DISTINCT zoom_level FROM tiles")}
+    def _has_zoom(self, zoom: int) -> bool:
+        return bool(self._query("SELECT 1 FROM tiles WHERE zoom_level = ? LIMIT 1", (zoom,)))
+
+    def _pick_zoom(self, zoom: int | None) -> int:
+        """The zoom to read: the one asked for, else 12, else the deepest the file holds.
+
+        Uses indexed look-ups only: a planet file holds tens of millions of tiles.
+        """
+        if zoom is None and self._has_zoom(QA_ZOOM):
+            return QA_ZOOM
+        if zoom is None:
+            deepest = self._query("SELECT MAX(zoom_level) FROM tiles")[0][0]
+            if deepest is None:
+                raise SourceError(f"{self.path}: the MBTiles file holds no tiles; download it again or pass another file")
+            return int(deepest)
+        if not self._has_zoom(zoom):
+            zooms = sorted(row[0] for row in self._query("SELECT DISTINCT zoom_level FROM tiles"))
+            held = f"the file holds z{', z'.join(map(str, zooms))}" if zooms else "the file holds no tiles"
+            raise SourceError(f"{self.path}: no tiles at z{zoom} ({held}); pass an OSM QA tiles file (cut at z12)")
+        return zoom
 
     def _check_vector(self) -> bool:
         """Check that the file holds vector tiles; return whether it stores areas as lines.

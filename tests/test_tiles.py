@@ -283,3 +283,26 @@ def test_all_tiles_outside_the_data_exits_2(monaco_mbtiles, tmp_path, capsys):
     out = tmp_path / "all_tiles.txt"
     status, err = _prepare(["all-tiles", "--osm", str(monaco_mbtiles), "--bbox", "0,0,1,1", "--out", str(out)], capsys)
     assert status == 2 and "no OSM data inside" in err and not out.exists()
+
+
+def test_all_tiles_from_a_geojson_file(portugal_dir, tmp_path, capsys):
+    out = tmp_path / "all_tiles.txt"
+    argv = [
+        "all-tiles",
+        "--osm-source",
+        "file",
+        "--osm",
+        str(portugal_dir / "labels.geojson"),
+        "--bbox",
+        "-9.5,38.8,-9.4,38.9",
+        "--out",
+        str(out),
+    ]
+    status, _ = _prepare(argv, capsys)
+    assert status == 0 and out.read_text() == "labels 12 1940 1567\n"
+
+
+def test_all_tiles_missing_mbtiles_exits_2(tmp_path, capsys):
+    out = tmp_path / "all_tiles.txt"
+    status, err = _prepare(["all-tiles", "--osm", str(tmp_path / "absent.mbtiles"), "--out", str(out)], capsys)
+    assert status == 2 and "no such MBTiles file" in err and not out.exists()
