@@ -53,7 +53,15 @@ def sample_tiles(mbtiles: Path, count: int, seed: int, bbox=None) -> list[mercan
 
     source = osm.open_source("qa-tiles", mbtiles)
     if bbox is None:
-        candidates = [t for s in source.all_tiles() for t in mercantile.children(s, zoom=ZOOM)]
+        # Where there is data: the z17 tiles that some feature of the file touches.
+        import shapely
+
+        geometries = [f.geometry for s in source.all_tiles() for f in source.features(mercantile.xy_bounds(s))]
+        tree = shapely.STRtree(geometries)
+        candidates = [
+            t for s in source.all_tiles() for t in mercantile.children(s, zoom=ZOOM)
+            if len(tree.query(shapely.box(*mercantile.xy_bounds(t))))
+        ]
     else:
         candidates = list(mercantile.tiles(*bbox, zooms=[ZOOM]))
     rng = np.random.default_rng(seed)
@@ -177,16 +185,33 @@ def render_skynet(mbtiles: Path, tiles):
 # --- One measurement per process ----------------------------------------------------------------
 
 def measure(way: str, mbtiles: Path, tiles, workers: int) -> dict:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    cpu_before = usage.ru_utime + usage.ru_stime
     started = time.perf_counter()
     if way == "pipeline":
         run_pipeline(mbtiles, tiles, workers)
     else:
         {"ours": render_ours, "reference": render_reference, "skynet": render_skynet}[way](mbtiles, tiles)
     seconds = time.perf_counter() - started
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    # CPU time of this process and its workers: steadier than wall time on a shared machine.
+    cpu = own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime - cpu_before
     return {"tiles": len(tiles), "seconds": seconds, "tiles_per_s": len(tiles) / seconds,
-            "peak_rss_mb": max(own, children)}
+            "cpu_ms_per_tile": 1000 * cpu / len(tiles),
+            "peak_rss_mb": max(own_peak_rss_mb(), children.ru_maxrss / 1024)}
+
+
+def own_peak_rss_mb() -> float:
+    """This process's peak resident memory in MiB.
+
+    VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec, so a child started from a big
+    parent would report the parent's peak.
+    """
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def child(args) -> None:
@@ -208,7 +233,7 @@ def in_process(way: str, mbtiles: Path, tiles, workers: int = 1) -> dict:
         os.unlink(handle.name)
     result = json.loads(output.strip().splitlines()[-1])
     print(f"  {way:<9} workers={workers} {result['tiles']:>5} tiles: {result['tiles_per_s']:7.1f} tiles/s, "
-          f"peak {result['peak_rss_mb']:.0f} MiB", flush=True)
+          f"{result['cpu_ms_per_tile']:6.2f} CPU ms/tile, peak {result['peak_rss_mb']:.0f} MiB", flush=True)
     return result
 
 
@@ -220,8 +245,6 @@ def agreement(mbtiles: Path, tiles) -> float:
 
 
 def world(name: str, mbtiles: Path, bbox, counts: tuple[int, int], compare: int) -> dict:
-    from common import peak_rss_mb  # noqa: F401  (the harness's helper; we measure per process)
-
     print(f"{name}: {mbtiles}", flush=True)
     big = sample_tiles(mbtiles, counts[1], seed=0, bbox=bbox)
     small, compared = big[: counts[0]], big[:compare]
@@ -235,7 +258,11 @@ def world(name: str, mbtiles: Path, bbox, counts: tuple[int, int], compare: int)
         "pipeline_tiles_per_s": {"value": pipeline_big["tiles_per_s"], "unit": f"tiles/s ({cores} processes, PNGs written, {len(big)} tiles)"},
         "pipeline_peak_rss_small": {"value": pipeline_small["peak_rss_mb"], "unit": f"MiB ({len(small)} tiles)"},
         "pipeline_peak_rss_big": {"value": pipeline_big["peak_rss_mb"], "unit": f"MiB ({len(big)} tiles)"},
+        "pipeline_cpu_ms_per_tile": {"value": pipeline_big["cpu_ms_per_tile"], "unit": "CPU ms/tile (all processes)"},
         "one_process_tiles_per_s": {"value": ours["tiles_per_s"], "unit": f"tiles/s (render only, {len(compared)} tiles)"},
+        "one_process_cpu_ms_per_tile": {"value": ours["cpu_ms_per_tile"], "unit": "CPU ms/tile"},
+        "reference_cpu_ms_per_tile": {"value": reference["cpu_ms_per_tile"], "unit": "CPU ms/tile"},
+        "skynet_cpu_ms_per_tile": {"value": skynet["cpu_ms_per_tile"], "unit": "CPU ms/tile"},
         "reference_tiles_per_s": {"value": reference["tiles_per_s"], "unit": "tiles/s (cv2, one process, same tiles)"},
         "skynet_tiles_per_s": {"value": skynet["tiles_per_s"], "unit": "tiles/s (mapnik tiles plugin, one process, same tiles)"},
         "speedup_vs_skynet": {"value": ours["tiles_per_s"] / skynet["tiles_per_s"], "unit": "x (one process each)"},
@@ -275,7 +302,7 @@ def main(argv=None) -> int:
             bbox = demo.DEMO_BBOX
             figures["demo"] = world("demo", path, bbox, (100 // scale, 400 // scale), 400 // scale)
     if MONACO.exists():
-        figures["monaco"] = world("monaco", MONACO, None, (1024 // scale, 4096 // scale), 512 // scale)
+        figures["monaco"] = world("monaco", MONACO, None, (300 // scale, 1200 // scale), 384 // scale)
     else:
         notes.append(f"Monaco skipped: {MONACO} is absent")
     path = write_result(
