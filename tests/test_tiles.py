@@ -287,17 +287,9 @@ def test_all_tiles_outside_the_data_exits_2(monaco_mbtiles, tmp_path, capsys):
 
 def test_all_tiles_from_a_geojson_file(portugal_dir, tmp_path, capsys):
     out = tmp_path / "all_tiles.txt"
-    argv = [
-        "all-tiles",
-        "--osm-source",
-        "file",
-        "--osm",
-        str(portugal_dir / "labels.geojson"),
-        "--bbox",
-        "-9.5,38.8,-9.4,38.9",
-        "--out",
-        str(out),
-    ]
+    # --bbox=...: argparse would take a separate "-9.5,..." for an option.
+    geojson = str(portugal_dir / "labels.geojson")
+    argv = ["all-tiles", "--osm-source", "file", "--osm", geojson, "--bbox=-9.5,38.8,-9.4,38.9", "--out", str(out)]
     status, _ = _prepare(argv, capsys)
     assert status == 0 and out.read_text() == "labels 12 1940 1567\n"
 
