@@ -86,7 +86,7 @@ BLOCK_TAGS = {
     "empty": {},
 }
 
-ROAD_WIDTHS = {"primary": 14.0, "secondary": 11.0, "tertiary": 9.0, "residential": 7.0}
+ROAD_WIDTHS = {"primary": 14.0, "secondary": 11.0, "tertiary": 9.0, "residential": 7.0, "service": 5.0}
 RIVER_WIDTH = 32.0
 RAIL_WIDTH = 12.0
 
@@ -270,8 +270,15 @@ def _fill_residential(b: _Builder, quad: np.ndarray, area) -> None:
     rng = b.rng
     centres, alongs, sizes, tags = [], [], [], []
     trees = []
-    for k in range(4):
-        a, c = quad[k], quad[(k + 1) % 4]
+    streets = [quad]
+    sides = np.hypot(*(np.roll(quad, -1, axis=0) - quad).T)
+    if sides.min() > 150:
+        # A deep block gets a lane round its middle, with houses along the lane too.
+        lane = _inset_quad(quad, np.full(4, 48.0))
+        b.add(LineString(np.vstack([lane, lane[:1]])).intersection(area), {"highway": "service", "service": "driveway"})
+        streets.append(_inset_quad(lane, np.full(4, 4.0)))
+    edges = [(street[k], street[(k + 1) % 4]) for street in streets for k in range(4)]
+    for a, c in edges:
         length = float(np.hypot(*(c - a)))
         along = (c - a) / length
         inward = np.array([-along[1], along[0]])

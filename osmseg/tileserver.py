@@ -52,32 +52,36 @@ _FAULTS = ("latency", "token", "rate_limit_every", "retry_after", "error_every",
 
 # --------------------------------------------------------------------------- drawing
 
-# Noise fields, by index: 0 haze (250 m), 1 patches (40 m), 2 detail (5 m), 3 crowns (3 m),
-# 4 grain (one pixel), 5 furrows along x (4 m period), 6 furrows along y.
-_FIELDS = 7
+# Texture fields, by index: 0 patches (40 m), 1 detail (5 m), 2 crowns (3 m), 3 grain (one
+# pixel), 4 furrows along x (4 m period), 5 furrows along y. A haze of 250 m lies over all.
+_FIELDS = 6
+HAZE = 0.07
 # Textures: name -> amplitudes of the fields above (relative brightness change).
 _TEXTURES = {
-    "ground": (0.06, 0.12, 0.06, 0.0, 0.05, 0.0, 0.0),
-    "lawn": (0.05, 0.10, 0.10, 0.08, 0.05, 0.0, 0.0),
-    "paved": (0.04, 0.05, 0.04, 0.0, 0.06, 0.0, 0.0),
-    "concrete": (0.04, 0.10, 0.05, 0.0, 0.07, 0.0, 0.0),
-    "rubble": (0.05, 0.15, 0.12, 0.0, 0.18, 0.0, 0.0),
-    "forest": (0.04, 0.10, 0.10, 0.40, 0.06, 0.0, 0.0),
-    "field_x": (0.04, 0.08, 0.04, 0.0, 0.05, 0.10, 0.0),
-    "field_y": (0.04, 0.08, 0.04, 0.0, 0.05, 0.0, 0.10),
-    "meadow": (0.05, 0.12, 0.08, 0.04, 0.07, 0.0, 0.0),
-    "scrub": (0.05, 0.12, 0.12, 0.30, 0.06, 0.0, 0.0),
-    "orchard": (0.04, 0.06, 0.05, 0.10, 0.05, 0.16, 0.16),
-    "vineyard": (0.04, 0.06, 0.05, 0.0, 0.05, 0.22, 0.0),
-    "allotments": (0.05, 0.25, 0.12, 0.05, 0.07, 0.0, 0.0),
-    "water": (0.03, 0.05, 0.03, 0.0, 0.02, 0.0, 0.0),
-    "asphalt": (0.03, 0.04, 0.03, 0.0, 0.08, 0.0, 0.0),
-    "roof": (0.02, 0.0, 0.03, 0.0, 0.07, 0.0, 0.0),
-    "metal": (0.02, 0.0, 0.02, 0.0, 0.04, 0.08, 0.0),
-    "crown": (0.02, 0.05, 0.10, 0.35, 0.06, 0.0, 0.0),
+    "ground": (0.12, 0.06, 0.0, 0.05, 0.0, 0.0),
+    "lawn": (0.10, 0.10, 0.08, 0.05, 0.0, 0.0),
+    "paved": (0.05, 0.04, 0.0, 0.06, 0.0, 0.0),
+    "concrete": (0.10, 0.05, 0.0, 0.07, 0.0, 0.0),
+    "rubble": (0.15, 0.12, 0.0, 0.18, 0.0, 0.0),
+    "forest": (0.10, 0.10, 0.40, 0.06, 0.0, 0.0),
+    "field_x": (0.08, 0.04, 0.0, 0.05, 0.10, 0.0),
+    "field_y": (0.08, 0.04, 0.0, 0.05, 0.0, 0.10),
+    "meadow": (0.12, 0.08, 0.04, 0.07, 0.0, 0.0),
+    "scrub": (0.12, 0.12, 0.30, 0.06, 0.0, 0.0),
+    "orchard": (0.06, 0.05, 0.10, 0.05, 0.16, 0.16),
+    "vineyard": (0.06, 0.05, 0.0, 0.05, 0.22, 0.0),
+    "allotments": (0.25, 0.12, 0.05, 0.07, 0.0, 0.0),
+    "water": (0.05, 0.03, 0.0, 0.02, 0.0, 0.0),
+    "asphalt": (0.04, 0.03, 0.0, 0.08, 0.0, 0.0),
+    "roof": (0.0, 0.03, 0.0, 0.07, 0.0, 0.0),
+    "metal": (0.0, 0.02, 0.0, 0.04, 0.08, 0.0),
+    "crown": (0.05, 0.10, 0.35, 0.06, 0.0, 0.0),
 }
 _TEXTURE_IDS = {name: i for i, name in enumerate(_TEXTURES)}
 _AMPLITUDES = np.array(list(_TEXTURES.values()), dtype=np.float32)
+# Textures repeat every PERIOD pixels (4 tiles); the haze over them does not repeat.
+PERIOD = 1024
+EARTH_CIRCUMFERENCE = 40075016.68557849  # metres, EPSG:3857's equator
 
 GROUND = (148, 140, 104)
 
@@ -131,6 +135,7 @@ _LINE_STYLES = {
     "secondary": ((86, 86, 88), 11.0),
     "tertiary": ((90, 90, 92), 9.0),
     "residential": ((94, 94, 96), 7.0),
+    "service": ((102, 102, 104), 5.0),
     "footway": ((184, 172, 150), 2.0),
 }
 
@@ -163,7 +168,7 @@ def _style(feature) -> _Style | None:
         color, width = _LINE_STYLES[highway]
         return _Style("line", color, _TEXTURE_IDS["asphalt"], width=width)
     if tags.get("railway") == "rail":
-        return _Style("rail", (112, 102, 92), _TEXTURE_IDS["rubble"], width=7.0)
+        return _Style("rail", (96, 88, 80), _TEXTURE_IDS["rubble"], width=9.0)
     if tags.get("waterway"):
         return None  # the river's area is drawn; its centre line adds nothing
     if tags.get("landuse") == "farmland":
@@ -187,7 +192,7 @@ def _hash(ix: np.ndarray, iy: np.ndarray, salt: int) -> np.ndarray:
 
 
 def _value_noise(xs: np.ndarray, ys: np.ndarray, cell: float, salt: int) -> np.ndarray:
-    """Smooth value noise at pixel centres (xs columns, ys rows, metres), lattice `cell` metres.
+    """Smooth value noise at positions xs (columns) × ys (rows), lattice `cell` apart.
 
     Depends only on the global position, so neighbouring tiles join without a seam.
     """
@@ -196,169 +201,268 @@ def _value_noise(xs: np.ndarray, ys: np.ndarray, cell: float, salt: int) -> np.n
     fu, fv = (u - iu).astype(np.float32), (v - iv).astype(np.float32)
     fu, fv = fu * fu * (3 - 2 * fu), fv * fv * (3 - 2 * fv)
     u0, v0 = iu.min(), iv.min()
-    lattice_u = np.arange(u0, iu.max() + 2)
-    lattice_v = np.arange(v0, iv.max() + 2)
-    grid = _hash(lattice_u[None, :], lattice_v[:, None], salt)  # (rows, cols)
+    grid = _hash(np.arange(u0, iu.max() + 2)[None, :], np.arange(v0, iv.max() + 2)[:, None], salt)
     cu, cv = iu - u0, iv - v0
-    across = grid[:, cu] * (1 - fu) + grid[:, cu + 1] * fu  # (lattice rows, W)
+    across = grid[:, cu] * (1 - fu) + grid[:, cu + 1] * fu  # (lattice rows, len(xs))
     return across[cv] * (1 - fv)[:, None] + across[cv + 1] * fv[:, None]
 
 
+def _periodic_noise(size: int, cell: float, salt: int) -> np.ndarray:
+    """Smooth value noise on a square of `size` pixels that wraps around at its edges."""
+    if cell <= 1.5:
+        index = np.arange(size)
+        return _hash(index[None, :], index[:, None], salt)
+    n = max(1, int(round(size / cell)))
+    u = (np.arange(size) + 0.5) * (n / size)
+    i0 = np.floor(u).astype(np.int64)
+    f = (u - i0).astype(np.float32)
+    f = f * f * (3 - 2 * f)
+    i0 %= n
+    i1 = (i0 + 1) % n
+    lattice = np.arange(n)
+    grid = _hash(lattice[None, :], lattice[:, None], salt)
+    across = grid[:, i0] * (1 - f) + grid[:, i1] * f
+    return across[i0] * (1 - f)[:, None] + across[i1] * f[:, None]
+
+
+def _ranges(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """Concatenated np.arange(start, end) for each pair, without a Python loop."""
+    lengths = ends - starts
+    total = int(lengths.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    offsets = np.repeat(starts - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
+    return offsets + np.arange(total)
+
+
+# Drawing stages, bottom to top.
+_LANDUSE, _OVERLAY, _WAYS, _TREE_ROWS, _BUILDINGS, _TREES = range(6)
+_SHADE = np.array([1.0, 0.55], dtype=np.float32)  # shadowed ground keeps 55% of the light
+_SHIFT = 3  # cv2 sub-pixel bits: coordinates in 1/8 pixel
+_SUN = np.array([-0.6, -0.8])  # shadow direction in pixels (x right, y down): north-west
+
+
+def _stage(style: _Style, tags: dict) -> int:
+    if style.shape == "building":
+        return _BUILDINGS
+    if style.shape == "tree":
+        return _TREES
+    if style.shape in ("line", "rail"):
+        return _TREE_ROWS if style.height else _WAYS
+    if tags.get("natural") == "water" or tags.get("amenity") == "parking" or tags.get("leisure") == "pitch":
+        return _OVERLAY
+    return _LANDUSE
+
+
 class _Painter:
-    """Draws imagery tiles of one world; thread-safe (holds no per-tile state)."""
+    """Draws imagery tiles of one world; thread-safe (no per-tile state is shared)."""
 
     def __init__(self, world):
         self.world = world
         self.seed = world.seed
-        self.features = world.features
         self.styles = [_style(f) for f in world.features]
-        self._coords: dict[int, list[np.ndarray]] = {}
+        self.drawable = np.array([style is not None for style in self.styles])
+        self.stages = [(_stage(style, f.tags) if style else -1) for style, f in zip(self.styles, world.features)]
+        # Every ring of every feature in one coordinate array, so that a tile's features
+        # are moved to pixels in one numpy operation.
+        coords, ring_lengths, first_ring = [], [], []
+        for feature in world.features:
+            first_ring.append(len(ring_lengths))
+            geometry = feature.geometry
+            for part in getattr(geometry, "geoms", [geometry]):
+                if part.geom_type == "Polygon":
+                    rings = [part.exterior.coords, *(r.coords for r in part.interiors)]
+                else:
+                    rings = [part.coords]
+                for ring in rings:
+                    array = np.asarray(ring, dtype=np.float64)[:, :2]
+                    coords.append(array)
+                    ring_lengths.append(len(array))
+        first_ring.append(len(ring_lengths))
+        self.coords = np.concatenate(coords)
+        self.ring_lengths = np.array(ring_lengths, dtype=np.int64)
+        self.ring_starts = np.concatenate([[0], np.cumsum(self.ring_lengths)[:-1]])
+        self.first_ring = np.array(first_ring, dtype=np.int64)
+        self._textures: dict[int, np.ndarray] = {}
         self._lock = threading.Lock()
 
-    def _rings(self, index: int) -> list[np.ndarray]:
-        """A feature's coordinate arrays in metres (exterior and interior rings, or lines)."""
-        rings = self._coords.get(index)
-        if rings is None:
-            geometry = self.features[index].geometry
-            parts = getattr(geometry, "geoms", [geometry])
-            rings = []
-            for part in parts:
-                if part.geom_type == "Polygon":
-                    rings.append(np.asarray(part.exterior.coords))
-                    rings.extend(np.asarray(r.coords) for r in part.interiors)
-                elif part.geom_type == "LineString":
-                    rings.append(np.asarray(part.coords))
-                elif part.geom_type == "Point":
-                    rings.append(np.asarray(part.coords))
-            with self._lock:
-                self._coords[index] = rings
-        return rings
+    # -- textures
 
-    def noise(self, tile: mercantile.Tile) -> np.ndarray:
-        """The noise fields of one tile, float32 (_FIELDS, 256, 256)."""
+    def textures(self, zoom: int) -> np.ndarray:
+        """Brightness ×100 of every texture at `zoom`: uint8 (PERIOD, PERIOD, textures).
+
+        Made once per zoom: sizes are in metres, so a crown is as wide at z19 as at z17.
+        """
+        stack = self._textures.get(zoom)
+        if stack is not None:
+            return stack
+        with self._lock:
+            if zoom in self._textures:
+                return self._textures[zoom]
+            metres = EARTH_CIRCUMFERENCE / (TILE_SIZE * 2**zoom)  # per pixel at the equator
+            salt = self.seed * 1000 + zoom * 10
+            fields = np.zeros((_FIELDS, PERIOD, PERIOD), dtype=np.float32)
+            fields[0] = _periodic_noise(PERIOD, 40 / metres, salt + 1)
+            fields[1] = _periodic_noise(PERIOD, 5 / metres, salt + 2)
+            fields[2] = np.clip(_periodic_noise(PERIOD, 3 / metres, salt + 3) * 3, -1, 1)
+            fields[3] = _periodic_noise(PERIOD, 1, salt + 4)
+            if metres < 2:  # furrows 4 m apart vanish where a pixel is half as wide
+                periods = max(1, round(PERIOD * metres / 4))
+                wave = np.sin(2 * np.pi * periods * (np.arange(PERIOD) + 0.5) / PERIOD).astype(np.float32)
+                fields[4] = wave[None, :]
+                fields[5] = wave[:, None]
+            # Element-wise sums, not a matrix product: BLAS threads fight over shared CPUs.
+            stack = np.empty((PERIOD, PERIOD, len(_AMPLITUDES)), dtype=np.uint8)
+            for index, amplitudes in enumerate(_AMPLITUDES):
+                brightness = np.ones((PERIOD, PERIOD), dtype=np.float32)
+                for field, amplitude in zip(fields, amplitudes):
+                    if amplitude:
+                        brightness += amplitude * field
+                stack[..., index] = np.clip(brightness * 100, 0, 255)
+            self._textures[zoom] = stack
+            return stack
+
+    def haze(self, tile: mercantile.Tile) -> np.ndarray:
+        """A 250 m brightness haze over the tile, float32 (256, 256), seamless between tiles.
+
+        Sampled every 32 pixels on the tile's edges and interpolated linearly, so that
+        neighbours share their edge samples.
+        """
         left, bottom, right, top = mercantile.xy_bounds(tile)
-        size = (right - left) / TILE_SIZE
-        centres = (np.arange(TILE_SIZE) + 0.5) * size
-        xs, ys = left + centres, top - centres
-        salt = self.seed * 1000
-        fields = np.empty((_FIELDS, TILE_SIZE, TILE_SIZE), dtype=np.float32)
-        fields[0] = _value_noise(xs, ys, 250.0, salt + 1)
-        fields[1] = _value_noise(xs, ys, 40.0, salt + 2)
-        fields[2] = _value_noise(xs, ys, max(5.0, size), salt + 3)
-        crowns = _value_noise(xs, ys, max(3.0, size), salt + 4)
-        fields[3] = np.clip(crowns * 3, -1, 1)
-        fields[4] = _value_noise(xs, ys, size * 1.0001, salt + 5)
-        # Furrows and rows: 4 m period, fading out where a pixel is larger than a furrow.
-        fade = np.float32(min(1.0, 2.0 / size))
-        fields[5] = np.sin(xs * (2 * np.pi / 4.0)).astype(np.float32)[None, :] * fade
-        fields[6] = np.sin(ys * (2 * np.pi / 4.0)).astype(np.float32)[:, None] * fade
-        return fields
+        step = (right - left) / 8
+        samples = _value_noise(left + step * np.arange(9), top - step * np.arange(9), 250.0, self.seed * 1000 + 7)
+        low, fraction = _EDGE_SAMPLES
+        across = samples[:, low] * (1 - fraction) + samples[:, low + 1] * fraction  # (9, 256)
+        field = across[low] * (1 - fraction)[:, None] + across[low + 1] * fraction[:, None]
+        return 1.0 + HAZE * field
+
+    # -- geometry
+
+    def _pixel_rings(self, indices: np.ndarray, bounds: mercantile.Bbox) -> list[list[np.ndarray]]:
+        """Each feature's rings in cv2 fixed-point pixels (int32, 1/8 pixel)."""
+        left, bottom, right, top = bounds
+        factor = TILE_SIZE / (right - left) * (1 << _SHIFT)
+        rings = _ranges(self.first_ring[indices], self.first_ring[indices + 1])
+        starts = self.ring_starts[rings]
+        lengths = self.ring_lengths[rings]
+        points = self.coords[_ranges(starts, starts + lengths)]
+        pixels = np.empty(points.shape, dtype=np.int32)
+        pixels[:, 0] = np.round((points[:, 0] - left) * factor)
+        pixels[:, 1] = np.round((top - points[:, 1]) * factor)
+        flat = np.split(pixels, np.cumsum(lengths)[:-1])
+        counts = self.first_ring[indices + 1] - self.first_ring[indices]
+        out, at = [], 0
+        for count in counts:
+            out.append(flat[at : at + count])
+            at += count
+        return out
 
     def draw(self, tile: mercantile.Tile) -> np.ndarray:
         """The RGB uint8 (256, 256, 3) image of one tile."""
         import cv2
 
-        left, bottom, right, top = mercantile.xy_bounds(tile)
-        scale = TILE_SIZE / (right - left)
-        shift = 3  # cv2 sub-pixel bits: coordinates in 1/8 pixel
-        one = 1 << shift
-
-        def pixels(coords: np.ndarray) -> np.ndarray:
-            px = np.empty((len(coords), 2), dtype=np.float64)
-            px[:, 0] = (coords[:, 0] - left) * scale
-            px[:, 1] = (top - coords[:, 1]) * scale
-            return np.round(px * one).astype(np.int32)
+        bounds = mercantile.xy_bounds(tile)
+        left, bottom, right, top = bounds
+        per_metre = TILE_SIZE / (right - left)
+        one = 1 << _SHIFT
 
         color = np.empty((TILE_SIZE, TILE_SIZE, 3), dtype=np.uint8)
         color[:] = GROUND
         texture = np.full((TILE_SIZE, TILE_SIZE), _TEXTURE_IDS["ground"], dtype=np.uint8)
         shadow = np.zeros((TILE_SIZE, TILE_SIZE), dtype=np.uint8)
 
-        # Shadows fall to the north-west (sun in the south-east), up to ~35 m: look that far.
+        # Shadows reach up to ~35 m: features that far outside cast into the tile.
         margin = 40.0
         hits = self.world.tree.query(shapely.box(left - margin, bottom - margin, right + margin, top + margin))
-        order = np.sort(hits)
+        indices = np.sort(hits)
+        indices = indices[self.drawable[indices]]
+        rings_of = self._pixel_rings(indices, bounds)
+
+        # Group features that look alike, so that cv2 fills each group in one call.
+        groups: dict[tuple, list] = {}
         casters = []
-        for index in order:
-            style = self.styles[index]
-            if style is None:
+        for index, rings in zip(indices, rings_of):
+            style, stage = self.styles[index], self.stages[index]
+            if stage >= _TREE_ROWS:
+                casters.append((stage, style, rings))
                 continue
-            if style.shape in ("building", "tree"):
-                casters.append(index)
-                continue
-            rings = self._rings(index)
-            if style.shape == "area":
-                polygons = [pixels(r) for r in rings]
-                cv2.fillPoly(color, polygons, style.color, cv2.LINE_8, shift)
-                cv2.fillPoly(texture, polygons, style.texture, cv2.LINE_8, shift)
+            key = (stage, style.shape, style.color, style.texture, style.width)
+            groups.setdefault(key, []).extend(rings)
+        for (stage, shape, rgb, texture_id, width), rings in sorted(groups.items(), key=lambda item: item[0][0]):
+            if shape == "area":
+                cv2.fillPoly(color, rings, rgb, cv2.LINE_8, _SHIFT)
+                cv2.fillPoly(texture, rings, texture_id, cv2.LINE_8, _SHIFT)
             else:
-                thickness = max(1, int(round(style.width * scale)))
-                lines = [pixels(r) for r in rings]
-                if style.height:  # tree rows cast shadows too
-                    offset = self._shadow_offset(style.height, scale, one)
-                    cv2.polylines(shadow, [line + offset for line in lines], False, 1, thickness, cv2.LINE_8, shift)
-                cv2.polylines(color, lines, False, style.color, thickness, cv2.LINE_8, shift)
-                cv2.polylines(texture, lines, False, style.texture, thickness, cv2.LINE_8, shift)
-                if style.shape == "rail":
-                    # Two steel rails 1.4 m apart on the ballast.
-                    rail = max(1, int(round(0.3 * scale)))
-                    for side in (-0.7, 0.7):
-                        for ring in rings:
-                            shifted = ring + np.array([0.0, side])
-                            cv2.polylines(color, [pixels(shifted)], False, (70, 66, 62), rail, cv2.LINE_8, shift)
-                if style.height:
-                    cv2.polylines(shadow, lines, False, 0, thickness, cv2.LINE_8, shift)
+                thickness = max(1, int(round(width * per_metre)))
+                cv2.polylines(color, rings, False, rgb, thickness, cv2.LINE_8, _SHIFT)
+                cv2.polylines(texture, rings, False, texture_id, thickness, cv2.LINE_8, _SHIFT)
+                if shape == "rail":  # the dark tracks down the middle of the ballast
+                    cv2.polylines(color, rings, False, (58, 54, 52), max(1, thickness // 3), cv2.LINE_8, _SHIFT)
 
-        # Buildings and trees: all shadows first, then roofs and crowns over them.
-        shapes = []
-        for index in casters:
-            style = self.styles[index]
-            rings = self._rings(index)
-            offset = self._shadow_offset(style.height, scale, one)
-            if style.shape == "tree":
-                centre = pixels(rings[0])[0]
-                radius = max(1, int(round(style.width * scale * one)))
-                cv2.circle(shadow, tuple(int(c) for c in centre + offset), radius, 1, -1, cv2.LINE_8, shift)
-                shapes.append((style, None, centre, radius))
+        # Shadow casters: all shadows first, then roofs and crowns over them. The sun is 45°
+        # up in the south-east, so a shadow is as long as its caster is high.
+        tops = []
+        for stage, style, rings in casters:
+            offset = np.round(_SUN * style.height * per_metre * one).astype(np.int32)
+            if stage == _TREES:
+                centre = rings[0][0]
+                radius = max(one, int(round(style.width * per_metre * one)))
+                cv2.circle(shadow, tuple(int(c) for c in centre + offset), radius, 1, -1, cv2.LINE_8, _SHIFT)
+            elif stage == _TREE_ROWS:
+                thickness = max(1, int(round(style.width * per_metre)))
+                cv2.polylines(shadow, [r + offset for r in rings], False, 1, thickness, cv2.LINE_8, _SHIFT)
             else:
-                outline = pixels(rings[0])
-                hull = cv2.convexHull(np.concatenate([outline, outline + offset]))
-                cv2.fillPoly(shadow, [hull], 1, cv2.LINE_8, shift)
-                shapes.append((style, [pixels(r) for r in rings], None, None))
-        for style, polygons, centre, radius in shapes:
-            if polygons is None:
-                cv2.circle(color, tuple(int(c) for c in centre), radius, style.color, -1, cv2.LINE_8, shift)
-                cv2.circle(texture, tuple(int(c) for c in centre), radius, style.texture, -1, cv2.LINE_8, shift)
-                cv2.circle(shadow, tuple(int(c) for c in centre), radius, 0, -1, cv2.LINE_8, shift)
-                continue
-            cv2.fillPoly(color, polygons, style.color, cv2.LINE_8, shift)
-            cv2.fillPoly(texture, polygons, style.texture, cv2.LINE_8, shift)
-            cv2.fillPoly(shadow, polygons, 0, cv2.LINE_8, shift)
-            if style.gable and len(polygons[0]) == 5:
-                # The half of the roof facing away from the sun is darker; the ridge runs
-                # along the longer side.
-                c = polygons[0][:4].astype(np.int64)
-                if np.hypot(*(c[1] - c[0])) < np.hypot(*(c[2] - c[1])):
-                    c = np.roll(c, -1, axis=0)
-                half = np.array([c[0], c[1], (c[1] + c[2]) // 2, (c[0] + c[3]) // 2], dtype=np.int32)
-                dark = tuple(int(v * 0.72) for v in style.color)
-                cv2.fillPoly(color, [half], dark, cv2.LINE_8, shift)
+                # The outline swept along the sun's direction (outlines are convex here).
+                hull = cv2.convexHull(np.concatenate([rings[0], rings[0] + offset]))
+                cv2.fillPoly(shadow, [hull], 1, cv2.LINE_8, _SHIFT)
+            tops.append((stage, style, rings))
+        gables = []
+        for stage, style, rings in tops:
+            if stage == _TREES:
+                centre = tuple(int(c) for c in rings[0][0])
+                radius = max(one, int(round(style.width * per_metre * one)))
+                cv2.circle(color, centre, radius, style.color, -1, cv2.LINE_8, _SHIFT)
+                cv2.circle(texture, centre, radius, style.texture, -1, cv2.LINE_8, _SHIFT)
+                cv2.circle(shadow, centre, radius, 0, -1, cv2.LINE_8, _SHIFT)
+            elif stage == _TREE_ROWS:
+                thickness = max(1, int(round(style.width * per_metre)))
+                cv2.polylines(color, rings, False, style.color, thickness, cv2.LINE_8, _SHIFT)
+                cv2.polylines(texture, rings, False, style.texture, thickness, cv2.LINE_8, _SHIFT)
+                cv2.polylines(shadow, rings, False, 0, thickness, cv2.LINE_8, _SHIFT)
+            else:
+                cv2.fillPoly(color, rings, style.color, cv2.LINE_8, _SHIFT)
+                cv2.fillPoly(texture, rings, style.texture, cv2.LINE_8, _SHIFT)
+                cv2.fillPoly(shadow, rings, 0, cv2.LINE_8, _SHIFT)
+                if style.gable and len(rings[0]) == 5:
+                    gables.append((rings[0][:4], style.color))
+        if gables:
+            # The half of a gable roof facing away from the sun is darker; the ridge runs
+            # along the longer side.
+            corners = np.stack([c for c, _ in gables]).astype(np.int64)  # (K, 4, 2)
+            first = np.hypot(*(corners[:, 1] - corners[:, 0]).T)
+            second = np.hypot(*(corners[:, 2] - corners[:, 1]).T)
+            corners = np.where((first < second)[:, None, None], np.roll(corners, -1, axis=1), corners)
+            halves = np.stack(
+                [corners[:, 0], corners[:, 1], (corners[:, 1] + corners[:, 2]) // 2, (corners[:, 0] + corners[:, 3]) // 2],
+                axis=1,
+            ).astype(np.int32)
+            by_color: dict[tuple, list] = {}
+            for half, (_, rgb) in zip(halves, gables):
+                by_color.setdefault(rgb, []).append(half)
+            for rgb, polygons in by_color.items():
+                cv2.fillPoly(color, polygons, tuple(int(v * 0.72) for v in rgb), cv2.LINE_8, _SHIFT)
 
-        # Texture and light: brightness = 1 + sum of amplitude × noise field.
-        fields = self.noise(tile)
-        amplitudes = _AMPLITUDES[texture]  # (H, W, fields)
-        brightness = 1.0 + np.einsum("hwf,fhw->hw", amplitudes, fields)
-        brightness *= np.where(shadow > 0, np.float32(0.55), np.float32(1.0))
-        image = color.astype(np.float32) * brightness[..., None]
-        # Shadows are lit by the blue sky: a little more blue, a little less red.
-        image[..., 2] += np.where(shadow > 0, np.float32(8), np.float32(0))
-        return np.clip(image, 0, 255).astype(np.uint8)
-
-    @staticmethod
-    def _shadow_offset(height: float, scale: float, one: int) -> np.ndarray:
-        # Sun 45° up in the south-east: a shadow as long as the caster is high, to the
-        # north-west (up and left in the image).
-        return np.round(np.array([-0.6, -0.8]) * height * scale * one).astype(np.int32)
+        # Light: each pixel's texture brightness, the haze, and the shadows.
+        zoom_textures = self.textures(tile.z)
+        row, col = (tile.y * TILE_SIZE) % PERIOD, (tile.x * TILE_SIZE) % PERIOD
+        window = zoom_textures[row : row + TILE_SIZE, col : col + TILE_SIZE]
+        brightness = np.take_along_axis(window, texture[..., None], axis=2)[..., 0]
+        light = brightness * (self.haze(tile) / np.float32(100)) * _SHADE[shadow]
+        image = color * light[..., None]
+        # Shadows are lit by the blue sky: a little more blue.
+        image[..., 2] += shadow * np.float32(8)
+        np.minimum(image, 255, out=image)
+        return image.astype(np.uint8)
 
     def jpeg(self, tile: mercantile.Tile) -> bytes:
         import cv2
@@ -368,6 +472,16 @@ class _Painter:
         if not ok:
             raise RuntimeError(f"cv2 could not encode tile {tile} as JPEG")
         return data.tobytes()
+
+
+def _edge_samples(samples: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """For each pixel centre, the sample on pixel edges 0, k, 2k... before it and how far past it."""
+    position = (np.arange(size) + 0.5) / (size / (samples - 1))
+    low = np.floor(position).astype(np.int64)
+    return low, (position - low).astype(np.float32)
+
+
+_EDGE_SAMPLES = _edge_samples(9, TILE_SIZE)
 
 
 @functools.lru_cache(maxsize=4)
@@ -543,6 +657,9 @@ class _Server(ThreadingHTTPServer):
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, so that clients can pool connections
+    # Send headers and body at once: with Nagle's algorithm the body of a kept-alive
+    # connection waits ~40 ms for the client's delayed ACK of the headers.
+    disable_nagle_algorithm = True
     server_owner: DemoTileServer
 
     def log_message(self, format, *args):  # quiet: tests and benchmarks read stderr
