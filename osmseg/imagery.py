@@ -54,11 +54,11 @@ TOKEN_ENV = "MapboxAccessToken"
 # Ways to write "put the token here" in IMAGE_TILES: the seed's Makefile form first.
 _TOKEN_PLACEHOLDERS = ("$(MapboxAccessToken)", "${MapboxAccessToken}", "$MapboxAccessToken",
                        "{token}", "{access_token}")
-# Query keys whose values are secrets (matched case-insensitively, ignoring - and _).
+# Query keys whose values are secrets: any name ending in one of these words, case-insensitive
+# (access_token, apiKey, subscription-key, X-Amz-Signature, X-Amz-Credential, sig, ...).
+# Masking a harmless value is cheap; printing a token is not.
 _SECRET_KEY = re.compile(
-    r"(access.?token|token|key|api.?key|apikey|secret|client.?secret|signature|sig|password|passwd|pwd"
-    r"|auth|authorization|credential|credentials|session|x.?amz.?signature|x.?amz.?credential"
-    r"|x.?goog.?signature|x.?goog.?credential)",
+    r".*(token|key|secret|signature|sig|password|passwd|pwd|credential|auth|authorization|session)s?",
     re.IGNORECASE,
 )
 _QUERY_PAIR = re.compile(r"(?P<sep>[?&;])(?P<key>[^=&;#\s'\"]+)=(?P<value>[^&;#\s'\"]*)")
@@ -96,7 +96,7 @@ def redact(text: str, secrets: Iterable[str] = ()) -> str:
 
     def mask(match: re.Match) -> str:
         key = match.group("key")
-        if _SECRET_KEY.fullmatch(key.replace("%5F", "_")) and match.group("value"):
+        if _SECRET_KEY.fullmatch(urllib.parse.unquote(key)) and match.group("value"):
             return f"{match.group('sep')}{key}=***"
         return match.group(0)
 
@@ -285,7 +285,7 @@ def new_session(workers: int = 8):
     adapter = HTTPAdapter(pool_connections=4, pool_maxsize=max(workers, 10), max_retries=0)
     session.mount("http://", adapter)
     session.mount("https://", adapter)
-    session.headers["User-Agent"] = "osmseg (+https://github.com/; imagery downloader)"
+    session.headers["User-Agent"] = "osmseg-imagery/1 (training data for OSM-labelled segmentation)"
     return session
 
 
@@ -388,7 +388,7 @@ def _fetch_tilejson_text(url: str, secrets: Sequence[str], timeout: float, sessi
 
     session = session or new_session(1)
     shown = redact(url, secrets)
-    error_text = ""
+    error_text, wait = "", 0.0
     for attempt in range(4):
         if attempt:
             time.sleep(wait)
@@ -1097,6 +1097,13 @@ def run_images(args) -> int:
                 print(error.summary.line())
             raise
     print(summary.line())
+    if summary.missing and len(summary.missing) == summary.requested - summary.rejected_before:
+        zooms = sorted({t.z for _, t in entries})
+        raise SourceError(
+            f"{source.description} has none of the {len(summary.missing)} tiles "
+            f"({next(iter(summary.missing.values()))}): does it serve zoom {', '.join(map(str, zooms))} "
+            "in this area? Check ZOOM_LEVEL, BBOX and the template in IMAGE_TILES"
+        )
     for title, entries_ in (("failed", summary.failed), ("rejected", summary.rejected), ("missing", summary.missing)):
         for stem, reason in list(entries_.items())[:5]:
             print(f"  {title} {stem}: {source.redact(reason)}")

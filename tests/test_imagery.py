@@ -460,11 +460,11 @@ def test_blank_rule_thresholds():
 
 def test_redact_masks_secret_query_values_and_known_tokens():
     url = (f"https://h/v4/{TOKEN}/1/2/3.jpg?access_token={TOKEN}&style=x&api_key=k1&Signature=s2"
-           "&sig=s3&password=p4&apikey=k5&secret=s6&token=t7&key=k8")
+           "&sig=s3&password=p4&apikey=k5&secret=s6&token=t7&key=k8&subscription-key=k9&X-Amz-Credential=c1")
     redacted = imagery.redact(url, [TOKEN])
-    for secret in (TOKEN, "k1", "s2", "s3", "p4", "k5", "s6", "t7", "k8"):
+    for secret in (TOKEN, "k1", "s2", "s3", "p4", "k5", "s6", "t7", "k8", "k9", "c1"):
         assert f"={secret}" not in redacted and TOKEN not in redacted
-    assert "style=x" in redacted and redacted.count("***") == 10
+    assert "style=x" in redacted and redacted.count("***") == 12
     assert imagery.redact("https://user:pass@host/x") == "https://***@host/x"
 
 
@@ -548,6 +548,16 @@ def test_images_command_bad_input_exits_2(tmp_path, capsys):
     sample.write_text("demo 17 1 1\n")
     assert cli.run(prepare.main, ["images", "--sample", str(sample), "--image-tiles", "http://h/{z}/{y}"]) == 2
     assert "lacks {x}" in capsys.readouterr().err
+
+
+def test_a_source_with_none_of_the_tiles_is_an_error(serve, tmp_path, capsys):
+    server = serve(lambda path, query, count: (404, {}, b""))
+    sample = tmp_path / "sample.txt"
+    sample.write_text("".join(f"demo {t.z} {t.x} {t.y}\n" for t in Z17[:3]))
+    args = ["images", "--sample", str(sample), "--image-tiles", server.url + "/{z}/{x}/{y}.jpg",
+            "--out", str(tmp_path / "images")]
+    assert cli.run(prepare.main, args) == 2
+    assert "has none of the 3 tiles (missing: HTTP 404): does it serve zoom 17" in capsys.readouterr().err
 
 
 # --- The demo world's server (osmseg.tileserver) and its fault switches ----------------------------
