@@ -4,7 +4,7 @@ Files written here (one tile per line, fields separated by one space, `#` starts
 
 - ``data/all_tiles.txt``: ``source z x y``: the OSM source tiles (z12 for OSM QA tiles) that
   hold data inside BBOX; ``source`` is the OSM source's name (e.g. ``demo`` for
-  data/osm/demo.mbtiles). Sorted by (z, x, y). (`prepare.py all-tiles`)
+  data/osm/demo.mbtiles). Sorted by x, then y. (`prepare.py all-tiles`)
 - ``data/sample.txt``: ``source z x y``: the first COUNT tiles at ZOOM_LEVEL of the random
   sample stream (see sample_stream), in stream order. (`prepare.py sample`)
 
@@ -172,9 +172,11 @@ def _mix64(values: np.ndarray) -> np.ndarray:
 class _Permutation:
     """A seeded pseudo-random permutation of range(size), computed on demand.
 
-    A balanced Feistel network (Luby & Rackoff) permutes [0, 2^(2h)) for the smallest h with
-    2^(2h) >= size; walking its inputs in order and dropping outputs >= size permutes
-    [0, size) (cycle walking, Black & Rogaway 2002), evaluated in numpy blocks.
+    A balanced Feistel network (Luby & Rackoff 1988) with SplitMix64 round functions is a
+    bijection of [0, 2^(2h)) for the smallest h with 2^(2h) >= size (so at most 4x size).
+    Feeding it the inputs 0, 1, 2, ... in order and keeping only the outputs below size
+    visits every value of [0, size) exactly once, in a seeded order; numpy evaluates it a
+    block of inputs at a time. Nothing is stored but the round keys.
     """
 
     ROUNDS = 6
@@ -331,7 +333,11 @@ def configure_all_tiles(parser) -> None:
         default="data/osm/united_kingdom.mbtiles",
         help="qa-tiles: the .mbtiles; file: the .osm/.osm.pbf/.geojson; overpass: the folder to save the response in",
     )
-    parser.add_argument("--bbox", default=DEFAULT_BBOX, help=f"the area: {BBOX_FORMAT}")
+    parser.add_argument(
+        "--bbox",
+        default=DEFAULT_BBOX,
+        help=f"the area: {BBOX_FORMAT}; write --bbox=-3.38,... (with =) when it starts with -",
+    )
     parser.add_argument(
         "--classes", default="classes/mine.json", help="overpass only: the classes file whose tag keys to query"
     )
@@ -377,7 +383,11 @@ def run_all_tiles(args) -> int:
 
 def configure_sample(parser) -> None:
     parser.add_argument("--all-tiles", default="data/all_tiles.txt", help="the source tiles to sample inside")
-    parser.add_argument("--bbox", default=DEFAULT_BBOX, help=f"the area: {BBOX_FORMAT}")
+    parser.add_argument(
+        "--bbox",
+        default=DEFAULT_BBOX,
+        help=f"the area: {BBOX_FORMAT}; write --bbox=-3.38,... (with =) when it starts with -",
+    )
     parser.add_argument("--zoom", type=int, default=17, help="the zoom level of the sampled tiles (ZOOM_LEVEL)")
     parser.add_argument("--count", type=int, default=10000, help="how many tiles to draw (TRAIN_SIZE)")
     parser.add_argument("--seed", type=int, default=0, help="the random seed: the same seed draws the same tiles")
