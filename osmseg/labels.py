@@ -458,12 +458,23 @@ def _read_sample(path: str | os.PathLike) -> list[tuple[str, mercantile.Tile]]:
     return tiles.read_tile_list(path)
 
 
+def _check_source_names(entries, source, sample_path) -> None:
+    """Refuse a sample drawn from another OSM source than --osm (a stale data/sample.txt)."""
+    others = sorted({name for name, _ in entries} - {source.name})
+    if others:
+        raise UserError(
+            f"{sample_path}: lists tiles of OSM source(s) {', '.join(map(repr, others))}, but --osm is "
+            f"{source.name!r}; remake the sample for this source (make clean, then make data/sample.txt)"
+        )
+
+
 def run_labels(args) -> int:
     _check_tile_size(args.tile_size)
     classes = load_classes(args.classes)
     LabelRenderer(classes, args.tile_size, origin=str(args.classes))  # checks every filter up front
     entries = _read_sample(args.sample)
     with _open_source(args) as source:
+        _check_source_names(entries, source, args.sample)
         summary = render_labels([t for _, t in entries], source, classes, args.out, args.tile_size, args.workers)
     print(
         f"labels: {summary['rendered']} rendered, {summary['skipped']} already there, in {args.out}",

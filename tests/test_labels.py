@@ -460,3 +460,33 @@ def test_filter_bad_input_exits_2(little_world, capsys, tmp_path):
         status = cli.run(prepare.main, ["filter", "--bbox=0,0,1,1", "--classes", str(little_world["classes"]), *args])
         assert status == 2
         assert words in capsys.readouterr().err
+
+
+def test_portugal_labels_agree_between_qa_tiles_and_geojson(portugal_dir, classes_file):
+    from osmseg import osm
+    from osmseg.classes import load_classes
+
+    classes = load_classes(classes_file)
+    renderer = labels.LabelRenderer(classes, 256)
+    # The tiles that have satellite images in the fixture (file names are x-y-z).
+    tiles = [mercantile.Tile(*map(int, p.stem.split("-"))) for p in sorted((portugal_dir / "tiles").glob("*.jpg"))]
+    from_mbtiles = dict(labels.render_tiles(osm.open_source("qa-tiles", portugal_dir / "portugal-z17.mbtiles"), renderer, tiles))
+    from_geojson = dict(labels.render_tiles(osm.open_source("file", portugal_dir / "labels.geojson"), renderer, tiles))
+    same = np.mean([(from_mbtiles[t] == from_geojson[t]).all(axis=2).mean() for t in tiles])
+    assert same > 0.999
+    buildings = sum(int(labels.count_labels(from_mbtiles[t], classes)[4]) for t in tiles)
+    assert buildings > 100
+
+
+def test_prepare_labels_refuses_a_sample_of_another_source(tmp_path, capsys):
+    import prepare
+
+    path = tmp_path / "mine.mbtiles"
+    write_qa_tiles(path, [(pixel_box(TILE, 0, 0, 8, 8), {"building": "yes"})])
+    (tmp_path / "sample.txt").write_text(f"united_kingdom 17 {TILE.x} {TILE.y}\n")
+    status = cli.run(
+        prepare.main,
+        ["labels", "--sample", str(tmp_path / "sample.txt"), "--osm", str(path), "--out", str(tmp_path / "color")],
+    )
+    assert status == 2
+    assert "'united_kingdom'" in capsys.readouterr().err and not (tmp_path / "color").exists()
