@@ -368,7 +368,9 @@ class QaTilesSource(OsmSource):
         if zoom is None:
             deepest = self._query("SELECT MAX(zoom_level) FROM tiles")[0][0]
             if deepest is None:
-                raise SourceError(f"{self.path}: the MBTiles file holds no tiles; download it again or pass another file")
+                raise SourceError(
+                    f"{self.path}: the MBTiles file holds no tiles; download it again or pass another file"
+                )
             return int(deepest)
         if not self._has_zoom(zoom):
             zooms = sorted(row[0] for row in self._query("SELECT DISTINCT zoom_level FROM tiles"))
@@ -1222,6 +1224,7 @@ def download_qa_tiles(name: str, out_dir, base_url: str = QA_TILES_URL, timeout:
         SourceError: an unknown name (HTTP 404), other HTTP or network errors, a broken gzip.
     """
     import requests
+    import urllib3
     from tqdm import tqdm
 
     if not re.fullmatch(r"[a-z0-9_]+", name):
@@ -1257,7 +1260,9 @@ def download_qa_tiles(name: str, out_dir, base_url: str = QA_TILES_URL, timeout:
                     total=total, unit="B", unit_scale=True, desc=f"{name}.mbtiles.gz", file=sys.stderr, disable=None
                 ) as progress,
             ):
-                for chunk in response.iter_content(1 << 20):
+                # The bytes as served: some hosts label .gz files Content-Encoding: gzip,
+                # which requests would otherwise undo before we gunzip.
+                for chunk in response.raw.stream(1 << 20, decode_content=False):
                     out.write(inflate.decompress(chunk))
                     progress.update(len(chunk))
                 out.write(inflate.flush())
@@ -1267,7 +1272,7 @@ def download_qa_tiles(name: str, out_dir, base_url: str = QA_TILES_URL, timeout:
             partial.replace(path)
         except zlib.error as error:
             raise SourceError(f"{url}: not a gzip file ({error}); check --base-url") from None
-        except requests.RequestException as error:
+        except (requests.RequestException, urllib3.exceptions.HTTPError) as error:
             raise SourceError(f"{url}: the download broke off ({error}); run the command again") from None
         finally:
             if partial.exists():

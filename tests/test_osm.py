@@ -610,6 +610,31 @@ def test_download_osm_streams_and_gunzips(server, tmp_path, capsys):
     assert len(fake.requests) == 1 and "using it as it is" in capsys.readouterr().err
 
 
+def test_download_osm_keeps_gzip_labelled_as_content_encoding(tmp_path):
+    # Some hosts serve .gz files with Content-Encoding: gzip; the file must still be gunzipped once.
+    data = _small_qa_tiles(tmp_path)
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Encoding", "gzip")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
+    try:
+        path = osm.download_qa_tiles("monaco", tmp_path / "osm", f"http://127.0.0.1:{httpd.server_address[1]}/")
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert path.read_bytes() == gzip.decompress(data)
+
+
 def test_download_osm_unknown_name(server, tmp_path, capsys):
     fake = server({})
     argv = ["download-osm", "--name", "atlantis", "--base-url", fake.url + "/", "--out-dir", str(tmp_path)]
