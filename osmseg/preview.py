@@ -276,7 +276,7 @@ _PAGE = r"""<!DOCTYPE html>
   .swatch { display: inline-block; width: 12px; height: 12px; border: 1px solid #0006;
             vertical-align: -1px; margin-right: 4px; }
   #grid { display: flex; flex-wrap: wrap; gap: 12px; padding: 12px 16px; }
-  .card { background: #fff; border: 1px solid #ccc; padding: 6px; }
+  .card { background: #fff; border: 1px solid #ccc; padding: 6px; width: min-content; }
   .card.rejected { border-color: #c00; } .card.missing, .card.none { border-color: #999; border-style: dashed; }
   .pair { display: flex; gap: 4px; }
   .frame { position: relative; width: 256px; height: 256px; background: #333; overflow: hidden; }
@@ -284,7 +284,7 @@ _PAGE = r"""<!DOCTYPE html>
   .frame .label { @LABELCSS@ image-rendering: pixelated; }
   .frame .empty { position: absolute; inset: 0; display: flex; align-items: center; justify-content: center;
                   color: #bbb; font-size: 13px; text-align: center; padding: 8px; }
-  .caption { font-size: 12px; max-width: 516px; margin-top: 4px; }
+  .caption { font-size: 12px; margin-top: 4px; }
   .caption .reason { color: #b00; }
   .counts span { margin-right: 8px; white-space: nowrap; }
   footer { padding: 8px 16px 24px; }

@@ -288,6 +288,18 @@ def test_5xx_and_truncated_bodies_are_retried(serve, tmp_path):
     assert all(p.read_bytes() == good for p in tmp_path.glob("*.jpg"))
 
 
+def test_timeouts_are_retried(serve, tmp_path):
+    def respond(path, query, count):
+        if count == 0:
+            time.sleep(1.0)  # the first answer comes too late
+        return tiles_ok(path, query, count)
+
+    server = serve(respond)
+    source = imagery.open_tile_source(server.url + "/{z}/{x}/{y}.jpg")
+    summary = fast(source, Z17[:2], tmp_path, timeout=0.3)
+    assert summary.downloaded == 2 and summary.requests == 4
+
+
 def test_retries_give_up_and_report_failed(serve, tmp_path):
     server = serve(lambda path, query, count: (500, {}, b"down"))
     source = imagery.open_tile_source(server.url + "/{z}/{x}/{y}.jpg")
