@@ -19,8 +19,9 @@ Kinds (open_source):
   assembled by osmium's area handler), or a GeoJSON FeatureCollection whose properties are
   OSM tags.
 - ``overpass``: one Overpass API query for the keys a classes file uses inside a bounding
-  box; the response (.osm XML) is saved as ``data/osm/overpass-<hash>.osm`` and read as a
-  ``file`` source.
+  box; the response (OSM XML) is saved, atomically, at the given ``.osm`` path (e.g.
+  ``data/osm/overpass.osm``, the query text beside it in ``overpass.osm.query``) or in the
+  given folder as ``overpass-<hash of the query>.osm``, and read as a ``file`` source.
 
 `prepare.py download-osm` fetches ``data/osm/<name>.mbtiles`` (OSM QA tiles for a country or
 the planet): the ``.mbtiles.gz`` is streamed, gunzipped into ``<name>.mbtiles.partial`` and
@@ -156,10 +157,12 @@ def open_source(kind: str, location, **options) -> OsmSource:
 
     Args:
         kind: one of KINDS: "qa-tiles", "file" or "overpass".
-        location: the MBTiles path (qa-tiles), the .osm/.osm.pbf/.geojson path (file), or the
-            folder to save responses in (overpass, usually data/osm).
-        options: per kind: qa-tiles takes name, zoom, cache_size; file takes name;
-            overpass takes bbox (required), classes (required), endpoint, timeout, name.
+        location: the MBTiles path (qa-tiles), the .osm/.osm.pbf/.geojson path (file), or
+            where to save the answer (overpass: a .osm path such as data/osm/overpass.osm,
+            or a folder).
+        options: per kind: qa-tiles takes name, zoom, cache_size, max_area_tiles; file
+            takes name, zoom, keys, classes; overpass takes bbox and classes (needed unless
+            a saved .osm answer is to be read), endpoint, timeout, name.
 
     Raises:
         SourceError: an unknown kind, or a source that cannot be read (naming it and the fix).
@@ -1112,14 +1115,16 @@ def overpass_query(bbox: mercantile.LngLatBbox, keys: list[str], timeout: int = 
 def overpass_source(
     location, *, bbox=None, classes=None, endpoint: str = OVERPASS_URL, timeout: int = 180, name: str | None = None
 ) -> FileSource:
-    """Query Overpass once for the classes' keys in bbox, save the .osm under location, read it.
+    """Query Overpass once for the classes' keys in bbox, save the answer, and read it.
 
-    The answer is saved as ``<location>/overpass-<hash of the query>.osm`` (atomically); a
-    saved answer to the same query is read again instead of asking twice, so every stage
-    (all-tiles, labels, filter) can open the source with the same options.
+    Where the answer goes: if location ends in ``.osm``, that file (e.g.
+    data/osm/overpass.osm, with the query beside it in ``<file>.query``); otherwise the
+    folder location, as ``overpass-<hash of the query>.osm``. A saved answer to the same
+    query is read instead of asking again, and later stages (labels, filter) may open the
+    ``.osm`` location without bbox and classes to read what all-tiles saved.
 
     Args:
-        location: the folder to save answers in (data/osm).
+        location: a ``.osm`` file, or a folder (data/osm).
         bbox: the area, a mercantile.LngLatBbox or its "west,south,east,north" text.
         classes: the classes (a Classes, or the path of a classes file) whose keys to ask for.
         endpoint: the Overpass API interpreter URL.
@@ -1130,16 +1135,17 @@ def overpass_source(
         SourceError: 429 (rate limited) and 504 (busy or box too large) with what to do,
             other HTTP errors, network errors and answers that report a runtime error.
     """
-    import requests
-
-    from osmseg import cli
     from osmseg.classes import load_classes
     from osmseg.tiles import parse_bbox
 
+    location = Path(location)
+    name = name or "overpass"
     if bbox is None or classes is None:
+        if location.suffix == ".osm" and location.is_file():
+            return FileSource(location, name=name)
         raise SourceError(
-            "the overpass OSM source needs the bounding box and the classes file (options bbox and classes) "
-            "to know what to ask for"
+            f"{location}: no saved Overpass answer; run `prepare.py all-tiles --osm-source overpass` "
+            "(make data/all_tiles.txt) first, or pass the bounding box and the classes file"
         )
     bbox = parse_bbox(bbox) if isinstance(bbox, str) else mercantile.LngLatBbox(*bbox)
     classes = load_classes(classes) if isinstance(classes, (str, Path)) else classes
@@ -1147,51 +1153,70 @@ def overpass_source(
     if not keys:
         raise SourceError("the classes file's filters name no OSM keys ([key]); nothing to ask Overpass for")
     query = overpass_query(bbox, keys, timeout)
-    digest = hashlib.sha1(query.encode()).hexdigest()[:12]
-    path = Path(location) / f"overpass-{digest}.osm"
-    if not path.exists():
-        try:
-            response = requests.post(
-                endpoint,
-                data={"data": query},
-                headers={"User-Agent": USER_AGENT},
-                timeout=(30, timeout + 30),
-                stream=True,
-            )
-        except requests.RequestException as error:
+    if location.suffix == ".osm":
+        path, saved_query = location, location.with_name(location.name + ".query")
+        if path.is_file() and saved_query.is_file() and saved_query.read_text() == query:
+            return FileSource(path, name=name, keys=keys)
+        if path.exists():
+            print(f"{path}: saved for another box or classes; asking Overpass again", file=sys.stderr)
+        _fetch_overpass(endpoint, query, path, timeout)
+        from osmseg import cli
+
+        cli.write_text_atomic(saved_query, query)
+    else:
+        path = location / f"overpass-{hashlib.sha1(query.encode()).hexdigest()[:12]}.osm"
+        if not path.exists():
+            _fetch_overpass(endpoint, query, path, timeout)
+    return FileSource(path, name=name, keys=keys)
+
+
+def _fetch_overpass(endpoint: str, query: str, path: Path, timeout: int) -> None:
+    """POST one query and save the OSM XML answer at path (atomically), or raise SourceError."""
+    import requests
+
+    from osmseg import cli
+
+    print(f"asking the Overpass API at {endpoint} (up to {timeout} s)", file=sys.stderr)
+    try:
+        response = requests.post(
+            endpoint, data={"data": query}, headers={"User-Agent": USER_AGENT}, timeout=(30, timeout + 30), stream=True
+        )
+    except requests.RequestException as error:
+        raise SourceError(
+            f"Overpass API at {endpoint}: cannot connect ({error}); check the endpoint or retry later"
+        ) from None
+    with response:
+        if response.status_code == 429:
             raise SourceError(
-                f"Overpass API at {endpoint}: cannot connect ({error}); check the endpoint or retry later"
-            ) from None
-        with response:
-            if response.status_code == 429:
-                raise SourceError(
-                    f"Overpass API at {endpoint}: too many requests (HTTP 429); wait a few minutes and retry, "
-                    "or use a smaller bounding box"
-                )
-            if response.status_code == 504:
-                raise SourceError(
-                    f"Overpass API at {endpoint}: the server timed out (HTTP 504, busy or the box is too big); "
-                    "retry later, use a smaller bounding box, or download an extract and use --osm-source file"
-                )
-            if response.status_code != 200:
-                raise SourceError(
-                    f"Overpass API at {endpoint}: HTTP {response.status_code} {response.reason}; check the endpoint "
-                    "and the bounding box"
-                )
-            with cli.atomic_path(path) as tmp:
+                f"Overpass API at {endpoint}: too many requests (HTTP 429); wait a few minutes and retry, "
+                "or use a smaller bounding box"
+            )
+        if response.status_code == 504:
+            raise SourceError(
+                f"Overpass API at {endpoint}: the server timed out (HTTP 504, busy or the box is too big); "
+                "retry later, use a smaller bounding box, or download an extract and use --osm-source file"
+            )
+        if response.status_code != 200:
+            raise SourceError(
+                f"Overpass API at {endpoint}: HTTP {response.status_code} {response.reason}; check the endpoint "
+                "and the bounding box"
+            )
+        with cli.atomic_path(path) as tmp:
+            try:
                 with open(tmp, "wb") as out:
                     out.writelines(response.iter_content(1 << 16))
-                head = tmp.read_bytes()[:4096].decode("utf-8", "replace")
-                tail = _tail(tmp)
-                if "<osm" not in head:
-                    raise SourceError(f"Overpass API at {endpoint}: the answer is not OSM XML; check the endpoint")
-                remark = re.search(r"<remark>(.*?)</remark>", head + tail, re.DOTALL)
-                if remark and "error" in remark.group(1).lower():
-                    raise SourceError(
-                        f"Overpass API at {endpoint}: {remark.group(1).strip()}; retry later or use a smaller "
-                        "bounding box"
-                    )
-    return FileSource(path, name=name or "overpass", keys=keys)
+            except requests.RequestException as error:
+                raise SourceError(f"Overpass API at {endpoint}: the answer broke off ({error}); retry") from None
+            with open(tmp, "rb") as handle:
+                head = handle.read(4096).decode("utf-8", "replace")
+            if "<osm" not in head:
+                raise SourceError(f"Overpass API at {endpoint}: the answer is not OSM XML; check the endpoint")
+            # Overpass reports a query that ran out of time or memory inside a 200 answer.
+            remark = re.search(r"<remark>(.*?)</remark>", head + _tail(tmp), re.DOTALL)
+            if remark and "error" in remark.group(1).lower():
+                raise SourceError(
+                    f"Overpass API at {endpoint}: {remark.group(1).strip()}; retry later or use a smaller bounding box"
+                )
 
 
 def _tail(path: Path, size: int = 4096) -> str:

@@ -331,7 +331,8 @@ def configure_all_tiles(parser) -> None:
     parser.add_argument(
         "--osm",
         default="data/osm/united_kingdom.mbtiles",
-        help="qa-tiles: the .mbtiles; file: the .osm/.osm.pbf/.geojson; overpass: the folder to save the response in",
+        help="qa-tiles: the .mbtiles; file: the .osm/.osm.pbf/.geojson; overpass: where to save the answer "
+        "(data/osm/overpass.osm, or a folder)",
     )
     parser.add_argument(
         "--bbox",

@@ -523,8 +523,30 @@ def test_overpass_queries_once_and_reads_the_answer(server, tmp_path, classes_fi
     again = dict(options, bbox="7.41,43.72,7.43,43.74", classes=str(classes_file))
     assert len(osm.open_source("overpass", tmp_path / "osm", **again)) == len(source)
     assert len(fake.requests) == 1
-    with pytest.raises(SourceError, match="needs the bounding box and the classes file"):
+    with pytest.raises(SourceError, match="no saved Overpass answer"):
         osm.open_source("overpass", tmp_path / "osm")
+
+
+def test_overpass_saves_to_a_named_file_that_later_stages_read(server, tmp_path, classes_file):
+    fake = server({"/api/interpreter": (200, OSM_XML.encode())})
+    path = tmp_path / "osm" / "overpass.osm"
+    options = {"classes": str(classes_file), "endpoint": fake.url + "/api/interpreter"}
+    first = osm.open_source("overpass", path, bbox="7.41,43.72,7.43,43.74", **options)
+    assert (
+        path.read_text() == OSM_XML
+        and "[bbox:43.72,7.41,43.74,7.43]" in (tmp_path / "osm" / "overpass.osm.query").read_text()
+    )
+    # The labels stage opens it without bbox and classes: it reads the saved answer.
+    later = osm.open_source("overpass", path)
+    assert later.name == first.name == "overpass" and len(fake.requests) == 1
+    # Same query: no new request; another box: asked again.
+    osm.open_source("overpass", path, bbox="7.41,43.72,7.43,43.74", **options)
+    assert len(fake.requests) == 1
+    osm.open_source("overpass", path, bbox="7.40,43.72,7.43,43.74", **options)
+    assert (
+        len(fake.requests) == 2
+        and "[bbox:43.72,7.4,43.74,7.43]" in (tmp_path / "osm" / "overpass.osm.query").read_text()
+    )
 
 
 @pytest.mark.parametrize(
