@@ -36,8 +36,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-import mercantile  # noqa: E402
-import numpy as np  # noqa: E402
+import mercantile
+import numpy as np
 
 MONACO = ROOT.parent / "shared" / "fixtures" / "osm-qa-monaco" / "monaco.mbtiles"
 CLASSES = ROOT / "classes" / "mine.json"
@@ -46,6 +46,7 @@ SIZE = 256
 
 
 # --- The tiles to label ---------------------------------------------------------------------
+
 
 def sample_tiles(mbtiles: Path, count: int, seed: int, bbox=None) -> list[mercantile.Tile]:
     """`count` distinct z17 tiles at random inside the source's z12 tiles (and bbox, if given)."""
@@ -59,7 +60,9 @@ def sample_tiles(mbtiles: Path, count: int, seed: int, bbox=None) -> list[mercan
         geometries = [f.geometry for s in source.all_tiles() for f in source.features(mercantile.xy_bounds(s))]
         tree = shapely.STRtree(geometries)
         candidates = [
-            t for s in source.all_tiles() for t in mercantile.children(s, zoom=ZOOM)
+            t
+            for s in source.all_tiles()
+            for t in mercantile.children(s, zoom=ZOOM)
             if len(tree.query(shapely.box(*mercantile.xy_bounds(t))))
         ]
     else:
@@ -70,6 +73,7 @@ def sample_tiles(mbtiles: Path, count: int, seed: int, bbox=None) -> list[mercan
 
 
 # --- The three ways ---------------------------------------------------------------------------
+
 
 def run_pipeline(mbtiles: Path, tiles, workers: int) -> None:
     from osmseg import labels, osm
@@ -97,9 +101,11 @@ PREDICATES = {
     "residential": lambda t: t.get("landuse") == "residential",
     "commercial": lambda t: t.get("landuse") == "commercial",
     "industrial": lambda t: t.get("landuse") == "industrial",
-    "vegetation": lambda t: t.get("natural") in _VEGETATION_NATURAL
-    or t.get("landuse") in _VEGETATION_LANDUSE
-    or t.get("surface") == "grass",
+    "vegetation": lambda t: (
+        t.get("natural") in _VEGETATION_NATURAL
+        or t.get("landuse") in _VEGETATION_LANDUSE
+        or t.get("surface") == "grass"
+    ),
     "building": lambda t: bool(t.get("building")),
     "brownfield": lambda t: t.get("landuse") == "brownfield",
 }
@@ -127,6 +133,7 @@ def render_reference(mbtiles: Path, tiles):
         tree = shapely.STRtree([g for _, _, g in drawn]) if drawn else None
         for tile in group:
             left, bottom, right, top = mercantile.xy_bounds(tile)
+            origin = np.array([left, top])
             scale = np.array([SIZE / (right - left), -SIZE / (top - bottom)])
             image = np.zeros((SIZE, SIZE, 3), np.uint8)
             hits = sorted(tree.query(shapely.box(left, bottom, right, top))) if tree is not None else []
@@ -134,24 +141,28 @@ def render_reference(mbtiles: Path, tiles):
                 _, class_, geometry = drawn[hit]
                 color = tuple(int(c) for c in class_.color)
                 for part in getattr(geometry, "geoms", [geometry]):
-                    def pixels(coords):
-                        xy = (np.asarray(coords)[:, :2] - (left, top)) * scale - 0.5
-                        return np.round(xy * (1 << shift)).astype(np.int32)
-
                     if part.geom_type == "Polygon":
-                        rings = [pixels(part.exterior.coords)] + [pixels(r.coords) for r in part.interiors]
+                        rings = [part.exterior.coords, *(r.coords for r in part.interiors)]
+                        rings = [_fixed_point(r, origin, scale, shift) for r in rings]
                         cv2.fillPoly(image, rings, color, lineType=cv2.LINE_8, shift=shift)
                     elif part.geom_type == "LineString":
-                        width = max(int(round(class_.stroke_width)), 1)
-                        cv2.polylines(image, [pixels(part.coords)], False, color, width, cv2.LINE_8, shift)
+                        width = max(round(class_.stroke_width), 1)
+                        line = _fixed_point(part.coords, origin, scale, shift)
+                        cv2.polylines(image, [line], False, color, width, cv2.LINE_8, shift)
                     elif part.geom_type == "Point":
-                        (x, y), = ((np.asarray(part.coords) - (left, top)) * scale)
+                        ((x, y),) = (np.asarray(part.coords) - origin) * scale
                         half = class_.stroke_width / 2
-                        x0, y0 = int(round(x - half)), int(round(y - half))
-                        size = int(round(class_.stroke_width))
+                        x0, y0 = round(x - half), round(y - half)
+                        size = round(class_.stroke_width)
                         image[max(y0, 0) : max(y0 + size, 0), max(x0, 0) : max(x0 + size, 0)] = color
             out[tile] = image
     return out
+
+
+def _fixed_point(coords, origin, scale, shift: int) -> np.ndarray:
+    """EPSG:3857 coordinates as cv2's fixed-point pixel vertices (pixel centres at .5)."""
+    xy = (np.asarray(coords)[:, :2] - origin) * scale - 0.5
+    return np.round(xy * (1 << shift)).astype(np.int32)
 
 
 def render_skynet(mbtiles: Path, tiles):
@@ -184,6 +195,7 @@ def render_skynet(mbtiles: Path, tiles):
 
 # --- One measurement per process ----------------------------------------------------------------
 
+
 def measure(way: str, mbtiles: Path, tiles, workers: int) -> dict:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     cpu_before = usage.ru_utime + usage.ru_stime
@@ -197,9 +209,13 @@ def measure(way: str, mbtiles: Path, tiles, workers: int) -> dict:
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     # CPU time of this process and its workers: steadier than wall time on a shared machine.
     cpu = own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime - cpu_before
-    return {"tiles": len(tiles), "seconds": seconds, "tiles_per_s": len(tiles) / seconds,
-            "cpu_ms_per_tile": 1000 * cpu / len(tiles),
-            "peak_rss_mb": max(own_peak_rss_mb(), children.ru_maxrss / 1024)}
+    return {
+        "tiles": len(tiles),
+        "seconds": seconds,
+        "tiles_per_s": len(tiles) / seconds,
+        "cpu_ms_per_tile": 1000 * cpu / len(tiles),
+        "peak_rss_mb": max(own_peak_rss_mb(), children.ru_maxrss / 1024),
+    }
 
 
 def own_peak_rss_mb() -> float:
@@ -223,17 +239,30 @@ def in_process(way: str, mbtiles: Path, tiles, workers: int = 1) -> dict:
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
         json.dump([list(t) for t in tiles], handle)
     try:
-        command = [sys.executable, __file__, "--child", way, "--mbtiles", str(mbtiles), "--tiles", handle.name,
-                   "--workers", str(workers)]
-        run = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+        command = [
+            sys.executable,
+            __file__,
+            "--child",
+            way,
+            "--mbtiles",
+            str(mbtiles),
+            "--tiles",
+            handle.name,
+            "--workers",
+            str(workers),
+        ]
+        run = subprocess.run(command, check=False, capture_output=True, text=True, cwd=ROOT)
         if run.returncode:
             raise SystemExit(f"{way} failed:\n{run.stderr}")
         output = run.stdout
     finally:
         os.unlink(handle.name)
     result = json.loads(output.strip().splitlines()[-1])
-    print(f"  {way:<9} workers={workers} {result['tiles']:>5} tiles: {result['tiles_per_s']:7.1f} tiles/s, "
-          f"{result['cpu_ms_per_tile']:6.2f} CPU ms/tile, peak {result['peak_rss_mb']:.0f} MiB", flush=True)
+    print(
+        f"  {way:<9} workers={workers} {result['tiles']:>5} tiles: {result['tiles_per_s']:7.1f} tiles/s, "
+        f"{result['cpu_ms_per_tile']:6.2f} CPU ms/tile, peak {result['peak_rss_mb']:.0f} MiB",
+        flush=True,
+    )
     return result
 
 
@@ -255,18 +284,30 @@ def world(name: str, mbtiles: Path, bbox, counts: tuple[int, int], compare: int)
     reference = in_process("reference", mbtiles, compared)
     skynet = in_process("skynet", mbtiles, compared)
     figures = {
-        "pipeline_tiles_per_s": {"value": pipeline_big["tiles_per_s"], "unit": f"tiles/s ({cores} processes, PNGs written, {len(big)} tiles)"},
+        "pipeline_tiles_per_s": {
+            "value": pipeline_big["tiles_per_s"],
+            "unit": f"tiles/s ({cores} processes, PNGs written, {len(big)} tiles)",
+        },
         "pipeline_peak_rss_small": {"value": pipeline_small["peak_rss_mb"], "unit": f"MiB ({len(small)} tiles)"},
         "pipeline_peak_rss_big": {"value": pipeline_big["peak_rss_mb"], "unit": f"MiB ({len(big)} tiles)"},
         "pipeline_cpu_ms_per_tile": {"value": pipeline_big["cpu_ms_per_tile"], "unit": "CPU ms/tile (all processes)"},
-        "one_process_tiles_per_s": {"value": ours["tiles_per_s"], "unit": f"tiles/s (render only, {len(compared)} tiles)"},
+        "one_process_tiles_per_s": {
+            "value": ours["tiles_per_s"],
+            "unit": f"tiles/s (render only, {len(compared)} tiles)",
+        },
         "one_process_cpu_ms_per_tile": {"value": ours["cpu_ms_per_tile"], "unit": "CPU ms/tile"},
         "reference_cpu_ms_per_tile": {"value": reference["cpu_ms_per_tile"], "unit": "CPU ms/tile"},
         "skynet_cpu_ms_per_tile": {"value": skynet["cpu_ms_per_tile"], "unit": "CPU ms/tile"},
         "reference_tiles_per_s": {"value": reference["tiles_per_s"], "unit": "tiles/s (cv2, one process, same tiles)"},
-        "skynet_tiles_per_s": {"value": skynet["tiles_per_s"], "unit": "tiles/s (mapnik tiles plugin, one process, same tiles)"},
+        "skynet_tiles_per_s": {
+            "value": skynet["tiles_per_s"],
+            "unit": "tiles/s (mapnik tiles plugin, one process, same tiles)",
+        },
         "speedup_vs_skynet": {"value": ours["tiles_per_s"] / skynet["tiles_per_s"], "unit": "x (one process each)"},
-        "speedup_vs_reference": {"value": ours["tiles_per_s"] / reference["tiles_per_s"], "unit": "x (one process each)"},
+        "speedup_vs_reference": {
+            "value": ours["tiles_per_s"] / reference["tiles_per_s"],
+            "unit": "x (one process each)",
+        },
         "reference_peak_rss": {"value": reference["peak_rss_mb"], "unit": "MiB"},
         "skynet_peak_rss": {"value": skynet["peak_rss_mb"], "unit": "MiB"},
         "pixel_agreement_with_reference": {"value": agreement(mbtiles, compared), "unit": "share of pixels"},
@@ -306,7 +347,9 @@ def main(argv=None) -> int:
     else:
         notes.append(f"Monaco skipped: {MONACO} is absent")
     path = write_result(
-        "labels", figures, packages=("mapnik", "numpy", "opencv-python-headless", "shapely", "mapbox-vector-tile"),
+        "labels",
+        figures,
+        packages=("mapnik", "numpy", "opencv-python-headless", "shapely", "mapbox-vector-tile"),
         notes="; ".join(notes) or "z17 labels, 256 px, classes/mine.json",
     )
     print(f"wrote {path}")

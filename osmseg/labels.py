@@ -35,9 +35,8 @@ import math
 import os
 import sys
 from collections import defaultdict
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 from xml.sax.saxutils import escape, quoteattr
 
 import mercantile
@@ -175,7 +174,9 @@ class LabelRenderer:
         """How far beyond a tile (in metres) features can still paint into it."""
         return (self.max_stroke_width + 2) * metres_per_pixel(zoom, self.tile_size)
 
-    def render(self, features: Sequence, tiles: Iterable[mercantile.Tile]) -> Iterator[tuple[mercantile.Tile, np.ndarray]]:
+    def render(
+        self, features: Sequence, tiles: Iterable[mercantile.Tile]
+    ) -> Iterator[tuple[mercantile.Tile, np.ndarray]]:
         """Render the labels of `tiles` from `features`.
 
         The features are loaded into one mapnik datasource (with a spatial index), which
@@ -242,7 +243,9 @@ def group_bounds(tiles: Sequence[mercantile.Tile], margin: float) -> mercantile.
     )
 
 
-def render_tiles(source, renderer: LabelRenderer, tiles: Iterable[mercantile.Tile]) -> Iterator[tuple[mercantile.Tile, np.ndarray]]:
+def render_tiles(
+    source, renderer: LabelRenderer, tiles: Iterable[mercantile.Tile]
+) -> Iterator[tuple[mercantile.Tile, np.ndarray]]:
     """Render labels for `tiles` from an OSM source, one features query per source tile.
 
     Args:
@@ -271,9 +274,12 @@ def write_label(path: str | os.PathLike, rgb: np.ndarray) -> None:
         # OpenCV writes BGR. Labels are flat runs of colour: the "up" filter with run-length
         # deflate encodes them about 4x faster than libpng's adaptive default, and smaller.
         params = [
-            cv2.IMWRITE_PNG_COMPRESSION, 1,
-            cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE,
-            cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_UP,
+            cv2.IMWRITE_PNG_COMPRESSION,
+            1,
+            cv2.IMWRITE_PNG_STRATEGY,
+            cv2.IMWRITE_PNG_STRATEGY_RLE,
+            cv2.IMWRITE_PNG_FILTER,
+            cv2.IMWRITE_PNG_FILTER_UP,
         ]
         if not cv2.imwrite(str(tmp), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), params):
             raise OSError(f"{path}: cannot write the label PNG")
@@ -416,12 +422,14 @@ def render_labels(
 
 # --- prepare.py labels ---------------------------------------------------------------------
 
+
 def _add_source_arguments(parser) -> None:
     from osmseg import osm
 
     parser.add_argument("--osm-source", default="qa-tiles", choices=osm.KINDS, help="the kind of OSM source")
     parser.add_argument(
-        "--osm", default="data/osm/demo.mbtiles",
+        "--osm",
+        default="data/osm/demo.mbtiles",
         help="qa-tiles: the .mbtiles; file: the .osm/.osm.pbf/.geojson; overpass: the folder of saved answers",
     )
     parser.add_argument("--overpass-url", default=osm.OVERPASS_URL, help="overpass only: the API endpoint")
@@ -484,6 +492,7 @@ def run_labels(args) -> int:
 
 
 # --- prepare.py filter ---------------------------------------------------------------------
+
 
 def labelled_share(counts: np.ndarray) -> float:
     """The share of a tile's pixels that belong to a class (counts from count_labels)."""
@@ -622,7 +631,7 @@ def run_filter(args) -> int:
     check_filters(classes, str(args.classes))
     entries = _read_sample(args.sample)
     labels_dir = Path(args.labels)
-    counts_of = lambda tile: _counts_of(label_path(labels_dir, tile), classes, str(args.classes), args.tile_size)  # noqa: E731
+    counts_of = lambda tile: _counts_of(label_path(labels_dir, tile), classes, str(args.classes), args.tile_size)
     in_sample = {tile for _, tile in entries}
 
     def more():

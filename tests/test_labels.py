@@ -24,7 +24,7 @@ SIZE = 64  # small labels keep the tests fast; the maths is the same at 256
 PIXEL = labels.metres_per_pixel(TILE.z, SIZE)
 
 
-def classes_of(*entries) -> "labels.Classes":
+def classes_of(*entries) -> labels.Classes:
     """Classes from (name, colour, stroke width, filter) tuples."""
     return parse_classes(
         json.dumps([{"name": n, "color": c, "stroke-width": str(w), "filter": f} for n, c, w, f in entries])
@@ -154,7 +154,10 @@ def test_bad_filters_are_named():
 
 def test_count_labels_sums_to_pixels_and_orders_background_last():
     rgb = render_one(
-        [Feature(pixel_box(TILE, 0, 0, 8, 4), {"natural": "water"}), Feature(pixel_box(TILE, 8, 0, 9, 1), {"building": "y"})]
+        [
+            Feature(pixel_box(TILE, 0, 0, 8, 4), {"natural": "water"}),
+            Feature(pixel_box(TILE, 8, 0, 9, 1), {"building": "y"}),
+        ]
     )
     counts = labels.count_labels(rgb, CLASSES)
     assert counts.dtype == np.int64
@@ -181,6 +184,7 @@ def test_one_features_query_per_source_tile_and_margin_reaches_neighbours():
 
 # --- Real vector tiles: a polygon crossing a z12 border ------------------------------------
 
+
 def write_qa_tiles(path: Path, features) -> None:
     """Write a tiny QA-tiles-style MBTiles: z12, TMS rows, gzipped MVT, layer `osm`, no buffer."""
     import mapbox_vector_tile
@@ -189,12 +193,18 @@ def write_qa_tiles(path: Path, features) -> None:
     db.execute("CREATE TABLE metadata (name TEXT, value TEXT)")
     db.execute("CREATE TABLE tiles (zoom_level INTEGER, tile_column INTEGER, tile_row INTEGER, tile_data BLOB)")
     geometries = [geometry for geometry, _ in features]
-    west, south, east, north = shapely.total_bounds(shapely.transform(np.array(geometries), lambda xy: xy))
+    west, south, east, north = shapely.total_bounds(np.array(geometries))
     lon0, lat0 = mercantile.lnglat(west, south)
     lon1, lat1 = mercantile.lnglat(east, north)
     db.executemany(
         "INSERT INTO metadata VALUES (?, ?)",
-        [("name", "test"), ("format", "pbf"), ("minzoom", "12"), ("maxzoom", "12"), ("bounds", f"{lon0},{lat0},{lon1},{lat1}")],
+        [
+            ("name", "test"),
+            ("format", "pbf"),
+            ("minzoom", "12"),
+            ("maxzoom", "12"),
+            ("bounds", f"{lon0},{lat0},{lon1},{lat1}"),
+        ],
     )
     tiles = set()
     for geometry in geometries:
@@ -202,13 +212,14 @@ def write_qa_tiles(path: Path, features) -> None:
         tiles.update(mercantile.tiles(*mercantile.lnglat(a, b), *mercantile.lnglat(c, d), zooms=[12]))
     for tile in tiles:
         left, bottom, right, top = mercantile.xy_bounds(tile)
+        unit = np.array([(right - left) / 4096, -(top - bottom) / 4096])
         encoded = []
         for number, (geometry, tags) in enumerate(features):
             piece = geometry.intersection(box(left, bottom, right, top))
             if piece.is_empty:
                 continue
             # Into tile units, y down from the top-left corner (MVT), extent 4096.
-            piece = shapely.transform(piece, lambda xy: (xy - (left, top)) / ((right - left) / 4096, -(top - bottom) / 4096))
+            piece = shapely.transform(piece, lambda xy, origin=(left, top), unit=unit: (xy - origin) / unit)
             encoded.append({"geometry": piece.wkt, "properties": {**tags, "@id": number + 1, "@type": "way"}})
         data = mapbox_vector_tile.encode([{"name": "osm", "features": encoded}], default_options={"y_coord_down": True})
         row = (1 << tile.z) - 1 - tile.y
@@ -226,7 +237,9 @@ def test_polygon_crossing_a_z12_border_renders_seamlessly(tmp_path):
     west_tile = mercantile.Tile((z12.x + 1) * 32 - 1, z12.y * 32 + 16, 17)
     east_tile = mercantile.Tile((z12.x + 1) * 32, z12.y * 32 + 16, 17)
     _, bottom, _, top = mercantile.xy_bounds(west_tile)
-    polygon = box(border_x - 5 * PIXEL * 4, bottom + 0.3 * (top - bottom), border_x + 7 * PIXEL * 4, top - 0.3 * (top - bottom))
+    polygon = box(
+        border_x - 5 * PIXEL * 4, bottom + 0.3 * (top - bottom), border_x + 7 * PIXEL * 4, top - 0.3 * (top - bottom)
+    )
     path = tmp_path / "border.mbtiles"
     write_qa_tiles(path, [(polygon, {"building": "yes"})])
     source = osm.open_source("qa-tiles", path)
@@ -243,6 +256,7 @@ def test_polygon_crossing_a_z12_border_renders_seamlessly(tmp_path):
 
 
 # --- Writing labels: atomic, resumable -----------------------------------------------------
+
 
 def test_render_labels_writes_pngs_and_resume_skips_existing(tmp_path):
     path = tmp_path / "osm.mbtiles"
@@ -269,7 +283,10 @@ def test_render_labels_writes_pngs_and_resume_skips_existing(tmp_path):
 
 def test_render_labels_over_worker_processes_matches_one_process(tmp_path):
     path = tmp_path / "osm.mbtiles"
-    features = [(pixel_box(TILE, 3, 5, 60, 9), {"building": "yes"}), (Point(pixel_point(TILE, 70.5, 5.5)).buffer(400), {"natural": "water"})]
+    features = [
+        (pixel_box(TILE, 3, 5, 60, 9), {"building": "yes"}),
+        (Point(pixel_point(TILE, 70.5, 5.5)).buffer(400), {"natural": "water"}),
+    ]
     write_qa_tiles(path, features)
     from osmseg import osm
 
@@ -285,6 +302,7 @@ def test_render_labels_over_worker_processes_matches_one_process(tmp_path):
 
 
 # --- Real OSM QA tiles ---------------------------------------------------------------------
+
 
 def test_monaco_labels_show_buildings_where_the_data_has_them(monaco_mbtiles, classes_file):
     import cv2
@@ -308,7 +326,10 @@ def test_monaco_labels_show_buildings_where_the_data_has_them(monaco_mbtiles, cl
         if "building" in feature.tags and feature.tags["building"] and feature.geometry.geom_type.endswith("Polygon"):
             for polygon in getattr(feature.geometry, "geoms", [feature.geometry]):
                 rings = [polygon.exterior, *polygon.interiors]
-                points = [((np.asarray(r.coords) - (left, top)) / ((right - left) / 256, -(top - bottom) / 256)) for r in rings]
+                points = [
+                    ((np.asarray(r.coords) - (left, top)) / ((right - left) / 256, -(top - bottom) / 256))
+                    for r in rings
+                ]
                 cv2.fillPoly(reference, [np.round(p - 0.5).astype(np.int32) for p in points], 1)
     reference = reference.astype(bool)
     iou = (building & reference).sum() / (building | reference).sum()
@@ -317,6 +338,7 @@ def test_monaco_labels_show_buildings_where_the_data_has_them(monaco_mbtiles, cl
 
 
 # --- prepare.py labels --------------------------------------------------------------------
+
 
 def test_prepare_labels_bad_filter_exits_2_naming_it(tmp_path, capsys):
     import prepare
@@ -327,7 +349,17 @@ def test_prepare_labels_bad_filter_exits_2_naming_it(tmp_path, capsys):
     out = tmp_path / "color"
     status = cli.run(
         prepare.main,
-        ["labels", "--sample", str(tmp_path / "sample.txt"), "--classes", str(classes_path), "--osm", str(tmp_path / "x.mbtiles"), "--out", str(out)],
+        [
+            "labels",
+            "--sample",
+            str(tmp_path / "sample.txt"),
+            "--classes",
+            str(classes_path),
+            "--osm",
+            str(tmp_path / "x.mbtiles"),
+            "--out",
+            str(out),
+        ],
     )
     assert status == 2
     message = capsys.readouterr().err
@@ -342,10 +374,11 @@ def test_read_label_names_a_missing_file(tmp_path):
 
 # --- Filtering: labelled share, exact count, counts and stats --------------------------------
 
+
 def test_filter_tiles_keeps_the_first_passing_ones_in_order():
     tiles = [mercantile.Tile(i, 0, 17) for i in range(6)]
     shares = {0: 0, 1: 10, 2: 0, 3: 50, 4: 99, 5: 5}
-    counts = lambda tile: np.array([shares[tile.x], 0, 100 - shares[tile.x]])  # noqa: E731
+    counts = lambda tile: np.array([shares[tile.x], 0, 100 - shares[tile.x]])
     entries = [("s", t) for t in tiles]
     kept, considered = labels.filter_tiles(entries, counts, 0.0, 2, more=iter(()))
     assert [t.x for _, t, _ in kept] == [1, 3] and considered == 4
@@ -354,7 +387,7 @@ def test_filter_tiles_keeps_the_first_passing_ones_in_order():
 
 
 def test_filter_tiles_draws_more_until_the_count_passes():
-    counts = lambda tile: np.array([tile.x % 3 == 0, 0, 1])  # noqa: E731  every third tile labelled
+    counts = lambda tile: np.array([tile.x % 3 == 0, 0, 1])
     entries = [("s", mercantile.Tile(i, 0, 17)) for i in range(1, 4)]  # one passes (x=3)
     more = (("s", mercantile.Tile(i, 0, 17)) for i in range(4, 1000))
     rendered = []
@@ -392,8 +425,15 @@ def little_world(tmp_path):
     classes_path.write_text(CLASSES.to_json())
     all_tiles = tmp_path / "all_tiles.txt"
     tiles.write_tile_list(all_tiles, [("little", mercantile.parent(TILE, zoom=12))])
-    return {"path": path, "bbox": bbox, "with_buildings": set(with_buildings), "box": box_tiles,
-            "classes": classes_path, "all_tiles": all_tiles, "dir": tmp_path}
+    return {
+        "path": path,
+        "bbox": bbox,
+        "with_buildings": set(with_buildings),
+        "box": box_tiles,
+        "classes": classes_path,
+        "all_tiles": all_tiles,
+        "dir": tmp_path,
+    }
 
 
 def run_stage(world, stage, sample_count, count, capsys):
@@ -406,13 +446,40 @@ def run_stage(world, stage, sample_count, count, capsys):
     stream = tiles.sample_entries(bbox, 17, 0, tiles.read_tile_list(world["all_tiles"]))
     sample = [entry for _, entry in zip(range(sample_count), stream)]
     tiles.write_tile_list(d / "sample.txt", sample)
-    common = ["--classes", str(world["classes"]), "--osm", str(world["path"]), "--tile-size", str(SIZE), "--workers", "1"]
+    common = [
+        "--classes",
+        str(world["classes"]),
+        "--osm",
+        str(world["path"]),
+        "--tile-size",
+        str(SIZE),
+        "--workers",
+        "1",
+    ]
     assert cli.run(prepare.main, ["labels", "--sample", str(d / "sample.txt"), "--out", str(d / "color"), *common]) == 0
     status = cli.run(
         prepare.main,
-        ["filter", "--sample", str(d / "sample.txt"), "--labels", str(d / "color"), "--count", str(count),
-         f"--bbox={world['bbox']}", "--zoom", "17", "--seed", "0", "--all-tiles", str(world["all_tiles"]),
-         "--out", str(d / "sample-filtered.txt"), "--stats", str(d / "label-stats.csv"), *common],
+        [
+            "filter",
+            "--sample",
+            str(d / "sample.txt"),
+            "--labels",
+            str(d / "color"),
+            "--count",
+            str(count),
+            f"--bbox={world['bbox']}",
+            "--zoom",
+            "17",
+            "--seed",
+            "0",
+            "--all-tiles",
+            str(world["all_tiles"]),
+            "--out",
+            str(d / "sample-filtered.txt"),
+            "--stats",
+            str(d / "label-stats.csv"),
+            *common,
+        ],
     )
     return status, sample, capsys.readouterr().err
 
@@ -470,7 +537,9 @@ def test_portugal_labels_agree_between_qa_tiles_and_geojson(portugal_dir, classe
     renderer = labels.LabelRenderer(classes, 256)
     # The tiles that have satellite images in the fixture (file names are x-y-z).
     tiles = [mercantile.Tile(*map(int, p.stem.split("-"))) for p in sorted((portugal_dir / "tiles").glob("*.jpg"))]
-    from_mbtiles = dict(labels.render_tiles(osm.open_source("qa-tiles", portugal_dir / "portugal-z17.mbtiles"), renderer, tiles))
+    from_mbtiles = dict(
+        labels.render_tiles(osm.open_source("qa-tiles", portugal_dir / "portugal-z17.mbtiles"), renderer, tiles)
+    )
     from_geojson = dict(labels.render_tiles(osm.open_source("file", portugal_dir / "labels.geojson"), renderer, tiles))
     same = np.mean([(from_mbtiles[t] == from_geojson[t]).all(axis=2).mean() for t in tiles])
     assert same > 0.999
