@@ -409,11 +409,13 @@ def test_resume_after_an_interruption_downloads_only_the_rest(serve, tmp_path):
     first = stems(tmp_path)
     assert 5 <= len(first) < len(Z17)
     assert not list(tmp_path.rglob(".*partial*"))
+    (tmp_path / ".17-65539-65538.abc123.partial.jpg").write_bytes(b"\xff\xd8\xff half")  # a killed run's
     asked_before = len(server.requests)
     summary = fast(source, Z17, tmp_path, workers=2)
     assert summary.skipped == len(first) and summary.downloaded == len(Z17) - len(first)
     assert len(server.requests) - asked_before == len(Z17) - len(first)
     assert stems(tmp_path) == {imagery.tile_stem(t) for t in Z17}
+    assert not list(tmp_path.rglob(".*partial*"))
 
 
 def test_blank_corrupt_and_wrong_size_images_are_rejected(serve, tmp_path):
