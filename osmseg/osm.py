@@ -389,7 +389,8 @@ class QaTilesSource(OsmSource):
         rows = self._query(
             "SELECT tile_column, tile_row, tile_data FROM tiles WHERE zoom_level = ? LIMIT 8", (self.zoom,)
         )
-        x, row, data = max(rows, key=lambda r: len(r[2]))
+        x, row, data = max(rows, key=lambda r: len(r[2] or b""))
+        data = data or b""
         data = _gunzip(data)
         if data[:8] == b"\x89PNG\r\n\x1a\n" or data[:3] == b"\xff\xd8\xff" or data[8:12] == b"WEBP":
             raise SourceError(
@@ -450,7 +451,7 @@ class QaTilesSource(OsmSource):
             (tile.z, tile.x, (1 << tile.z) - 1 - tile.y),
         )
         by_key: dict[tuple, list[_Piece]] = collections.defaultdict(list)
-        for piece in self._decode_bytes(_gunzip(row[0][0]), tile) if row else []:
+        for piece in self._decode_bytes(_gunzip(row[0][0] or b""), tile) if row else []:
             by_key[piece.key].append(piece)
         self._decoded[tile] = dict(by_key)
         while len(self._decoded) > self.cache_size:
@@ -533,6 +534,11 @@ class QaTilesSource(OsmSource):
 
         try:
             decoded = decode_tile(data, tile)
+        except LayerError as error:
+            raise SourceError(
+                f"{self.path}: tile {tile.z}/{tile.x}/{tile.y} has {error}; pass OSM QA tiles (one layer 'osm' "
+                "with OSM tags)"
+            ) from None
         except (DecodeError, ValueError, IndexError) as error:
             raise SourceError(
                 f"{self.path}: tile {tile.z}/{tile.x}/{tile.y} is not a Mapbox Vector Tile ({error}); "
@@ -682,6 +688,10 @@ def _kinds(geometries):
     return np.select([np.isin(types, (0, 4)), np.isin(types, (3, 6))], ["point", "polygon"], "line")
 
 
+class LayerError(ValueError):
+    """A vector tile without the layer asked for (e.g. OpenMapTiles instead of OSM QA tiles)."""
+
+
 def _zigzag(values):
     # MVT spec 4.3.2: parameters are zigzag-encoded signed deltas.
     return (values >> 1).astype("int64") ^ -(values & 1).astype("int64")
@@ -710,9 +720,11 @@ def decode_tile(data: bytes, tile: mercantile.Tile, layer_name: str = LAYER):
     message = vector_tile_pb2.tile()
     message.ParseFromString(data)
     layers = {layer.name: layer for layer in message.layers}
-    layer = layers.get(layer_name) or (message.layers[0] if len(message.layers) else None)
-    if layer is None:
+    if not layers:
         return np.array([], dtype=object), []
+    if layer_name not in layers and len(layers) > 1:
+        raise LayerError(f"no layer {layer_name!r} (it has {', '.join(sorted(layers))})")
+    layer = layers.get(layer_name) or message.layers[0]  # a QA-style file with its one layer named otherwise
     keys = list(layer.keys)
     values = []
     for value in layer.values:

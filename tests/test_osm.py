@@ -289,6 +289,16 @@ def test_garbage_tiles_mbtiles(tmp_path):
         osm.open_source("qa-tiles", path)
 
 
+def test_mbtiles_of_other_vector_layers(tmp_path):
+    layers = [
+        {"name": name, "features": [{"geometry": "POINT (5 5)", "properties": {}}]} for name in ("water", "roads")
+    ]
+    data = gzip.compress(mapbox_vector_tile.encode(layers))
+    path = write_mbtiles(tmp_path / "openmaptiles.mbtiles", {}, raw={LEFT: data})
+    with pytest.raises(SourceError, match="has no layer 'osm' \\(it has roads, water\\); pass OSM QA tiles"):
+        osm.open_source("qa-tiles", path)
+
+
 def test_empty_mbtiles(tmp_path):
     path = write_mbtiles(tmp_path / "empty.mbtiles", {})
     with pytest.raises(SourceError, match="holds no tiles"):
