@@ -35,22 +35,18 @@ from osmseg.classes import Classes, load_classes
 from osmseg.errors import UserError
 from osmseg.imagery import IMAGE_SUFFIXES, file_mode, find_image, read_tile_log, tile_stem, write_bytes_atomic
 from osmseg.tiles import read_tile_list
+from osmseg.visualise import display_palette
 
-# Display colours for classes 1, 2, ...: distinct on imagery (Tableau 10, then more).
-DISPLAY_COLOURS = (
-    (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-    (140, 86, 75), (227, 119, 194), (188, 189, 34), (23, 190, 207), (255, 255, 0),
-    (0, 255, 255), (255, 0, 255), (128, 255, 128), (255, 128, 128), (128, 128, 255),
-)
 DARK = 64  # class colours whose channels are all below this are invisible on screen
 
 
 def display_colours(classes: Classes) -> list[tuple[int, int, int]]:
-    """Colours to show classes 1..N in: the file's own if visible, else DISPLAY_COLOURS."""
+    """Colours to show classes 1..N in: the file's own if visible, else the display colours
+    that predictions are drawn in (osmseg.visualise), so the preview and segments.png agree."""
     colours = [c.color for c in classes.classes]
     if all(max(colour) >= DARK for colour in colours):
         return colours
-    return [DISPLAY_COLOURS[i % len(DISPLAY_COLOURS)] for i in range(len(colours))]
+    return [tuple(int(v) for v in row) for row in display_palette(classes.num_classes)[1:]]
 
 
 def channel_tables(classes: Classes, shown: list[tuple[int, int, int]]) -> list[list[float]] | None:
