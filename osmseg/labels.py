@@ -355,9 +355,11 @@ _MAX_GROUP = 256
 
 def _tasks(tiles: Iterable[mercantile.Tile], source_zoom: int) -> list[list[mercantile.Tile]]:
     tasks = []
-    for group in group_tiles(tiles, source_zoom).values():
+    groups = group_tiles(tiles, source_zoom)
+    # Source tiles in row order, so that consecutive tasks are neighbours (see render_labels).
+    for key in sorted(groups, key=lambda t: (t.z, t.y, t.x)):
         # Sorting keeps each piece compact (neighbouring rows of tiles).
-        group = sorted(group, key=lambda t: (t.y, t.x))
+        group = sorted(groups[key], key=lambda t: (t.y, t.x))
         tasks.extend(group[i : i + _MAX_GROUP] for i in range(0, len(group), _MAX_GROUP))
     return tasks
 
@@ -411,8 +413,13 @@ def render_labels(
 
             source.close()  # no open file handle may cross into the workers
             init = (pickle.dumps(source), classes.to_json(), tile_size, str(out_dir))
-            with multiprocessing.Pool(min(workers, len(tasks)), _worker_init, init) as pool:
-                for written in pool.imap_unordered(_worker_render, tasks):
+            workers = min(workers, len(tasks))
+            # Hand out runs of neighbouring tasks: a worker then decodes each source tile (and
+            # the neighbours that features crossing its borders need) once, not every worker
+            # all of them; four runs per worker still balance the load.
+            chunk = max(1, len(tasks) // (4 * workers))
+            with multiprocessing.Pool(workers, _worker_init, init) as pool:
+                for written in pool.imap_unordered(_worker_render, tasks, chunksize=chunk):
                     summary["rendered"] += written
                     bar.update(written)
     finally:
