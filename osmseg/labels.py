@@ -4,9 +4,11 @@ The classes file's filters are mapnik expressions and mapnik evaluates them: a
 LabelRenderer turns a classes file into one mapnik Map (EPSG:3857) with one Style per class,
 in file order, so that later classes paint over earlier ones (as skynet-data does).
 
-- Polygons are filled (no outline, as robosat and skynet-data draw them).
+- Polygons are filled, with no outline. (skynet-data also strokes each polygon's outline
+  `stroke-width` pixels wide, lib/layer.xml, which grows every area by half that width on
+  each side and merges buildings less than a pixel apart; robosat fills only, and so do we.)
 - Lines are drawn `stroke-width` pixels wide.
-- Points are drawn as squares `stroke-width` pixels wide.
+- Points are drawn as squares `stroke-width` pixels wide (skynet-data drew no points).
 - No antialiasing: fills and strokes use mapnik's threshold gamma, so a pixel takes a class
   colour when the shape covers at least half of it and stays #000000 otherwise. (gamma 0
   with the default power method colours every pixel the shape touches at all, which makes
