@@ -75,8 +75,19 @@ def _border_square() -> Polygon:
 # ---- QA tiles: the real 2015 Monaco file ------------------------------------------------------
 
 
-def test_monaco_features_have_tags_and_lie_in_monaco(monaco_mbtiles):
-    source = osm.open_source("qa-tiles", monaco_mbtiles)
+@pytest.fixture(scope="module")
+def monaco_source():
+    """One Monaco source for the read-only tests below (decoding its dense tile once)."""
+    from conftest import FIXTURES
+
+    path = FIXTURES / "osm-qa-monaco" / "monaco.mbtiles"
+    if not path.exists():
+        pytest.skip(f"real fixture {path} is absent")
+    return osm.open_source("qa-tiles", path)
+
+
+def test_monaco_features_have_tags_and_lie_in_monaco(monaco_source):
+    source = monaco_source
     assert source.name == "monaco" and source.zoom == 12
     tile = mercantile.Tile(2132, 1493, 12)
     features = source.features(mercantile.xy_bounds(tile))
@@ -88,8 +99,8 @@ def test_monaco_features_have_tags_and_lie_in_monaco(monaco_mbtiles):
     assert any(f.tags.get("highway") == "residential" for f in features)
 
 
-def test_monaco_closed_building_linestrings_come_back_as_polygons(monaco_mbtiles):
-    source = osm.open_source("qa-tiles", monaco_mbtiles)
+def test_monaco_closed_building_linestrings_come_back_as_polygons(monaco_source):
+    source = monaco_source
     features = source.features(mercantile.xy_bounds(mercantile.Tile(2132, 1493, 12)))
     ways = [f for f in features if "building" in f.tags and f.tags.get("@type") == "way"]
     polygons = [f for f in ways if f.geometry.geom_type in ("Polygon", "MultiPolygon")]
@@ -98,8 +109,8 @@ def test_monaco_closed_building_linestrings_come_back_as_polygons(monaco_mbtiles
     assert all(f.geometry.geom_type.endswith("LineString") for f in features if f.tags.get("natural") == "coastline")
 
 
-def test_monaco_z17_queries_stay_inside_their_bounds(monaco_mbtiles):
-    source = osm.open_source("qa-tiles", monaco_mbtiles)
+def test_monaco_z17_queries_stay_inside_their_bounds(monaco_source):
+    source = monaco_source
     # 68240/47792 holds a building that GEOS's rectangle clip cannot cut (a degenerate ring).
     tiles = [mercantile.Tile(68240, 47792, 17)] + list(mercantile.tiles(7.415, 43.725, 7.43, 43.74, zooms=[17]))
     for tile in tiles:
@@ -109,8 +120,8 @@ def test_monaco_z17_queries_stay_inside_their_bounds(monaco_mbtiles):
             assert area.covers(feature.geometry)
 
 
-def test_monaco_source_tiles_and_z17_queries(monaco_mbtiles):
-    source = osm.open_source("qa-tiles", monaco_mbtiles)
+def test_monaco_source_tiles_and_z17_queries(monaco_source):
+    source = monaco_source
     assert len(source.all_tiles()) == 7
     assert source.source_tiles(mercantile.LngLatBbox(7.40, 43.72, 7.44, 43.75)) == [mercantile.Tile(2132, 1493, 12)]
     assert source.source_tiles(mercantile.LngLatBbox(0.0, 0.0, 1.0, 1.0)) == []
