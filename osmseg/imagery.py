@@ -11,7 +11,8 @@ Files written (all under the output directory, default data/images/):
 - ``rejected.txt``: one line per rejected tile, ``z-x-y<TAB>reason`` (corrupt, truncated,
   wrong size, blank...). Appended as tiles are rejected; a re-run skips the tiles listed
   here (delete a line, or pass --retry-rejected, to try one again).
-- ``rejected/{z}-{x}-{y}.{ext}``: the rejected bytes, to look at.
+- ``rejected/{z}-{x}-{y}.{ext}``: the rejected bytes, to look at; ``rejected/existing-*``:
+  files found in the images directory that failed the checks (set aside, then fetched again).
 - ``missing.txt``: ``z-x-y<TAB>reason`` for tiles the source does not have (HTTP 404/410/204,
   no such local file, outside the source's bounds). Rewritten at the end of every run;
   missing tiles are asked for again on a re-run.
@@ -743,7 +744,11 @@ class _Downloader:
             _, reason = check_image(existing.read_bytes(), self.tile_size)
             if reason is None:
                 return "skipped", ""
-            existing.unlink()  # a file we did not check (copied in by hand, older run): fetch again
+            # Not a file this downloader would have written (copied in by hand, another
+            # --tile-size): set it aside, never delete it, and fetch the tile again.
+            aside = self.out_dir / "rejected" / f"existing-{existing.name}"
+            aside.parent.mkdir(exist_ok=True)
+            os.replace(existing, aside)
         if not self.source.covers(tile):
             return "missing", "outside the source's bounds"
         data, reason = self.fetch(tile)

@@ -410,10 +410,14 @@ def test_resume_after_an_interruption_downloads_only_the_rest(serve, tmp_path):
     assert 5 <= len(first) < len(Z17)
     assert not list(tmp_path.rglob(".*partial*"))
     (tmp_path / ".17-65539-65538.abc123.partial.jpg").write_bytes(b"\xff\xd8\xff half")  # a killed run's
+    spoiled = tmp_path / f"{sorted(first)[0]}.jpg"
+    spoiled.write_bytes(spoiled.read_bytes()[:100])  # a file someone cut short, by hand
+    first.remove(spoiled.stem)
     asked_before = len(server.requests)
     summary = fast(source, Z17, tmp_path, workers=2)
     assert summary.skipped == len(first) and summary.downloaded == len(Z17) - len(first)
     assert len(server.requests) - asked_before == len(Z17) - len(first)
+    assert (tmp_path / "rejected" / f"existing-{spoiled.name}").stat().st_size == 100  # set aside, not lost
     assert stems(tmp_path) == {imagery.tile_stem(t) for t in Z17}
     assert not list(tmp_path.rglob(".*partial*"))
 
