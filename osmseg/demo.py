@@ -191,13 +191,19 @@ class _Builder:
             self.add(geometry, tags, is_mapped)
 
 
-def _grid_lines(rng: np.random.Generator, low: float, high: float) -> np.ndarray:
-    """Street positions from the middle outwards; 0 falls inside the central block."""
+def _grid_lines(rng: np.random.Generator, low: float, high: float, town: float) -> np.ndarray:
+    """Street positions from the middle outwards; 0 falls inside the central block.
+
+    Blocks are smaller in the town (within `town` metres of the centre) than in the fields.
+    """
+    def step(position: float) -> float:
+        return rng.uniform(120, 190) if abs(position) < town else rng.uniform(170, 280)
+
     positions = [-rng.uniform(70, 100), rng.uniform(70, 100)]
     while positions[0] > low - 60:
-        positions.insert(0, positions[0] - rng.uniform(150, 260))
+        positions.insert(0, positions[0] - step(positions[0]))
     while positions[-1] < high + 60:
-        positions.append(positions[-1] + rng.uniform(150, 260))
+        positions.append(positions[-1] + step(positions[-1]))
     return np.array(positions)
 
 
@@ -285,7 +291,7 @@ def _fill_residential(b: _Builder, quad: np.ndarray, area) -> None:
         # Draw enough houses for the longest street, then keep those that fit.
         n = int(length / 10) + 1
         width, depth = rng.uniform(7, 13, n), rng.uniform(8, 12, n)
-        setback, gap = rng.uniform(4, 8, n), rng.uniform(3, 9, n)
+        setback, gap = rng.uniform(4, 8, n), rng.uniform(2, 7, n)
         start = rng.uniform(20, 30) + np.concatenate([[0.0], np.cumsum(width + gap)[:-1]])
         fits = start + width < length - 20
         mid = (start + width / 2)[fits, None]
@@ -403,13 +409,13 @@ def _zone(rng: np.random.Generator, centre: np.ndarray, radius: float, rail_dist
         names = list(options)
         weights = np.array([options[n] for n in names], dtype=float)
         return str(rng.choice(names, p=weights / weights.sum()))
-    if centre[0] > 250 and rail_distance < 550 and r < 0.95:
-        return pick({"industrial": 55, "brownfield": 12, "commercial": 8, "residential": 15, "empty": 5, "meadow": 5})
-    if r < 0.2:
-        return pick({"commercial": 65, "residential": 20, "park": 10, "school": 5})
-    if r < 0.6:
-        return pick({"residential": 72, "commercial": 7, "park": 5, "school": 3, "brownfield": 3,
-                     "empty": 4, "allotments": 3, "grassland": 3})
+    if centre[0] > -0.15 * radius and rail_distance < 0.23 * radius and r < 0.95:
+        return pick({"industrial": 58, "brownfield": 10, "commercial": 10, "residential": 12, "empty": 5, "meadow": 5})
+    if r < 0.25:
+        return pick({"commercial": 60, "residential": 25, "park": 8, "school": 7})
+    if r < 0.7:
+        return pick({"residential": 66, "commercial": 12, "industrial": 3, "park": 4, "school": 3, "brownfield": 3,
+                     "empty": 3, "allotments": 3, "grassland": 3})
     return pick({"farmland": 28, "forest": 12, "wood": 8, "meadow": 11, "scrub": 6, "orchard": 4,
                  "heath": 3, "grassland": 4, "allotments": 2, "vineyard": 3, "residential": 13,
                  "empty": 4, "brownfield": 2})
@@ -431,8 +437,8 @@ def build_world(seed: int = 0, bbox: mercantile.LngLatBbox = DEMO_BBOX) -> World
     right, top = mercantile.xy(bbox.east, bbox.north)
     radius = min(right - left, top - bottom) / 2
 
-    xs = _grid_lines(rng, left, right)
-    ys = _grid_lines(rng, bottom, top)
+    xs = _grid_lines(rng, left, right, 0.6 * radius)
+    ys = _grid_lines(rng, bottom, top, 0.6 * radius)
     grid = np.stack(np.meshgrid(xs, ys, indexing="ij"), axis=-1)
     grid += rng.uniform(-12, 12, size=grid.shape)
     cx, cy = len(xs) // 2, len(ys) // 2  # the line index just right of / above 0
