@@ -55,6 +55,9 @@ COVERAGE_THRESHOLD = 0.5
 # Web Mercator's circumference in metres (EPSG:3857), for metres per pixel at a zoom.
 _CIRCUMFERENCE = 2 * math.pi * 6378137.0
 
+# The property that tells a point's squares apart by stroke width (see features_geojson).
+POINT_WIDTH = "osmseg_point_width"
+
 DEFAULT_TILE_SIZE = 256
 DEFAULT_BBOX = "-3.3843,51.2437,-2.3923,51.848"  # the seed's, as in osmseg.tiles and the Makefile
 
@@ -97,11 +100,16 @@ def style_xml(classes: Classes, tile_size: int = DEFAULT_TILE_SIZE) -> str:
     gamma = f'gamma="{COVERAGE_THRESHOLD}" gamma-method="threshold"'
     stroke_gamma = f'stroke-gamma="{COVERAGE_THRESHOLD}" stroke-gamma-method="threshold"'
     styles, names = [], []
+    several_widths = len({c.stroke_width for c in classes.classes}) > 1
     for number, class_ in enumerate(classes.classes, start=1):
         name = f"class{number}"
         names.append(name)
         selected = f"({class_.filter})"
-        polygon = escape(f"{selected} and [mapnik::geometry_type] = polygon")
+        polygon = f"{selected} and [mapnik::geometry_type] = polygon"
+        if several_widths:
+            # Points arrive as one square per width: keep real polygons and this width's squares.
+            polygon += f" and ([{POINT_WIDTH}] = null or [{POINT_WIDTH}] = {class_.stroke_width!r})"
+        polygon = escape(polygon)
         line = escape(f"{selected} and [mapnik::geometry_type] = linestring")
         styles.append(
             f'<Style name="{name}">'
@@ -122,28 +130,36 @@ def style_xml(classes: Classes, tile_size: int = DEFAULT_TILE_SIZE) -> str:
     )
 
 
-def features_geojson(features: Sequence, point_size: float) -> str:
+def features_geojson(features: Sequence, pixel: float, point_widths: Sequence[float] = (1.0,)) -> str:
     """A GeoJSON FeatureCollection (EPSG:3857 metres) of OSM features for mapnik.
+
+    mapnik has no unantialiased point symbol, so each point becomes a square polygon, which
+    the threshold gamma draws exactly: one square per distinct class stroke width, each
+    carrying that width in the POINT_WIDTH property so that only the classes of that width
+    draw it (see style_xml).
 
     Args:
         features: osmseg.osm Features (shapely geometry in EPSG:3857, tags dict).
-        point_size: the side in metres of the square a point becomes (mapnik has no
-            unantialiased point symbol; a square polygon rendered with the threshold
-            gamma is exact).
+        pixel: the size of one label pixel in metres.
+        point_widths: the stroke widths (pixels) of the classes.
     """
     import shapely
 
-    geometries = []
+    widths = sorted(set(point_widths))
+    geometries, properties = [], []
     for feature in features:
         geometry = feature.geometry
         if geometry.geom_type in ("Point", "MultiPoint"):
-            # cap_style 3 is "square": a point becomes a square of side point_size.
-            geometry = shapely.buffer(geometry, point_size / 2, cap_style="square")
-        geometries.append(geometry)
+            for width in widths:
+                geometries.append(shapely.buffer(geometry, width * pixel / 2, cap_style="square"))
+                properties.append({**feature.tags, POINT_WIDTH: width} if len(widths) > 1 else feature.tags)
+        else:
+            geometries.append(geometry)
+            properties.append(feature.tags)
     texts = shapely.to_geojson(np.array(geometries, dtype=object))
     parts = [
-        f'{{"type":"Feature","geometry":{text},"properties":{json.dumps(feature.tags)}}}'
-        for text, feature in zip(texts, features)
+        f'{{"type":"Feature","geometry":{text},"properties":{json.dumps(tags)}}}'
+        for text, tags in zip(texts, properties)
     ]
     return '{"type":"FeatureCollection","features":[' + ",".join(parts) + "]}"
 
@@ -204,9 +220,10 @@ class LabelRenderer:
             for tile in tiles:
                 yield tile, np.zeros((self.tile_size, self.tile_size, 3), dtype=np.uint8)
             return
-        point_size = self.max_stroke_width * metres_per_pixel(tiles[0].z, self.tile_size)
+        pixel = metres_per_pixel(tiles[0].z, self.tile_size)
+        widths = [c.stroke_width for c in self.classes.classes]
         layer = self._map.layers[0]
-        layer.datasource = mapnik.Datasource(type="geojson", inline=features_geojson(features, point_size))
+        layer.datasource = mapnik.Datasource(type="geojson", inline=features_geojson(features, pixel, widths))
         try:
             for tile in tiles:
                 self._map.zoom_to_box(mapnik.Box2d(*mercantile.xy_bounds(tile)))

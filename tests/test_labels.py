@@ -559,3 +559,26 @@ def test_prepare_labels_refuses_a_sample_of_another_source(tmp_path, capsys):
     )
     assert status == 2
     assert "'united_kingdom'" in capsys.readouterr().err and not (tmp_path / "color").exists()
+
+
+def test_points_take_the_width_of_their_own_class():
+    classes = classes_of(
+        ("tree", "#010101", 1, "[natural] = 'tree'"),
+        ("tower", "#020202", 5, "[man_made] = 'tower'"),
+        ("both", "#030303", 3, "[natural] = 'rock'"),
+    )
+    rgb = render_one(
+        [
+            Feature(Point(pixel_point(TILE, 10.5, 10.5)), {"natural": "tree"}),
+            Feature(Point(pixel_point(TILE, 30.5, 30.5)), {"man_made": "tower"}),
+            Feature(
+                shapely.MultiPoint([pixel_point(TILE, 50.5, 50.5), pixel_point(TILE, 50.5, 10.5)]), {"natural": "rock"}
+            ),
+            Feature(pixel_box(TILE, 0, 40, 8, 48), {"natural": "rock"}),  # a real polygon of a width-3 class
+        ],
+        classes,
+    )
+    assert_only_class_colours(rgb, classes)
+    assert (rgb == (1, 1, 1)).all(axis=2).sum() == 1
+    assert (rgb == (2, 2, 2)).all(axis=2).sum() == 25 and (rgb[28:33, 28:33] == 2).all()
+    assert (rgb == (3, 3, 3)).all(axis=2).sum() == 2 * 9 + 64
