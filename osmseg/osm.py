@@ -311,7 +311,7 @@ class QaTilesSource(OsmSource):
         zoom: the zoom of the tiles to read (default: 12 if the file has z12 tiles, else the
             deepest zoom it holds, for QA-style files cut at another zoom).
         cache_size: decoded source tiles kept in memory (labels read many z17 tiles from
-            one z12 tile in a row).
+            one z12 tile and its neighbours in a row; a dense city tile can take 100 MB).
         max_area_tiles: how many source tiles to visit when reassembling one area stored as
             LineString pieces (the 2015 generation) before closing it as it is.
 
@@ -322,7 +322,7 @@ class QaTilesSource(OsmSource):
     """
 
     def __init__(
-        self, path, name: str | None = None, zoom: int | None = None, cache_size: int = 64, max_area_tiles: int = 256
+        self, path, name: str | None = None, zoom: int | None = None, cache_size: int = 16, max_area_tiles: int = 256
     ):
         self.path = Path(path)
         self.name = name or self.path.name.split(".")[0]
