@@ -185,8 +185,11 @@ def test_one_features_query_per_source_tile_and_margin_reaches_neighbours():
 # --- Real vector tiles: a polygon crossing a z12 border ------------------------------------
 
 
-def write_qa_tiles(path: Path, features) -> None:
-    """Write a tiny QA-tiles-style MBTiles: z12, TMS rows, gzipped MVT, layer `osm`, no buffer."""
+def write_qa_tiles(path: Path, features, areas_as_lines: bool = False) -> None:
+    """Write a tiny QA-tiles-style MBTiles: z12, TMS rows, gzipped MVT, layer `osm`, no buffer.
+
+    areas_as_lines: store polygons as their outlines (LineStrings), as the 2015 generation does.
+    """
     import mapbox_vector_tile
 
     db = sqlite3.connect(path)
@@ -215,6 +218,8 @@ def write_qa_tiles(path: Path, features) -> None:
         unit = np.array([(right - left) / 4096, -(top - bottom) / 4096])
         encoded = []
         for number, (geometry, tags) in enumerate(features):
+            if areas_as_lines and geometry.geom_type == "Polygon":
+                geometry = geometry.exterior
             piece = geometry.intersection(box(left, bottom, right, top))
             if piece.is_empty:
                 continue
@@ -228,7 +233,8 @@ def write_qa_tiles(path: Path, features) -> None:
     db.close()
 
 
-def test_polygon_crossing_a_z12_border_renders_seamlessly(tmp_path):
+@pytest.mark.parametrize("areas_as_lines", [False, True], ids=["polygons", "2015-lines"])
+def test_polygon_crossing_a_z12_border_renders_seamlessly(tmp_path, areas_as_lines):
     from osmseg import osm
 
     z12 = mercantile.parent(TILE, zoom=12)
@@ -241,7 +247,7 @@ def test_polygon_crossing_a_z12_border_renders_seamlessly(tmp_path):
         border_x - 5 * PIXEL * 4, bottom + 0.3 * (top - bottom), border_x + 7 * PIXEL * 4, top - 0.3 * (top - bottom)
     )
     path = tmp_path / "border.mbtiles"
-    write_qa_tiles(path, [(polygon, {"building": "yes"})])
+    write_qa_tiles(path, [(polygon, {"building": "yes"})], areas_as_lines)
     source = osm.open_source("qa-tiles", path)
     renderer = labels.LabelRenderer(CLASSES, SIZE)
     rendered = dict(labels.render_tiles(source, renderer, [west_tile, east_tile]))
