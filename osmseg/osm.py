@@ -909,6 +909,8 @@ class FileSource(OsmSource):
     """
 
     def __init__(self, path, name: str | None = None, zoom: int = QA_ZOOM, keys=None, classes=None):
+        import shapely
+
         if classes is not None:
             from osmseg.classes import load_classes
 
@@ -933,8 +935,6 @@ class FileSource(OsmSource):
                 "(features with OSM tags) file"
             )
         self._features = features
-        import shapely
-
         self._tree = shapely.STRtree([f.geometry for f in features])
 
     def __len__(self) -> int:
