@@ -154,6 +154,19 @@ def test_images_keep_the_served_bytes_and_take_the_extension_from_them(serve, tm
     assert np.array_equal(rgb, bgr[..., ::-1])
 
 
+def test_webp_and_png_signatures_and_end_markers():
+    noise = np.random.default_rng(4).integers(40, 200, (256, 256, 3), dtype=np.uint8)
+    ok, webp = cv2.imencode(".webp", noise)
+    assert ok
+    webp = webp.tobytes()
+    assert imagery.check_image(webp, 256) == ("webp", None)
+    assert imagery.check_image(png(noise), 256) == ("png", None)
+    for cut in (webp[: len(webp) // 2], png(noise)[:-20], jpeg(4)[:-2]):
+        kind, reason = imagery.check_image(cut, 256)
+        assert kind in ("webp", "png", "jpg") and reason.startswith("truncated")
+    assert imagery.check_image(b"<html>Forbidden</html>", 256)[1].startswith("not a JPEG, PNG or WebP")
+
+
 def tilejson_server(serve, document: dict):
     def respond(path, query, count):
         if path.endswith(".json"):
@@ -566,6 +579,14 @@ def test_images_command_bad_input_exits_2(tmp_path, capsys):
     sample.write_text("demo 17 1 1\n")
     assert cli.run(prepare.main, ["images", "--sample", str(sample), "--image-tiles", "http://h/{z}/{y}"]) == 2
     assert "lacks {x}" in capsys.readouterr().err
+    directory = tmp_path / "tiles"
+    directory.mkdir()
+    assert cli.run(prepare.main, ["images", "--sample", str(sample), "--image-tiles", str(directory),
+                                  "--out", str(tmp_path / "images"), "--workers", "0"]) == 2
+    assert "--workers 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        prepare.main(["images", "--rps", "fast"])
+    assert "not a number of requests per second" in capsys.readouterr().err
 
 
 def test_a_source_with_none_of_the_tiles_is_an_error(serve, tmp_path, capsys):
