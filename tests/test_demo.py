@@ -204,16 +204,27 @@ def test_mapnik_tiles_plugin_reads_and_filters_it(mbtiles, world):
     </Map>"""
     import numpy as np
 
-    residential = next(f for f in world.features if f.mapped and f.tags.get("landuse") == "residential")
+    residential = max(
+        (f for f in world.features if f.mapped and f.tags.get("landuse") == "residential"), key=lambda f: f.geometry.area
+    )
     point = residential.geometry.representative_point()
     tile = mercantile.tile(*mercantile.lnglat(point.x, point.y), 17)
     m = mapnik.Map(256, 256)
     mapnik.load_map_from_string(m, xml)
-    m.zoom_to_box(mapnik.Box2d(*mercantile.xy_bounds(tile)))
+    frame = shapely.box(*mercantile.xy_bounds(tile))
+    m.zoom_to_box(mapnik.Box2d(*frame.bounds))
     image = mapnik.Image(256, 256)
     mapnik.render(m, image)
     red = np.frombuffer(image.to_string(), dtype=np.uint8).reshape(256, 256, 4)[..., 0]
     assert set(np.unique(red)) <= {0, 1, 5}
+    # The shares of pixels match the areas of the mapped features. (gamma="0" fills every
+    # pixel an edge touches, so small houses come out up to a pixel wider all round.)
+    near = world.query(mercantile.xy_bounds(tile), mapped_only=True)
+    buildings = shapely.union_all([f.geometry for f in near if "building" in f.tags]).intersection(frame)
+    homes = shapely.union_all([f.geometry for f in near if f.tags.get("landuse") == "residential"]).intersection(frame)
+    assert buildings.area / frame.area <= (red == 5).mean() <= 1.4 * buildings.area / frame.area
+    labelled = homes.union(buildings).area / frame.area
+    assert np.isin(red, (1, 5)).mean() == pytest.approx(labelled, abs=0.02)
     assert (red == 1).mean() > 0.1
 
 
