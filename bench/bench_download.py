@@ -5,8 +5,6 @@ Figures: tiles per second with 1, 8 and 32 workers, each as a share of the ideal
 workers / latency (the server sleeps 50 ms per tile, so 8 workers can do at most 160 tiles/s),
 and the downloader's CPU time per tile (this process's CPU time / tiles).
 
-The server's handler is run with TCP_NODELAY (as real tile servers send), and also as the
-demo server is (server_with_nagle), where every answer waits ~40 ms for a delayed ACK.
 The server runs in a child process so that its CPU time is not counted as the downloader's,
 and answers every tile from a few pre-drawn JPEGs: what is measured is the client (requests,
 thread pool, decoding every image to check it, atomic writes), not the demo world's painter.
@@ -34,18 +32,11 @@ LATENCY = 0.05
 RUNS = ((1, 2.0), (8, 2.0), (32, 1.5))  # (workers, seconds of ideal transfer time)
 
 
-def _serve(connection, latency: float, nodelay: bool) -> None:
+def _serve(connection, latency: float) -> None:
     """Child process: the demo server, every tile answered from a small pool of real tiles."""
     from osmseg.demo import DEMO_BBOX
     from osmseg.tileserver import DemoTileServer
 
-    if nodelay:
-        # Send the answer's headers and body without waiting: with Nagle's algorithm on, the
-        # body waits for the client's delayed ACK of the headers (~40 ms on Linux), which real
-        # tile servers do not make their clients wait.
-        from osmseg import tileserver
-
-        tileserver._Handler.disable_nagle_algorithm = True
     server = DemoTileServer(seed=0, latency=latency)
     centre = mercantile.tile((DEMO_BBOX.west + DEMO_BBOX.east) / 2, (DEMO_BBOX.south + DEMO_BBOX.north) / 2, 18)
     pool = [server.tile_bytes(mercantile.Tile(centre.x + i, centre.y + j, 18)) for i in range(4) for j in range(4)]
@@ -65,10 +56,10 @@ def demo_tiles(count: int) -> list[mercantile.Tile]:
     return tiles[:count]
 
 
-def measure(nodelay: bool, runs) -> dict:
+def measure(runs) -> dict:
     """Throughput figures for each (workers, seconds) run against a fresh server process."""
     parent, child = multiprocessing.Pipe()
-    process = multiprocessing.Process(target=_serve, args=(child, LATENCY, nodelay), daemon=True)
+    process = multiprocessing.Process(target=_serve, args=(child, LATENCY), daemon=True)
     process.start()
     tilejson_url = parent.recv()
     figures = {}
@@ -93,7 +84,7 @@ def measure(nodelay: bool, runs) -> dict:
                     "share_of_ideal": {"value": round(rate / ideal, 3), "unit": f"of {ideal:.0f} tiles/s"},
                     "cpu_per_tile": {"value": round(1000 * cpu / len(tiles), 2), "unit": "ms"},
                 }
-                print(f"{'nodelay' if nodelay else 'as is':>7} {workers:2d} workers: {len(tiles)} tiles in "
+                print(f"{workers:2d} workers: {len(tiles)} tiles in "
                       f"{wall:.2f} s = {rate:.0f} tiles/s ({rate / ideal:.0%} of {ideal:.0f}), "
                       f"CPU {1000 * cpu / len(tiles):.2f} ms/tile", flush=True)
     finally:
@@ -104,13 +95,11 @@ def measure(nodelay: bool, runs) -> dict:
 
 
 def main() -> int:
-    figures = measure(nodelay=True, runs=RUNS)
+    figures = measure(RUNS)
     figures["goal_8_workers_80_percent"] = {"value": figures["workers_8"]["share_of_ideal"]["value"] >= 0.8, "unit": ""}
-    figures["server_with_nagle"] = measure(nodelay=False, runs=RUNS[:2])
     write_result("download", figures, packages=("requests", "urllib3", "opencv-python-headless", "numpy"),
-                 notes=f"demo server in a child process, {LATENCY * 1000:.0f} ms latency per tile, TCP_NODELAY "
-                       "(server_with_nagle: the demo server as committed); the client checks and writes every tile; "
-                       "2 shared cores")
+                 notes=f"demo server in a child process, {LATENCY * 1000:.0f} ms latency per tile; the client "
+                       "checks (decodes) and writes every tile; 2 shared cores")
     return 0
 
 
