@@ -26,6 +26,10 @@ TEST_SIZE ?= 0.1
 OSM_SOURCE ?= qa-tiles
 OSM ?= data/osm/$(QA_TILES).mbtiles
 QA_TILES_URL ?= https://s3.amazonaws.com/mapbox/osm-qa-tiles-production/latest.country/
+OVERPASS_URL ?= https://overpass-api.de/api/interpreter
+# With OSM_SOURCE=overpass there is no file to make first: all-tiles asks the API and
+# saves its answer at $(OSM) (e.g. OSM=data/osm/overpass.osm).
+OSM_PREREQ := $(if $(filter overpass,$(OSM_SOURCE)),,$(OSM))
 # The token stays a literal placeholder here: prepare.py substitutes it from the
 # environment, so it never shows in make's echo of a command line.
 IMAGE_TILES ?= tilejson+https://a.tiles.mapbox.com/v4/mapbox.satellite.json?access_token=$$(MapboxAccessToken)
@@ -70,8 +74,9 @@ data/osm/demo.mbtiles: | $(INSTALLED)
 data/osm/%.mbtiles: | $(INSTALLED)
 	$(PY) prepare.py download-osm --name $* --base-url $(QA_TILES_URL) --out-dir data/osm
 
-data/all_tiles.txt: $(OSM) | $(INSTALLED)
-	$(PY) prepare.py all-tiles --osm-source $(OSM_SOURCE) --osm $(OSM) --bbox=$(BBOX) --out $@
+data/all_tiles.txt: $(OSM_PREREQ) | $(INSTALLED)
+	$(PY) prepare.py all-tiles --osm-source $(OSM_SOURCE) --osm $(OSM) --bbox=$(BBOX) \
+		--classes $(CLASSES) --overpass-url $(OVERPASS_URL) --out $@
 
 data/sample.txt: data/all_tiles.txt
 	$(PY) prepare.py sample --all-tiles $< --bbox=$(BBOX) --zoom $(ZOOM_LEVEL) \
