@@ -101,7 +101,8 @@ data/images: data/sample-filtered.txt
 		--labels data/labels/color --workers $(WORKERS) --tile-size $(TILE_SIZE)
 	touch $@
 
-preview: data/images
+# Needs only the labels, so you can look before paying for imagery; images show as they arrive.
+preview: data/sample-filtered.txt
 	$(PY) prepare.py preview --data data --sample data/sample-filtered.txt --classes $(CLASSES) \
 		--out data/preview.html
 
