@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from osmseg import cli
+from osmseg import cli, segment
 from osmseg.errors import UserError
 
 # Chosen with bench/bench_feed_forward.py's seam check: see the README's feed_forward section.
@@ -44,7 +44,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--geojson", action="store_true", help="also write segments.geojson (polygons per class)")
     parser.add_argument("--min-area", type=float, default=16.0, help="--geojson: drop polygons below this many pixels")
     parser.add_argument("--simplify", type=float, default=1.0, help="--geojson: simplification tolerance in pixels")
-    parser.add_argument("--heatmap-size", type=int, default=2048, help="longest side of the heatmaps, at most")
+    parser.add_argument("--heatmap-size", type=int, default=segment.HEATMAP_SIZE, help="longest side of the heatmaps, at most")
     parser.add_argument("--force", action="store_true", help="redo images whose outputs are already complete")
 
 
@@ -69,15 +69,13 @@ def list_images(image: Path, outdir: Path) -> list[tuple[Path, Path]]:
         UserError: the path is missing, the directory holds no images, or two images in it
             would share an output directory.
     """
-    from osmseg.segment import IMAGE_SUFFIXES
-
     if not image.exists():
         raise UserError(f"{image}: no such image or directory; pass an existing image file or directory")
     if not image.is_dir():
         return [(image, outdir)]
-    files = sorted(p for p in image.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(p for p in image.iterdir() if p.is_file() and p.suffix.lower() in segment.IMAGE_SUFFIXES)
     if not files:
-        raise UserError(f"{image}: no images in this directory (looked for {', '.join(IMAGE_SUFFIXES)})")
+        raise UserError(f"{image}: no images in this directory (looked for {', '.join(segment.IMAGE_SUFFIXES)})")
     by_stem: dict[str, Path] = {}
     for path in files:
         if path.stem in by_stem:
@@ -122,7 +120,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
     import model as segnet
-    from osmseg import segment
     from osmseg.classes import parse_classes
 
     config = segnet.read_config(args.weights)

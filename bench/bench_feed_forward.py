@@ -1,0 +1,300 @@
+#!/usr/bin/env python3
+"""Benchmark: feed_forward's cost over the model, its memory on a huge scene, and its seams.
+
+1. Overhead: a 4096 × 4096 scene segmented with write_scene (windows, blending, mask.png,
+   segments.png, heatmaps, counts) against the model alone run on the same number of
+   windows in the same batches. Goal: total <= 1.2 × model alone.
+2. Peak memory: feed_forward.py's main on a 20,000 × 20,000 GeoTIFF (tiled, deflate; read in
+   windows) in a child process, which reports its own ru_maxrss, beside its resident memory
+   after the imports and the model load. Goal: < 2 GB.
+3. Seams, on a 1024 × 1024 scene, for plain tiling (overlap 0, the seed's way) and for the
+   blended overlaps, with the time each costs:
+   - seam_ratio: the mean absolute difference of the probabilities between neighbouring
+     pixels across window borders over the same between neighbours inside windows (1: no
+     seam);
+   - border_error_ratio: the mean absolute difference from a reference segmentation (overlap
+     0.75: every pixel seen near a window's centre) within 8 pixels of window borders over
+     the same farther than 32 pixels from them (1: borders are as good as the rest). An
+     untrained model tends to output flatter probabilities near zero-padded edges rather than
+     jumps, which the first figure misses and the second catches.
+
+The model is a tiny SegNet-Basic (width 1/16, random weights, which still show the border
+effects of zero padding) so that the whole run takes a few minutes on two busy cores; pass
+--weights to measure a trained model instead. Scenes are synthetic: smooth random colour
+fields with fine texture, made by code.
+
+Usage: .venv/bin/python bench/bench_feed_forward.py [--weights W] [--memory-size 20000] [--skip-memory]
+Writes bench/results/feed_forward.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import numpy as np  # noqa: E402
+
+from common import write_result  # noqa: E402
+
+WINDOW = 256
+BATCH_SIZE = 8
+OVERLAPS = (0.0, 0.25, 0.5)
+
+
+def tiny_weights(directory: Path, width: float = 0.0625) -> Path:
+    """A randomly initialised SegNet-Basic saved as our weights file, for classes/mine.json."""
+    import model
+    from osmseg.classes import load_classes
+
+    classes = load_classes(ROOT / "classes" / "mine.json")
+    network = model.build("segnet-basic", classes.num_classes, input_size=WINDOW, width=width, seed=0)
+    path = directory / "weights.hdf5"
+    config = {
+        "name": "segnet-basic", "width": width, "input_size": WINDOW,
+        "num_classes": classes.num_classes, "classes": classes.to_json(), "mixed_precision": False,
+    }  # fmt: skip
+    model.save(network, path, config)
+    return path
+
+
+def smooth_scene(height: int, width: int, seed: int = 0, top: int = 0) -> np.ndarray:
+    """RGB uint8 rows [top, top + height) of a smooth random colour field with fine texture.
+
+    The field is a fixed function of (row, column) so that strips of one scene can be made
+    separately (the 20,000² scene is written strip by strip).
+    """
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 255, size=(64, 64, 3), dtype=np.uint8).astype(np.float32)
+    rows = (top + np.arange(height, dtype=np.float32)) * (63 / 20000 * 7)
+    cols = np.arange(width, dtype=np.float32) * (63 / 20000 * 7)
+    map_x = np.ascontiguousarray(np.broadcast_to(cols[None, :], (height, width)))
+    map_y = np.ascontiguousarray(np.broadcast_to(rows[:, None], (height, width)))
+    field = cv2.remap(coarse, map_x, map_y, cv2.INTER_CUBIC, borderMode=cv2.BORDER_WRAP)
+    texture = ((np.arange(width)[None, :] * 7 + (top + np.arange(height))[:, None] * 13) % 23 - 11).astype(np.float32)
+    return np.clip(field + texture[:, :, None], 0, 255).astype(np.uint8)
+
+
+def load_predict(weights: Path):
+    import model
+    from osmseg import segment
+    from osmseg.classes import parse_classes
+
+    network, config = model.load(weights)
+    classes = parse_classes(config["classes"], require_filters=False)
+    return network, segment.model_predict(network, BATCH_SIZE), classes, config
+
+
+def model_alone(predict, windows: int, window: int) -> tuple[float, float]:
+    """(wall, CPU) seconds the model takes on `windows` windows in batches of BATCH_SIZE
+    (the same batches segment_strips makes: full ones, then one short one)."""
+    rng = np.random.default_rng(1)
+    batch = rng.uniform(0, 255, size=(BATCH_SIZE, window, window, 3)).astype(np.float32)
+    predict(batch)
+    predict(batch[: windows % BATCH_SIZE or BATCH_SIZE])  # warm up both shapes
+    started, cpu = time.perf_counter(), time.process_time()
+    for _ in range(windows // BATCH_SIZE):
+        predict(batch)
+    if windows % BATCH_SIZE:
+        predict(batch[: windows % BATCH_SIZE])
+    return time.perf_counter() - started, time.process_time() - cpu
+
+
+def bench_overhead(weights: Path, workdir: Path, size: int = 4096) -> dict:
+    from osmseg import segment
+
+    _, predict, classes, config = load_predict(weights)
+    window = int(config["input_size"])
+    image = smooth_scene(size, size)
+    overlap = 0.25
+    windows = segment.count_windows(size, size, window, overlap)
+    figures = {}
+    alone, alone_cpu = model_alone(predict, windows, window)
+    started, cpu = time.perf_counter(), time.process_time()
+    segment.write_scene(
+        segment.ArrayReader(image, "scene.png"), predict, classes, workdir / "overhead",
+        window=window, overlap=overlap, batch_size=BATCH_SIZE,
+    )  # fmt: skip
+    total, total_cpu = time.perf_counter() - started, time.process_time() - cpu
+    # The machine is shared: bracket the scene with two model-alone runs, keep the faster.
+    again, again_cpu = model_alone(predict, windows, window)
+    alone, alone_cpu = min(alone, again), min(alone_cpu, again_cpu)
+    figures["scene"] = {"value": f"{size}x{size}", "unit": "pixels"}
+    figures["windows"] = {"value": windows, "unit": f"windows of {window}, overlap {overlap}"}
+    figures["model_alone_s"] = {"value": round(alone, 2), "unit": "s"}
+    figures["total_s"] = {"value": round(total, 2), "unit": "s"}
+    figures["overhead_ratio"] = {"value": round(total / alone, 3), "unit": "total / model alone, wall (goal <= 1.2)"}
+    figures["overhead_ratio_cpu"] = {"value": round(total_cpu / alone_cpu, 3), "unit": "total / model alone, CPU time"}
+    figures["overhead_per_window_ms"] = {"value": round(1000 * (total - alone) / windows, 1), "unit": "ms wall"}
+    return figures
+
+
+_MEMORY_CHILD = """
+import json, os, resource, sys, time
+sys.path.insert(0, {root!r})
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import feed_forward, model
+from osmseg import cli
+model.load({weights!r})  # what the imports and one model cost, before any scene
+baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+started = time.perf_counter()
+status = cli.run(feed_forward.main, [{weights!r}, {scene!r}, {out!r}, "--batch-size", "8"])
+print(json.dumps({{"status": status, "seconds": time.perf_counter() - started, "baseline_mb": baseline,
+                   "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+"""
+
+
+def write_geotiff_scene(path: Path, size: int) -> None:
+    """A size × size RGB GeoTIFF (EPSG:3857, 0.5 m pixels), tiled and compressed, written in strips."""
+    import rasterio
+    from rasterio.transform import from_origin
+    from rasterio.windows import Window
+
+    profile = {
+        "driver": "GTiff", "height": size, "width": size, "count": 3, "dtype": "uint8",
+        "crs": "EPSG:3857", "transform": from_origin(-5000.0, 5000.0, 0.5, 0.5),
+        "tiled": True, "blockxsize": 256, "blockysize": 256, "compress": "deflate", "zlevel": 1,
+    }  # fmt: skip
+    with rasterio.Env(GDAL_CACHEMAX=256), rasterio.open(path, "w", **profile) as dst:
+        for top in range(0, size, 1024):
+            rows = min(1024, size - top)
+            dst.write(np.moveaxis(smooth_scene(rows, size, top=top), -1, 0), window=Window(0, top, size, rows))
+
+
+def bench_memory(weights: Path, workdir: Path, size: int) -> dict:
+    from osmseg import segment
+
+    scene = workdir / "huge.tif"
+    started = time.perf_counter()
+    write_geotiff_scene(scene, size)
+    made = time.perf_counter() - started
+    code = _MEMORY_CHILD.format(root=str(ROOT), weights=str(weights), scene=str(scene), out=str(workdir / "huge"))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    if done.returncode != 0:
+        raise RuntimeError(f"memory child failed:\n{done.stderr[-3000:]}")
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    if report["status"] != 0:
+        raise RuntimeError(f"feed_forward failed on the huge scene:\n{done.stderr[-3000:]}")
+    outputs = {p.name: p.stat().st_size for p in (workdir / "huge").iterdir()}
+    return {
+        "scene": {"value": f"{size}x{size}", "unit": "pixels (GeoTIFF, read in windows)"},
+        "windows": {"value": segment.count_windows(size, size, WINDOW, 0.25), "unit": f"windows of {WINDOW}"},
+        "peak_rss_mb": {"value": round(report["peak_mb"]), "unit": "MiB (goal < 2048)"},
+        "baseline_rss_mb": {"value": round(report["baseline_mb"]), "unit": "MiB after imports and model load"},
+        "seconds": {"value": round(report["seconds"], 1), "unit": "s (feed_forward main)"},
+        "scene_written_s": {"value": round(made, 1), "unit": "s (making the test GeoTIFF)"},
+        "output_mb": {"value": round(sum(outputs.values()) / 2**20), "unit": "MiB (all outputs)"},
+    }
+
+
+GRID = 32  # SegNet pools 4 or 5 times: its outputs have a 16- or 32-pixel structure
+
+
+def seam_ratio(probabilities: np.ndarray, positions: np.ndarray, window: int) -> float:
+    """Mean |p(x) - p(x - 1)| across window borders over the same inside windows, both axes.
+
+    Borders are the first columns (rows) of windows and the columns (rows) just after their
+    ends, the image's own edges left out. Pooling and unpooling make SegNet's outputs vary
+    more within its pooling cells than between them, so borders (which lie on the 32-pixel
+    grid) are compared with the other pairs on that grid, not with every pair.
+    """
+    length = probabilities.shape[1]
+    if np.any(positions % GRID):
+        raise ValueError(f"window positions {positions} are not on the {GRID}-pixel grid; pick another size")
+    borders = np.zeros(length, dtype=bool)
+    for start in positions:
+        for edge in (start, start + window):
+            if 0 < edge < length:
+                borders[edge] = True
+    on_grid = np.arange(length) % GRID == 0
+    on_grid[0] = False
+    across, inside = [], []
+    for field in (probabilities, probabilities.transpose(1, 0, 2)):
+        steps = np.abs(np.diff(field, axis=1)).mean(axis=(0, 2))  # steps[x - 1] = |p(x) - p(x - 1)|
+        across.append(steps[borders[1:]])
+        inside.append(steps[(on_grid & ~borders)[1:]])
+    return float(np.concatenate(across).mean() / np.concatenate(inside).mean())
+
+
+def border_distance(positions: np.ndarray, length: int, window: int) -> np.ndarray:
+    """int (length,): each column's distance in pixels to the nearest window border
+    (a pair of columns either side of it), the image's own edges not counting."""
+    distance = np.full(length, length)
+    columns = np.arange(length)
+    for start in positions:
+        for edge in (start, start + window):
+            if 0 < edge < length:
+                distance = np.minimum(distance, np.minimum(np.abs(columns - edge), np.abs(columns - edge + 1)))
+    return distance
+
+
+def bench_seams(weights: Path, size: int = 1024) -> dict:
+    """Two seam figures per overlap (see the module docstring and below)."""
+    from osmseg import segment
+
+    _, predict, classes, config = load_predict(weights)
+    window = int(config["input_size"])
+    image = smooth_scene(size, size, seed=3)
+    # The reference: windows every quarter window, so every pixel is seen near some
+    # window's centre. Seams show as errors against it concentrated at window borders.
+    reference = segment.segment_array(image, predict, classes.num_classes, window, 0.75, BATCH_SIZE)
+    figures = {}
+    for overlap in OVERLAPS:
+        started = time.perf_counter()
+        probabilities = segment.segment_array(image, predict, classes.num_classes, window, overlap, BATCH_SIZE)
+        seconds = time.perf_counter() - started
+        positions = segment.window_positions(size, window, segment.window_stride(window, overlap))
+        distance = border_distance(positions, size, window)
+        distance = np.minimum.outer(distance, distance)
+        error = np.abs(probabilities - reference).mean(axis=2)
+        figures[f"overlap_{overlap}"] = {
+            "seam_ratio": {"value": round(seam_ratio(probabilities, positions, window), 3),
+                           "unit": "neighbour difference across borders / inside (1 = no seam)"},
+            "border_error_ratio": {"value": round(float(error[distance < 8].mean() / error[distance >= 32].mean()), 2),
+                                   "unit": "error vs reference within 8 px of borders / beyond 32 px (1 = even)"},
+            "mean_error": {"value": float(f"{error.mean():.3g}"), "unit": "mean |p - reference|"},
+            "windows": {"value": len(positions) ** 2, "unit": "windows"},
+            "seconds": {"value": round(seconds, 2), "unit": "s"},
+        }  # fmt: skip
+    return figures
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--weights", type=Path, default=None, help="a trained weights file (default: a tiny random one)")
+    parser.add_argument("--memory-size", type=int, default=20000, help="side of the huge scene")
+    parser.add_argument("--skip-memory", action="store_true", help="skip the huge scene")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-ff-") as tmp:
+        workdir = Path(tmp)
+        weights = args.weights or tiny_weights(workdir)
+        figures = {"model": {"value": str(args.weights or "segnet-basic width 0.0625, random"), "unit": ""}}
+        print("seams...", flush=True)
+        figures["seams_1024"] = bench_seams(weights)
+        print(json.dumps(figures["seams_1024"]), flush=True)
+        print("overhead...", flush=True)
+        figures["overhead_4096"] = bench_overhead(weights, workdir)
+        print(json.dumps(figures["overhead_4096"]), flush=True)
+        if not args.skip_memory:
+            print(f"memory on {args.memory_size}²...", flush=True)
+            figures[f"memory_{args.memory_size}"] = bench_memory(weights, workdir, args.memory_size)
+            print(json.dumps(figures[f"memory_{args.memory_size}"]), flush=True)
+    path = write_result("feed_forward", figures, packages=("numpy", "keras", "tensorflow", "rasterio", "opencv-python-headless"))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
