@@ -130,11 +130,25 @@ def _has_gpu() -> bool:
     return False
 
 
+def training_optimizer(optimizer, mixed_precision: bool | str):
+    """The optimizer to compile with: wrapped in loss scaling when the policy is mixed_float16.
+
+    Keras wraps it by itself only when the model's own policy is mixed_float16, and ours stays
+    float32 (the policy is set per layer), so train.py calls this. bfloat16 needs no scaling.
+    """
+    import keras
+
+    if dtype_policy(mixed_precision) == "mixed_float16":
+        return keras.optimizers.LossScaleOptimizer(optimizer)
+    return optimizer
+
+
 def jit_compile_default() -> bool:
     """Whether to pass jit_compile=True to model.compile on this backend and device.
 
-    On CPUs, TensorFlow's oneDNN convolutions beat XLA's (see bench/results/model.json), so
-    XLA is only the default where a GPU is present.
+    On CPUs, TensorFlow's oneDNN convolutions beat XLA's: a segnet-basic training step took
+    2.7× longer with jit_compile=True (bench/bench_model.py --jit), so XLA is only the default
+    where a GPU is present.
     """
     return _has_gpu()
 
@@ -244,15 +258,22 @@ def build(name: str, num_classes: int, input_size: int = 256, width: float = 1.0
     import keras
     from keras import layers
 
-    if "seed" in options:
-        keras.utils.set_random_seed(int(options["seed"]))
+    seed = options.get("seed")
+    seeds = iter(range(0 if seed is None else int(seed) * 1000, 10**9))
     policy = dtype_policy(options.get("mixed_precision", False))
     MaxPooling, Unpooling = _layers()
     blocks = [(channels(filters, width), convs) for filters, convs in ARCHITECTURES[name]]
 
+    def initializer():
+        # He initialisation suits ReLU networks (the SegNet paper used it); a seed makes the
+        # initial weights reproducible without touching Keras's global random state.
+        return keras.initializers.HeNormal(seed=None if seed is None else next(seeds))
+
     def conv_bn_relu(x, filters, label):
         block, index = label
-        x = layers.Conv2D(filters, 3, padding="same", name=f"{block}_conv{index}", dtype=policy)(x)
+        x = layers.Conv2D(
+            filters, 3, padding="same", kernel_initializer=initializer(), name=f"{block}_conv{index}", dtype=policy
+        )(x)
         x = layers.BatchNormalization(name=f"{block}_bn{index}", dtype=policy)(x)
         return layers.ReLU(name=f"{block}_relu{index}", dtype=policy)(x)
 
@@ -276,7 +297,7 @@ def build(name: str, num_classes: int, input_size: int = 256, width: float = 1.0
         for index in range(1, convs + 1):
             x = conv_bn_relu(x, narrowed if index == convs else filters, (f"decoder{number}", index))
 
-    x = layers.Conv2D(num_classes, 1, name="classifier", dtype=policy)(x)
+    x = layers.Conv2D(num_classes, 1, kernel_initializer=initializer(), name="classifier", dtype=policy)(x)
     outputs = layers.Softmax(axis=-1, name="softmax", dtype="float32")(x)
     model = keras.Model(inputs, outputs, name=name.replace("-", "_"))
 
