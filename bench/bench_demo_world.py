@@ -25,11 +25,11 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-import mercantile  # noqa: E402
-import numpy as np  # noqa: E402
+import mercantile
+import numpy as np
+from common import write_result
 
-from common import write_result  # noqa: E402
-from osmseg import demo, tileserver  # noqa: E402
+from osmseg import demo, tileserver
 
 ZOOM = 17
 HTTP_TILES = 300

@@ -33,13 +33,13 @@ from __future__ import annotations
 
 import gzip
 import json
-import math
 import sqlite3
 import sys
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, NamedTuple
+from typing import NamedTuple
 
 import mercantile
 import numpy as np
@@ -196,6 +196,7 @@ def _grid_lines(rng: np.random.Generator, low: float, high: float, town: float) 
 
     Blocks are smaller in the town (within `town` metres of the centre) than in the fields.
     """
+
     def step(position: float) -> float:
         return rng.uniform(120, 190) if abs(position) < town else rng.uniform(170, 280)
 
@@ -355,14 +356,24 @@ def _fill_lots(b: _Builder, quad: np.ndarray, area, kind: str) -> None:
                 du, dv = (u1 - u0) * mu, (v1 - v0) * mv
                 geoms.append(_sub_quad(quad, u0 + du, u1 - du, v0 + dv, v1 - dv))
                 if kind == "industrial":
-                    tags.append({"building": str(rng.choice(["industrial", "warehouse", "industrial"])),
-                                 "building:levels": str(int(rng.integers(1, 3)))})
+                    tags.append(
+                        {
+                            "building": str(rng.choice(["industrial", "warehouse", "industrial"])),
+                            "building:levels": str(int(rng.integers(1, 3))),
+                        }
+                    )
                 else:
-                    tags.append({"building": str(rng.choice(["commercial", "retail", "office"])),
-                                 "building:levels": str(int(rng.integers(2, 8)))})
+                    tags.append(
+                        {
+                            "building": str(rng.choice(["commercial", "retail", "office"])),
+                            "building:levels": str(int(rng.integers(2, 8))),
+                        }
+                    )
             else:
-                b.add(_sub_quad(quad, u0 + 0.03, u1 - 0.03, v0 + 0.03, v1 - 0.03).intersection(area),
-                      {"amenity": "parking", "parking": "surface"})
+                b.add(
+                    _sub_quad(quad, u0 + 0.03, u1 - 0.03, v0 + 0.03, v1 - 0.03).intersection(area),
+                    {"amenity": "parking", "parking": "surface"},
+                )
     keep = _keep_inside(geoms, area)
     unmapped = rng.random(len(geoms)) < UNMAPPED_BUILDING
     b.add_many([geoms[i] for i in keep], [tags[i] for i in keep], [not unmapped[i] for i in keep])
@@ -405,20 +416,47 @@ def _hedges(b: _Builder, quad: np.ndarray, area) -> None:
 
 def _zone(rng: np.random.Generator, centre: np.ndarray, radius: float, rail_distance: float) -> str:
     r = float(np.hypot(*centre)) / radius + rng.normal(0, 0.06)
+
     def pick(options: dict) -> str:
         names = list(options)
         weights = np.array([options[n] for n in names], dtype=float)
         return str(rng.choice(names, p=weights / weights.sum()))
+
     if centre[0] > -0.15 * radius and rail_distance < 0.23 * radius and r < 0.95:
         return pick({"industrial": 58, "brownfield": 10, "commercial": 10, "residential": 12, "empty": 5, "meadow": 5})
     if r < 0.25:
         return pick({"commercial": 60, "residential": 25, "park": 8, "school": 7})
     if r < 0.7:
-        return pick({"residential": 66, "commercial": 12, "industrial": 3, "park": 4, "school": 3, "brownfield": 3,
-                     "empty": 3, "allotments": 3, "grassland": 3})
-    return pick({"farmland": 28, "forest": 12, "wood": 8, "meadow": 11, "scrub": 6, "orchard": 4,
-                 "heath": 3, "grassland": 4, "allotments": 2, "vineyard": 3, "residential": 13,
-                 "empty": 4, "brownfield": 2})
+        return pick(
+            {
+                "residential": 66,
+                "commercial": 12,
+                "industrial": 3,
+                "park": 4,
+                "school": 3,
+                "brownfield": 3,
+                "empty": 3,
+                "allotments": 3,
+                "grassland": 3,
+            }
+        )
+    return pick(
+        {
+            "farmland": 28,
+            "forest": 12,
+            "wood": 8,
+            "meadow": 11,
+            "scrub": 6,
+            "orchard": 4,
+            "heath": 3,
+            "grassland": 4,
+            "allotments": 2,
+            "vineyard": 3,
+            "residential": 13,
+            "empty": 4,
+            "brownfield": 2,
+        }
+    )
 
 
 def build_world(seed: int = 0, bbox: mercantile.LngLatBbox = DEMO_BBOX) -> World:
@@ -460,8 +498,18 @@ def build_world(seed: int = 0, bbox: mercantile.LngLatBbox = DEMO_BBOX) -> World
     for i in range(len(xs) - 1):
         for j in range(len(ys) - 1):
             corners = np.array([grid[i, j], grid[i + 1, j], grid[i + 1, j + 1], grid[i, j + 1]], dtype=float)
-            insets = np.array([ROAD_WIDTHS[row_class[j]], ROAD_WIDTHS[column_class[i + 1]],
-                               ROAD_WIDTHS[row_class[j + 1]], ROAD_WIDTHS[column_class[i]]]) / 2 + 2.0
+            insets = (
+                np.array(
+                    [
+                        ROAD_WIDTHS[row_class[j]],
+                        ROAD_WIDTHS[column_class[i + 1]],
+                        ROAD_WIDTHS[row_class[j + 1]],
+                        ROAD_WIDTHS[column_class[i]],
+                    ]
+                )
+                / 2
+                + 2.0
+            )
             quad = _inset_quad(corners, insets)
             area = Polygon(quad)
             if area.intersects(obstacles):
@@ -481,7 +529,9 @@ def build_world(seed: int = 0, bbox: mercantile.LngLatBbox = DEMO_BBOX) -> World
                     field_area = _sub_quad(quad, p / parts, (p + 1) / parts, 0, 1).intersection(area)
                     b.add(field_area, tags, rng.random() > UNMAPPED_LANDUSE)
             elif tags:
-                b.add(area, tags, rng.random() > UNMAPPED_LANDUSE or kind == "commercial" and i == cx - 1 and j == cy - 1)
+                b.add(
+                    area, tags, rng.random() > UNMAPPED_LANDUSE or kind == "commercial" and i == cx - 1 and j == cy - 1
+                )
             fills.append((kind, quad, area, i == cx - 1 and j == cy - 1))
 
     # Water and ways above landuse.
@@ -510,7 +560,9 @@ def build_world(seed: int = 0, bbox: mercantile.LngLatBbox = DEMO_BBOX) -> World
         elif kind == "farmland":
             _hedges(b, quad, area)
         elif kind in ("meadow", "grassland", "empty") and rng.random() < 0.5:
-            _add_trees(b, [_bilinear(quad, *rng.uniform(0.1, 0.9, size=2)) for _ in range(int(rng.integers(2, 8)))], area)
+            _add_trees(
+                b, [_bilinear(quad, *rng.uniform(0.1, 0.9, size=2)) for _ in range(int(rng.integers(2, 8)))], area
+            )
 
     # Drawing order: areas underneath, then ways, then buildings and trees on top.
     def layer(feature: WorldFeature) -> int:
@@ -524,6 +576,7 @@ def build_world(seed: int = 0, bbox: mercantile.LngLatBbox = DEMO_BBOX) -> World
         if tags.get("natural") == "water" or tags.get("amenity") == "parking" or tags.get("leisure") == "pitch":
             return 2
         return 1
+
     features = sorted(b.features, key=lambda f: (layer(f), f.id))
     return World(seed=seed, bbox=bbox, features=features)
 

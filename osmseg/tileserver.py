@@ -34,7 +34,7 @@ import threading
 import time
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import NamedTuple
+from typing import NamedTuple, Self
 
 import mercantile
 import numpy as np
@@ -105,7 +105,9 @@ def _variation(feature_id: int, salt: int, spread: float) -> float:
 
 def _tint(color, feature_id: int, spread: float = 0.08) -> tuple[int, int, int]:
     brightness = _variation(feature_id, 1, spread)
-    return tuple(int(np.clip(c * brightness * _variation(feature_id, 2 + k, spread / 2), 0, 255)) for k, c in enumerate(color))
+    return tuple(
+        int(np.clip(c * brightness * _variation(feature_id, 2 + k, spread / 2), 0, 255)) for k, c in enumerate(color)
+    )
 
 
 _AREA_STYLES = {
@@ -146,7 +148,9 @@ def _style(feature) -> _Style | None:
     levels = float(tags.get("building:levels", 1))
     building = tags.get("building")
     if building in ("house", "yes", "residential", "detached"):
-        return _Style("building", _tint(_ROOFS[fid % len(_ROOFS)], fid), _TEXTURE_IDS["roof"], height=3 * levels + 2, gable=True)
+        return _Style(
+            "building", _tint(_ROOFS[fid % len(_ROOFS)], fid), _TEXTURE_IDS["roof"], height=3 * levels + 2, gable=True
+        )
     if building in ("shed", "garage"):
         return _Style("building", _tint((128, 118, 108), fid), _TEXTURE_IDS["roof"], height=2.5)
     if building in ("industrial", "warehouse"):
@@ -212,7 +216,7 @@ def _periodic_noise(size: int, cell: float, salt: int) -> np.ndarray:
     if cell <= 1.5:
         index = np.arange(size)
         return _hash(index[None, :], index[:, None], salt)
-    n = max(1, int(round(size / cell)))
+    n = max(1, round(size / cell))
     u = (np.arange(size) + 0.5) * (n / size)
     i0 = np.floor(u).astype(np.int64)
     f = (u - i0).astype(np.float32)
@@ -283,6 +287,7 @@ class _Painter:
         self.ring_lengths = np.array(ring_lengths, dtype=np.int64)
         self.ring_starts = np.concatenate([[0], np.cumsum(self.ring_lengths)[:-1]])
         self.first_ring = np.array(first_ring, dtype=np.int64)
+        self.tree = world.tree  # built now, not in racing request threads
         self._textures: dict[int, np.ndarray] = {}
         self._lock = threading.Lock()
 
@@ -328,7 +333,7 @@ class _Painter:
         Sampled every 32 pixels on the tile's edges and interpolated linearly, so that
         neighbours share their edge samples.
         """
-        left, bottom, right, top = mercantile.xy_bounds(tile)
+        left, _bottom, right, top = mercantile.xy_bounds(tile)
         step = (right - left) / 8
         samples = _value_noise(left + step * np.arange(9), top - step * np.arange(9), 250.0, self.seed * 1000 + 7)
         low, fraction = _EDGE_SAMPLES
@@ -340,7 +345,7 @@ class _Painter:
 
     def _pixel_rings(self, indices: np.ndarray, bounds: mercantile.Bbox) -> list[list[np.ndarray]]:
         """Each feature's rings in cv2 fixed-point pixels (int32, 1/8 pixel)."""
-        left, bottom, right, top = bounds
+        left, _bottom, right, top = bounds
         factor = TILE_SIZE / (right - left) * (1 << _SHIFT)
         rings = _ranges(self.first_ring[indices], self.first_ring[indices + 1])
         starts = self.ring_starts[rings]
@@ -373,7 +378,7 @@ class _Painter:
 
         # Shadows reach up to ~35 m: features that far outside cast into the tile.
         margin = 40.0
-        hits = self.world.tree.query(shapely.box(left - margin, bottom - margin, right + margin, top + margin))
+        hits = self.tree.query(shapely.box(left - margin, bottom - margin, right + margin, top + margin))
         indices = np.sort(hits)
         indices = indices[self.drawable[indices]]
         rings_of = self._pixel_rings(indices, bounds)
@@ -393,7 +398,7 @@ class _Painter:
                 cv2.fillPoly(color, rings, rgb, cv2.LINE_8, _SHIFT)
                 cv2.fillPoly(texture, rings, texture_id, cv2.LINE_8, _SHIFT)
             else:
-                thickness = max(1, int(round(width * per_metre)))
+                thickness = max(1, round(width * per_metre))
                 cv2.polylines(color, rings, False, rgb, thickness, cv2.LINE_8, _SHIFT)
                 cv2.polylines(texture, rings, False, texture_id, thickness, cv2.LINE_8, _SHIFT)
                 if shape == "rail":  # the dark tracks down the middle of the ballast
@@ -406,10 +411,10 @@ class _Painter:
             offset = np.round(_SUN * style.height * per_metre * one).astype(np.int32)
             if stage == _TREES:
                 centre = rings[0][0]
-                radius = max(one, int(round(style.width * per_metre * one)))
+                radius = max(one, round(style.width * per_metre * one))
                 cv2.circle(shadow, tuple(int(c) for c in centre + offset), radius, 1, -1, cv2.LINE_8, _SHIFT)
             elif stage == _TREE_ROWS:
-                thickness = max(1, int(round(style.width * per_metre)))
+                thickness = max(1, round(style.width * per_metre))
                 cv2.polylines(shadow, [r + offset for r in rings], False, 1, thickness, cv2.LINE_8, _SHIFT)
             else:
                 # The outline swept along the sun's direction (outlines are convex here).
@@ -420,12 +425,12 @@ class _Painter:
         for stage, style, rings in tops:
             if stage == _TREES:
                 centre = tuple(int(c) for c in rings[0][0])
-                radius = max(one, int(round(style.width * per_metre * one)))
+                radius = max(one, round(style.width * per_metre * one))
                 cv2.circle(color, centre, radius, style.color, -1, cv2.LINE_8, _SHIFT)
                 cv2.circle(texture, centre, radius, style.texture, -1, cv2.LINE_8, _SHIFT)
                 cv2.circle(shadow, centre, radius, 0, -1, cv2.LINE_8, _SHIFT)
             elif stage == _TREE_ROWS:
-                thickness = max(1, int(round(style.width * per_metre)))
+                thickness = max(1, round(style.width * per_metre))
                 cv2.polylines(color, rings, False, style.color, thickness, cv2.LINE_8, _SHIFT)
                 cv2.polylines(texture, rings, False, style.texture, thickness, cv2.LINE_8, _SHIFT)
                 cv2.polylines(shadow, rings, False, 0, thickness, cv2.LINE_8, _SHIFT)
@@ -443,7 +448,12 @@ class _Painter:
             second = np.hypot(*(corners[:, 2] - corners[:, 1]).T)
             corners = np.where((first < second)[:, None, None], np.roll(corners, -1, axis=1), corners)
             halves = np.stack(
-                [corners[:, 0], corners[:, 1], (corners[:, 1] + corners[:, 2]) // 2, (corners[:, 0] + corners[:, 3]) // 2],
+                [
+                    corners[:, 0],
+                    corners[:, 1],
+                    (corners[:, 1] + corners[:, 2]) // 2,
+                    (corners[:, 0] + corners[:, 3]) // 2,
+                ],
                 axis=1,
             ).astype(np.int32)
             by_color: dict[tuple, list] = {}
@@ -609,7 +619,7 @@ class DemoTileServer:
 
     # -- lifecycle
 
-    def start(self) -> "DemoTileServer":
+    def start(self) -> DemoTileServer:
         if self._server is not None:
             return self
         owner = self
@@ -638,7 +648,7 @@ class DemoTileServer:
         self._server = None
         self._thread = None
 
-    def __enter__(self) -> "DemoTileServer":
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -702,9 +712,7 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._send_json(403, {"message": "Not Authorized - Invalid Token"})
 
         if faults["rate_limit_every"] and number % faults["rate_limit_every"] == 0:
-            return self._send_json(
-                429, {"message": "Too Many Requests"}, {"Retry-After": str(faults["retry_after"])}
-            )
+            return self._send_json(429, {"message": "Too Many Requests"}, {"Retry-After": str(faults["retry_after"])})
         if faults["error_every"] and number % faults["error_every"] == 0:
             return self._send_json(faults["error_status"], {"message": "Server Error (demo fault)"})
         truncate = bool(faults["truncate_every"]) and number % faults["truncate_every"] == 0
@@ -717,7 +725,9 @@ class _Handler(BaseHTTPRequestHandler):
             except ValueError:
                 return self._send_json(404, {"message": f"Not Found: {parsed.path}"})
             if not (MIN_ZOOM <= z <= MAX_ZOOM and 0 <= x < 2**z and 0 <= y < 2**z):
-                return self._send_json(404, {"message": f"Tile {z}/{x}/{y} does not exist (zoom {MIN_ZOOM}-{MAX_ZOOM})"})
+                return self._send_json(
+                    404, {"message": f"Tile {z}/{x}/{y} does not exist (zoom {MIN_ZOOM}-{MAX_ZOOM})"}
+                )
             body = owner.tile_bytes(mercantile.Tile(x, y, z))
             return self._send(200, body, "image/jpeg", {"Cache-Control": "max-age=3600"}, truncate=truncate)
         return self._send_json(404, {"message": f"Not Found: {parsed.path}"})
@@ -747,8 +757,11 @@ def run_serve_demo(args) -> int:
     with server:
         print(server.tilejson_url, flush=True)
         note = " (requests need ?access_token=<the --token value>)" if args.token else ""
-        print(f"serving the demo world's imagery at {server.url}/{{z}}/{{x}}/{{y}}.jpg{note}; Ctrl-C stops",
-              file=sys.stderr, flush=True)
+        print(
+            f"serving the demo world's imagery at {server.url}/{{z}}/{{x}}/{{y}}.jpg{note}; Ctrl-C stops",
+            file=sys.stderr,
+            flush=True,
+        )
         try:
             _wait_forever(server)
         except KeyboardInterrupt:

@@ -10,6 +10,7 @@ import sqlite3
 
 import mapbox_vector_tile
 import mercantile
+import numpy as np
 import pytest
 import shapely
 from shapely.geometry import shape
@@ -79,10 +80,10 @@ def test_tiles_are_gzipped_mvt_at_z12_with_one_osm_layer(decoded):
     tiles = decoded
     # The town straddles lon 0 and lat 0: the four z12 tiles around (0, 0).
     assert set(tiles) == {mercantile.Tile(x, y, 12) for x in (2047, 2048) for y in (2047, 2048)}
-    for decoded in tiles.values():
-        assert list(decoded) == ["osm"]
-        assert decoded["osm"]["extent"] == demo.EXTENT
-        types = {f["geometry"]["type"] for f in decoded["osm"]["features"]}
+    for layers in tiles.values():
+        assert list(layers) == ["osm"]
+        assert layers["osm"]["extent"] == demo.EXTENT
+        types = {f["geometry"]["type"] for f in layers["osm"]["features"]}
         assert {"Polygon", "LineString", "Point"} <= types
 
 
@@ -90,13 +91,12 @@ def test_tms_rows_put_features_where_they_are(decoded, world):
     by_id = {f.id: f for f in world.features}
     for tile, layers in decoded.items():
         left, bottom, right, top = mercantile.xy_bounds(tile)
+        scale = np.array([(right - left) / demo.EXTENT, (top - bottom) / demo.EXTENT])
+        origin = np.array([left, bottom])
         features = layers["osm"]["features"]
         for feature in features[:: max(1, len(features) // 200)]:
             # Decoded coordinates are tile units with y up; back to metres.
-            geometry = shapely.transform(
-                shape(feature["geometry"]),
-                lambda c: c * [(right - left) / demo.EXTENT, (top - bottom) / demo.EXTENT] + [left, bottom],
-            )
+            geometry = shapely.transform(shape(feature["geometry"]), lambda c, s=scale, o=origin: c * s + o)
             original = by_id[feature["properties"]["@id"]]
             assert original.mapped
             assert original.geometry.buffer(0.05).contains(geometry.representative_point())
@@ -202,10 +202,9 @@ def test_mapnik_tiles_plugin_reads_and_filters_it(mbtiles, world):
         </Datasource>
       </Layer>
     </Map>"""
-    import numpy as np
-
     residential = max(
-        (f for f in world.features if f.mapped and f.tags.get("landuse") == "residential"), key=lambda f: f.geometry.area
+        (f for f in world.features if f.mapped and f.tags.get("landuse") == "residential"),
+        key=lambda f: f.geometry.area,
     )
     point = residential.geometry.representative_point()
     tile = mercantile.tile(*mercantile.lnglat(point.x, point.y), 17)
@@ -226,6 +225,18 @@ def test_mapnik_tiles_plugin_reads_and_filters_it(mbtiles, world):
     labelled = homes.union(buildings).area / frame.area
     assert np.isin(red, (1, 5)).mean() == pytest.approx(labelled, abs=0.02)
     assert (red == 1).mean() > 0.1
+
+
+def test_the_project_reader_joins_areas_cut_by_z12_borders(mbtiles, world):
+    osm = pytest.importorskip("osmseg.osm")
+    source = osm.open_source("qa-tiles", mbtiles)
+    assert source.zoom == 12
+    assert len(source.source_tiles(demo.DEMO_BBOX)) == 4
+    read = source.features(mercantile.Bbox(-100, -100, 100, 100))
+    town_hall = next(f for f in world.features if f.tags.get("building") == "townhall")
+    whole = [f for f in read if f.tags.get("building") == "townhall"]
+    assert len(whole) == 1 and whole[0].geometry.geom_type == "Polygon"
+    assert whole[0].geometry.symmetric_difference(town_hall.geometry).area < 1.0  # m², quantisation only
 
 
 # --------------------------------------------------------------------------- prepare.py demo-world

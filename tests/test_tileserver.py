@@ -68,13 +68,16 @@ def test_tiles_are_256_jpegs(server, zoom):
     assert image.std() > 10  # something to learn, not a flat colour
 
 
-@pytest.mark.parametrize("path", ["/14/0/0.jpg", "/20/0/0.jpg", "/17/131072/0.jpg", "/17/1/-1.jpg", "/nothing", "/17/a/b.jpg"])
+@pytest.mark.parametrize(
+    "path", ["/14/0/0.jpg", "/20/0/0.jpg", "/17/131072/0.jpg", "/17/1/-1.jpg", "/nothing", "/17/a/b.jpg"]
+)
 def test_outside_zoom_range_or_unknown_paths_are_404(server, path):
     assert requests.get(server.url + path, timeout=10).status_code == 404
 
 
 def test_imagery_differs_between_classes(server, world):
     """Mean colours over a big roof, a forest and a field: a model has something to learn."""
+
     def mean_colour(feature, zoom=18):
         tile = _tile_of(feature.geometry, zoom)
         image = _decode(requests.get(f"{server.url}/{zoom}/{tile.x}/{tile.y}.jpg", timeout=10).content)
@@ -102,7 +105,11 @@ def test_imagery_differs_between_classes(server, world):
 def test_unmapped_buildings_are_in_the_imagery(world):
     """Noisy labels: a building missing from OSM still shows as a roof."""
     missing = max(
-        (f for f in world.features if not f.mapped and f.tags.get("building") in ("industrial", "warehouse", "commercial", "retail", "office")),
+        (
+            f
+            for f in world.features
+            if not f.mapped and f.tags.get("building") in ("industrial", "warehouse", "commercial", "retail", "office")
+        ),
         key=lambda f: f.geometry.area,
     )
     tile = _tile_of(missing.geometry, 18)
@@ -169,7 +176,7 @@ def test_truncated_bodies_are_detected_by_clients():
         whole = requests.get(url, timeout=10)
         assert whole.status_code == 200 and len(whole.content) == int(whole.headers["Content-Length"])
         with pytest.raises((requests.exceptions.ChunkedEncodingError, requests.exceptions.ConnectionError)):
-            requests.get(url, timeout=10).content
+            _ = requests.get(url, timeout=10).content
         assert requests.get(url, timeout=10).content == whole.content  # the 3rd is whole again
 
 
