@@ -7,10 +7,12 @@
 * `GET /{z}/{x}/{y}.jpg` -- a 256×256 RGB JPEG (quality 85) of that XYZ tile (y from the
   north, as in Google/OSM tiles), drawn from *every* feature of the demo world, mapped or
   not: roofs with gable shading and shadows, crowns of trees, fields with furrows, forest,
-  lawns, asphalt, water. Textures come from value noise seeded by global position in metres,
-  so they are deterministic and continuous across tile borders. Zoom levels outside 15-19 or
-  x, y outside the zoom's range answer 404. Tiles outside the town show bare ground, as a
-  real imagery provider covers the whole planet.
+  lawns, asphalt, water. Textures are value noise indexed by global pixel position (sizes
+  in metres, so a crown is as wide at z19 as at z17; they repeat every 1024 pixels), under a
+  250 m haze that does not repeat: deterministic, and continuous across tile borders. Zoom
+  levels outside 15-19 or x, y outside the zoom's range answer 404. Tiles outside the town
+  show bare ground, as a real imagery provider covers the whole planet. Drawn tiles are
+  cached (CACHE_TILES), so a second download of the same tiles is served at HTTP speed.
 
 Faults, for tests and benchmarks, switched on at construction or with `set_faults`:
 
@@ -34,7 +36,7 @@ import threading
 import time
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import NamedTuple, Self
+from typing import NamedTuple
 
 import mercantile
 import numpy as np
@@ -648,7 +650,7 @@ class DemoTileServer:
         self._server = None
         self._thread = None
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> DemoTileServer:  # noqa: PYI034 (typing.Self needs Python 3.11)
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -11,10 +11,13 @@ import numpy as np
 import pytest
 import requests
 import shapely
+from hypothesis import given
+from hypothesis import strategies as st
 
 import prepare
 from osmseg import cli, tileserver
 from osmseg.demo import DEMO_BBOX
+from osmseg.errors import SourceError
 from osmseg.tileserver import DemoTileServer, draw_tile
 
 
@@ -121,15 +124,41 @@ def test_unmapped_buildings_are_in_the_imagery(world):
     assert np.ptp(roof) < 25 and roof.mean() > 90
 
 
-def test_texture_is_continuous_across_tile_borders():
-    tile = mercantile.tile(0.012, -0.012, 17)
+@pytest.mark.parametrize("zoom", [15, 17, 19])
+def test_texture_is_continuous_across_tile_borders(zoom):
+    # A tile whose east and south neighbours lie across the textures' period (4 tiles) too.
+    near = mercantile.tile(0.012, -0.012, zoom)
+    tile = mercantile.Tile(near.x - near.x % 4 + 3, near.y - near.y % 4 + 3, zoom)
     east = mercantile.Tile(tile.x + 1, tile.y, tile.z)
     south = mercantile.Tile(tile.x, tile.y + 1, tile.z)
     a, b, c = (draw_tile(t).astype(int) for t in (tile, east, south))
     step_inside = np.abs(a[:, -1] - a[:, -2]).mean()
     step_across = np.abs(b[:, 0] - a[:, -1]).mean()
-    assert step_across < 2 * step_inside + 3
-    assert np.abs(c[0] - a[-1]).mean() < 2 * np.abs(a[-1] - a[-2]).mean() + 3
+    assert step_across < 1.5 * step_inside + 2
+    assert np.abs(c[0] - a[-1]).mean() < 1.5 * np.abs(a[-1] - a[-2]).mean() + 2
+
+
+def test_periodic_noise_wraps_smoothly():
+    noise = tileserver._periodic_noise(256, 16.0, salt=3)
+    assert noise.shape == (256, 256) and -1 <= noise.min() < noise.max() <= 1
+    # Across the wrap, neighbouring pixels differ as little as neighbours inside do.
+    inside = np.abs(np.diff(noise, axis=1)).max()
+    assert np.abs(noise[:, 0] - noise[:, -1]).max() <= inside + 1e-6
+    assert np.abs(noise[0] - noise[-1]).max() <= np.abs(np.diff(noise, axis=0)).max() + 1e-6
+
+
+@given(st.lists(st.tuples(st.integers(0, 50), st.integers(0, 20)), max_size=20))
+def test_ranges_concatenates_aranges(pairs):
+    starts = np.array([s for s, _ in pairs], dtype=np.int64)
+    ends = starts + np.array([n for _, n in pairs], dtype=np.int64)
+    expected = [i for s, e in zip(starts, ends) for i in range(s, e)]
+    assert tileserver._ranges(starts, ends).tolist() == expected
+
+
+def test_port_in_use_is_a_clear_error(server):
+    port = int(server.url.rsplit(":", 1)[1])
+    with pytest.raises(SourceError, match=f"127.0.0.1:{port}.*pass another port"):
+        DemoTileServer(port=port).start()
 
 
 def test_same_seed_same_bytes(server):
