@@ -248,7 +248,7 @@ def test_interrupted_build_leaves_no_file(world, monkeypatch):
     monkeypatch.setattr(cache, "read_rgb", failing)
     with pytest.raises(KeyboardInterrupt):
         _build(world)
-    assert calls["n"] == 9
+    assert calls["n"] >= 9
     assert list(world["root"].glob("*.hdf5")) == []
     assert list(world["root"].glob(".c.*")) == []
 
@@ -365,8 +365,11 @@ def test_label_histogram_and_iter_tiles(world):
         cache.label_histogram(out, subset), np.bincount(labels[subset].ravel(), minlength=256)[:4]
     )
     seen = []
+    with h5py.File(out, "r") as file:
+        all_images = file["images"][:]
     for indices, images, batch_labels in cache.iter_tiles(out, [5, 1, 9, 0, 3], batch_size=2):
         assert images.dtype == np.uint8 and images.shape[1:] == (SIZE, SIZE, 3)
+        np.testing.assert_array_equal(images, all_images[indices])
         np.testing.assert_array_equal(batch_labels, labels[indices])
         seen.extend(indices.tolist())
     assert seen == [5, 1, 9, 0, 3]
@@ -426,7 +429,7 @@ def test_augmentation_moves_image_and_label_together(world, tmp_path):
     with h5py.File(out, "w") as file:
         writer = cache._Writer(file, SIZE)
         for image, label in zip(images, labels):
-            writer.append(image, label, (-1, -1, -1), "x")
+            writer.append(cache.compress_tile(image, label), (-1, -1, -1), "x")
         writer.close()
         cache._write_attrs(file, CLASSES, SIZE, {})
     batches = cache.make_batches(out, None, 6, shuffle=False, augment=True, seed=2)
@@ -605,3 +608,31 @@ def test_fit_with_worker_processes(world):
     history = net.fit(batches, epochs=2, shuffle=False, verbose=0, callbacks=[record])
     assert len(history.history["loss"]) == 2 and np.isfinite(history.history["loss"]).all()
     assert seen == [0] * 3 + [1] * 3
+
+
+def test_worker_threads_do_not_change_the_file(world):
+    _, one = _build(world, out=world["root"] / "one.hdf5", workers=1)
+    _, four = _build(world, out=world["root"] / "four.hdf5", workers=4)
+    with h5py.File(one, "r") as a, h5py.File(four, "r") as b:
+        for name in ("images", "labels", "tiles", "sources"):
+            np.testing.assert_array_equal(a[name][:], b[name][:])
+
+
+def test_reads_caches_written_by_other_tools(tmp_path):
+    """Uncompressed, several tiles per chunk: the readers fall back to h5py's own reads."""
+    rng = np.random.default_rng(3)
+    images = rng.integers(0, 256, (5, SIZE, SIZE, 3), dtype=np.uint8)
+    labels = rng.integers(0, 4, (5, SIZE, SIZE), dtype=np.uint8)
+    out = tmp_path / "other.hdf5"
+    with h5py.File(out, "w") as file:
+        file.create_dataset("images", data=images, chunks=(2, SIZE, SIZE, 3))
+        file.create_dataset("labels", data=labels)
+        file["tiles"] = np.full((5, 3), -1, np.int32)
+        file["sources"] = np.array(["x"] * 5, dtype=h5py.string_dtype())
+        file.attrs.update(classes=CLASSES.to_json(), tile_size=SIZE, schema_version=1)
+    x, y, _ = cache.make_batches(out, [4, 0, 2], 3, shuffle=False)[0]
+    np.testing.assert_array_equal(x, images[[4, 0, 2]].astype(np.float32))
+    np.testing.assert_array_equal(y, labels[[4, 0, 2]])
+    indices, read_images, _ = next(cache.iter_tiles(out, [3, 1]))
+    np.testing.assert_array_equal(read_images, images[[3, 1]])
+    np.testing.assert_array_equal(cache.label_histogram(out), np.bincount(labels.ravel(), minlength=4))
