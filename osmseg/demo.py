@@ -742,10 +742,13 @@ def run_demo_world(args) -> int:
         raise SourceError(f"{out} is a directory; pass a file name for --out (e.g. data/osm/demo.mbtiles)")
     if out.exists():
         metadata = read_metadata(out)
+        if "demo_generator" not in metadata:
+            # Someone else's file (real QA tiles, say): never clobber it.
+            raise SourceError(f"{out} exists and is not a demo world; move it away or pass another --out")
         if metadata.get("demo_seed") == str(args.seed) and metadata.get("demo_generator") == GENERATOR_VERSION:
             print(f"{out}: demo world (seed {args.seed}) already written; skipping", file=sys.stderr)
             return 0
-        print(f"{out}: made from another seed or generator; rebuilding", file=sys.stderr)
+        print(f"{out}: made from another seed or generator version; rebuilding", file=sys.stderr)
     world = build_world(args.seed)
     count = write_qa_tiles(world, out, progress=True)
     mapped = sum(f.mapped for f in world.features)

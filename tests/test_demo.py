@@ -263,3 +263,11 @@ def test_demo_world_command_writes_then_skips_then_rebuilds(small_world, tmp_pat
 def test_demo_world_command_refuses_a_directory(tmp_path, capsys):
     assert cli.run(prepare.main, ["demo-world", "--out", str(tmp_path)]) == 2
     assert "is a directory" in capsys.readouterr().err
+
+
+def test_demo_world_command_never_clobbers_other_files(tmp_path, capsys):
+    out = tmp_path / "demo.mbtiles"
+    out.write_text("my own notes")
+    assert cli.run(prepare.main, ["demo-world", "--out", str(out)]) == 2
+    assert "is not a demo world" in capsys.readouterr().err
+    assert out.read_text() == "my own notes"
