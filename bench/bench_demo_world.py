@@ -5,8 +5,8 @@ Figures:
 - build_world and write_qa_tiles times (CPU seconds, the better of a few runs);
 - the imagery painter's speed at z17, single-threaded: draw + JPEG encode, tiles per CPU
   second (textures warm), and the one-off texture set-up per zoom;
-- the HTTP server's throughput with 8 client threads (server in a child process): tiles
-  drawn on demand, then the same tiles again from its cache;
+- the HTTP server's throughput with 8 client threads (server in a child process) and its CPU
+  time per tile: tiles drawn on demand, then the same tiles again from its cache;
 - class pixel shares over every z17 tile of DEMO_BBOX, labels rendered by osmseg.labels from
   the QA tiles (mapped features only), and label recall per class against labels rendered
   from every feature (mapped or not): how noisy the demo's labels are, by design.
@@ -46,9 +46,11 @@ def _cpu(function, repeats: int = 3) -> tuple[float, object]:
 
 
 def _serve(connection) -> None:
+    """Child process: the server; answers "cpu" with its CPU seconds so far, stops on "done"."""
     with tileserver.DemoTileServer(seed=0) as server:
         connection.send(server.url)
-        connection.recv()
+        while connection.recv() == "cpu":
+            connection.send(time.process_time())
 
 
 def _http_rate(url: str, tiles: list[mercantile.Tile]) -> float:
@@ -121,8 +123,14 @@ def main() -> None:
         process.start()
         url = parent.recv()
         sample = tiles[:HTTP_TILES]
-        figures["http_8_clients_drawn"] = {"value": round(_http_rate(url, sample), 1), "unit": "tiles/s"}
-        figures["http_8_clients_cached"] = {"value": round(_http_rate(url, sample), 1), "unit": "tiles/s"}
+        for name in ("drawn", "cached"):
+            parent.send("cpu")
+            before = parent.recv()
+            rate = _http_rate(url, sample)
+            parent.send("cpu")
+            cpu = parent.recv() - before
+            figures[f"http_8_clients_{name}"] = {"value": round(rate, 1), "unit": "tiles/s"}
+            figures[f"server_cpu_per_tile_{name}"] = {"value": round(1000 * cpu / len(sample), 2), "unit": "CPU ms"}
         parent.send("done")
         process.join(timeout=10)
 
