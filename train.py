@@ -91,7 +91,10 @@ def build_parser():
     )
     parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=False, help="random flips and rotations of training tiles")
     parser.add_argument("--mixed-precision", action=argparse.BooleanOptionalAction, default=False, help="16-bit activations (float16 on GPUs, bfloat16 on CPUs)")
-    parser.add_argument("--jit-compile", action=argparse.BooleanOptionalAction, default=False, help="compile the training step with XLA")
+    parser.add_argument(
+        "--jit-compile", action=argparse.BooleanOptionalAction, default=None,
+        help="compile the training step with XLA (default: on where a GPU is present; on CPUs oneDNN is faster)",
+    )
     parser.add_argument("--encoder-weights", default="none", metavar="none|imagenet|FILE", help="initial encoder weights (segnet only)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the validation split, initial weights, data order and augmentation")
     parser.add_argument("--resume", action="store_true", help="continue the run recorded in the weights' state file")
@@ -204,16 +207,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             net = model_module.build(
                 args.model, info.classes.num_classes, input_size=info.tile_size, width=args.width,
-                encoder_weights=encoder_weights, mixed_precision=args.mixed_precision,
+                encoder_weights=encoder_weights, mixed_precision=args.mixed_precision, seed=args.seed,
             )
         except ValueError as error:
             raise UserError(f"cannot build {args.model} for {args.data}: {error}") from None
-        optimizer = _make_optimizer(args.optimizer, args.learning_rate)
+        optimizer = model_module.training_optimizer(
+            _make_optimizer(args.optimizer, args.learning_rate), args.mixed_precision
+        )
+        jit_compile = model_module.jit_compile_default() if args.jit_compile is None else args.jit_compile
         net.compile(
             optimizer=optimizer,
             loss=keras.losses.SparseCategoricalCrossentropy(),
             weighted_metrics=training.streaming_metrics(names),
-            jit_compile=args.jit_compile,
+            jit_compile=jit_compile,
         )
         if args.resume:
             optimizer.build(net.trainable_variables)
