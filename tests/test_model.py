@@ -180,7 +180,7 @@ def test_model_config_round_trips_through_keras_serialisation():
 
 
 def pool_layers():
-    return model._layers()
+    return model._layers()[:2]
 
 
 def test_pooling_and_unpooling_match_a_numpy_reference():
@@ -252,6 +252,23 @@ def test_gradients_reach_the_input_and_every_trainable_variable():
     assert float(tf.reduce_max(tf.abs(gradients[0]))) > 0
     dead = [v.path for v, g in zip(m.trainable_variables, gradients[1:]) if g is None]
     assert dead == []
+
+
+def test_fused_batch_norm_matches_keras_batch_norm():
+    import keras
+
+    BatchNormalization = model._layers()[2]
+    x = np.random.RandomState(6).randn(4, 6, 6, 5).astype("float32") * 3 + 1
+    ours, theirs = BatchNormalization(momentum=0.9), keras.layers.BatchNormalization(momentum=0.9)
+    ours.build(x.shape)
+    theirs.build(x.shape)
+    for training in (False, True):  # inference first, while both hold the initial statistics
+        np.testing.assert_allclose(np.asarray(ours(x, training=training)), np.asarray(theirs(x, training=training)), atol=1e-4)
+    np.testing.assert_allclose(ours.moving_mean.numpy(), theirs.moving_mean.numpy(), rtol=1e-5)
+    # TensorFlow updates the moving variance with the unbiased batch variance: n / (n - 1)
+    n = 4 * 6 * 6
+    batch_variance = x.reshape(-1, 5).var(axis=0)
+    np.testing.assert_allclose(ours.moving_variance.numpy(), 0.9 + 0.1 * batch_variance * n / (n - 1), rtol=1e-4)
 
 
 # --- Training and precision -------------------------------------------------------------
