@@ -663,8 +663,11 @@ class _Server(ThreadingHTTPServer):
     request_queue_size = 256  # benchmarks open dozens of connections at once
 
     def handle_error(self, request, client_address):
-        # A client that hangs up mid-answer (as downloaders under test do) is not news.
-        pass
+        # A client that hangs up mid-answer (as downloaders under test do) is not news;
+        # anything else is a bug worth its traceback.
+        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            return
+        super().handle_error(request, client_address)
 
 
 class _Handler(BaseHTTPRequestHandler):
