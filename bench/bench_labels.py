@@ -75,23 +75,30 @@ def sample_tiles(mbtiles: Path, count: int, seed: int, bbox=None) -> list[mercan
 # --- The three ways ---------------------------------------------------------------------------
 
 
-def run_pipeline(mbtiles: Path, tiles, workers: int) -> None:
+def pipeline_way(mbtiles: Path, workers: int):
+    """What `make data/labels/color` does: all cores, PNGs written (pool start-up included)."""
     from osmseg import labels, osm
     from osmseg.classes import load_classes
 
-    with tempfile.TemporaryDirectory() as out:
-        source = osm.open_source("qa-tiles", mbtiles)
-        summary = labels.render_labels(tiles, source, load_classes(CLASSES), out, SIZE, workers, progress=False)
-        assert summary["rendered"] == len(tiles), summary
+    classes = load_classes(CLASSES)
+    source = osm.open_source("qa-tiles", mbtiles)
+
+    def draw(tiles):
+        with tempfile.TemporaryDirectory() as out:
+            summary = labels.render_labels(tiles, source, classes, out, SIZE, workers, progress=False)
+            assert summary["rendered"] == len(tiles), summary
+
+    return draw
 
 
-def render_ours(mbtiles: Path, tiles):
+def ours_way(mbtiles: Path):
+    """osmseg.labels in one process, render only (no PNGs)."""
     from osmseg import labels, osm
     from osmseg.classes import load_classes
 
     source = osm.open_source("qa-tiles", mbtiles)
     renderer = labels.LabelRenderer(load_classes(CLASSES), SIZE)
-    return dict(labels.render_tiles(source, renderer, tiles))
+    return lambda tiles: dict(labels.render_tiles(source, renderer, tiles))
 
 
 # classes/mine.json's filters written out in Python, for the reference rasteriser only.
@@ -111,18 +118,24 @@ PREDICATES = {
 }
 
 
-def render_reference(mbtiles: Path, tiles):
+def reference_way(mbtiles: Path):
     """cv2 rasterisation of the same features (sub-pixel vertices, no antialiasing)."""
-    import cv2
-    import shapely
-
-    from osmseg import labels, osm
+    from osmseg import osm
     from osmseg.classes import load_classes
 
     classes = load_classes(CLASSES)
     assert [c.name for c in classes.classes] == list(PREDICATES), "the reference knows classes/mine.json only"
-    predicates = list(PREDICATES.values())
     source = osm.open_source("qa-tiles", mbtiles)
+    return lambda tiles: _reference(source, classes, tiles)
+
+
+def _reference(source, classes, tiles):
+    import cv2
+    import shapely
+
+    from osmseg import labels
+
+    predicates = list(PREDICATES.values())
     shift = 4  # cv2 takes fixed-point vertices: 4 fractional bits
     out = {}
     for group in labels.group_tiles(tiles, source.zoom).values():
@@ -165,7 +178,7 @@ def _fixed_point(coords, origin, scale, shift: int) -> np.ndarray:
     return np.round(xy * (1 << shift)).astype(np.int32)
 
 
-def render_skynet(mbtiles: Path, tiles):
+def skynet_way(mbtiles: Path):
     """skynet-data's way: mapnik's `tiles` plugin reads the MBTiles for every tile, a layer per class."""
     import mapnik
 
@@ -184,31 +197,40 @@ def render_skynet(mbtiles: Path, tiles):
     mapnik.load_map_from_string(map_, head + layers + "</Map>")
     for layer in map_.layers:
         layer.datasource = mapnik.Datasource(type="tiles", file=str(mbtiles), layer="osm")
-    out = {}
-    for tile in tiles:
-        map_.zoom_to_box(mapnik.Box2d(*mercantile.xy_bounds(tile)))
-        image = mapnik.Image(SIZE, SIZE)
-        mapnik.render(map_, image)
-        out[tile] = np.frombuffer(image.to_string(), np.uint8).reshape(SIZE, SIZE, 4)[..., :3].copy()
-    return out
+
+    def draw(tiles):
+        out = {}
+        for tile in tiles:
+            map_.zoom_to_box(mapnik.Box2d(*mercantile.xy_bounds(tile)))
+            image = mapnik.Image(SIZE, SIZE)
+            mapnik.render(map_, image)
+            out[tile] = np.frombuffer(image.to_string(), np.uint8).reshape(SIZE, SIZE, 4)[..., :3].copy()
+        return out
+
+    return draw
 
 
 # --- One measurement per process ----------------------------------------------------------------
 
 
+def _cpu_seconds() -> float:
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def measure(way: str, mbtiles: Path, tiles, workers: int) -> dict:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    cpu_before = usage.ru_utime + usage.ru_stime
-    started = time.perf_counter()
+    """Set a way up (imports, opening files: once per run, not timed), then time it on `tiles`."""
     if way == "pipeline":
-        run_pipeline(mbtiles, tiles, workers)
+        draw = pipeline_way(mbtiles, workers)
     else:
-        {"ours": render_ours, "reference": render_reference, "skynet": render_skynet}[way](mbtiles, tiles)
+        draw = {"ours": ours_way, "reference": reference_way, "skynet": skynet_way}[way](mbtiles)
+    cpu_before = _cpu_seconds()
+    started = time.perf_counter()
+    draw(tiles)
     seconds = time.perf_counter() - started
-    own = resource.getrusage(resource.RUSAGE_SELF)
-    children = resource.getrusage(resource.RUSAGE_CHILDREN)
     # CPU time of this process and its workers: steadier than wall time on a shared machine.
-    cpu = own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime - cpu_before
+    cpu = _cpu_seconds() - cpu_before
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
     return {
         "tiles": len(tiles),
         "seconds": seconds,
@@ -268,7 +290,7 @@ def in_process(way: str, mbtiles: Path, tiles, workers: int = 1) -> dict:
 
 def agreement(mbtiles: Path, tiles) -> float:
     """Share of pixels on which ours and the reference give the same colour."""
-    ours, reference = render_ours(mbtiles, tiles), render_reference(mbtiles, tiles)
+    ours, reference = ours_way(mbtiles)(tiles), reference_way(mbtiles)(tiles)
     same = sum(int((ours[t] == reference[t]).all(axis=2).sum()) for t in tiles)
     return same / (len(tiles) * SIZE * SIZE)
 

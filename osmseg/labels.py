@@ -216,16 +216,25 @@ class LabelRenderer:
         zooms = {tile.z for tile in tiles}
         if len(zooms) != 1:
             raise ValueError(f"render takes tiles at one zoom, got zooms {sorted(zooms)}")
-        if not features:
+        blank = np.zeros((self.tile_size, self.tile_size, 3), dtype=np.uint8)
+        near = self._features_near(features, tiles)
+        if not any(near):
             for tile in tiles:
-                yield tile, np.zeros((self.tile_size, self.tile_size, 3), dtype=np.uint8)
+                yield tile, blank.copy()
             return
+        # Only the features near some tile go to mapnik: a sample is sparse, and serialising
+        # a whole source tile's features for a few target tiles would dominate.
+        used = sorted(set().union(*near))
         pixel = metres_per_pixel(tiles[0].z, self.tile_size)
         widths = [c.stroke_width for c in self.classes.classes]
+        collection = features_geojson([features[i] for i in used], pixel, widths)
         layer = self._map.layers[0]
-        layer.datasource = mapnik.Datasource(type="geojson", inline=features_geojson(features, pixel, widths))
+        layer.datasource = mapnik.Datasource(type="geojson", inline=collection)
         try:
-            for tile in tiles:
+            for tile, nearby in zip(tiles, near):
+                if not nearby:
+                    yield tile, blank.copy()  # nothing within reach: no need to ask mapnik
+                    continue
                 self._map.zoom_to_box(mapnik.Box2d(*mercantile.xy_bounds(tile)))
                 image = mapnik.Image(self.tile_size, self.tile_size)
                 mapnik.render(self._map, image)
@@ -236,6 +245,21 @@ class LabelRenderer:
         finally:
             # Free the features now rather than when the next group replaces them.
             layer.datasource = mapnik.MemoryDatasource()
+
+    def _features_near(self, features: Sequence, tiles: Sequence[mercantile.Tile]) -> list[set[int]]:
+        """For each tile, the indices of the features within its reach (tile plus margin)."""
+        import shapely
+
+        if not features:
+            return [set() for _ in tiles]
+        tree = shapely.STRtree([feature.geometry for feature in features])
+        margin = self.margin(tiles[0].z)
+        boxes = [shapely.box(*group_bounds([tile], margin)) for tile in tiles]
+        tile_index, feature_index = tree.query(boxes, predicate="intersects")
+        near: list[set[int]] = [set() for _ in tiles]
+        for t, f in zip(tile_index.tolist(), feature_index.tolist()):
+            near[t].add(f)
+        return near
 
 
 def source_group(tile: mercantile.Tile, source_zoom: int) -> mercantile.Tile:

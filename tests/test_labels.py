@@ -277,6 +277,7 @@ def test_render_labels_writes_pngs_and_resume_skips_existing(tmp_path):
     label = labels.read_label(out / f"17-{TILE.x}-{TILE.y}.png")
     assert label.shape == (SIZE, SIZE, 3)
     assert (label[:32, :32] == 4).all() and (label[32:] == 0).all()
+    assert (labels.read_label(out / f"17-{TILE.x + 1}-{TILE.y}.png") == 0).all()  # nothing there: all background
     assert sorted(p.name for p in out.iterdir()) == sorted(f"17-{t.x}-{t.y}.png" for t in tiles)
     # A label that is already there is kept as it is, even if it differs.
     kept = out / f"17-{TILE.x}-{TILE.y}.png"
