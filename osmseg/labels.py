@@ -336,10 +336,10 @@ def read_label(path: str | os.PathLike) -> np.ndarray:
     """
     import cv2
 
+    if not Path(path).exists():  # checked first: OpenCV would also print a warning of its own
+        raise UserError(f"{path}: no such label; run `make data/labels/color` (prepare.py labels) first")
     image = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if image is None:
-        if not Path(path).exists():
-            raise UserError(f"{path}: no such label; run `make data/labels/color` (prepare.py labels) first")
         raise UserError(f"{path}: not a readable PNG; delete it and re-run `make data/labels/color`")
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
