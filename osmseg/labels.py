@@ -11,8 +11,8 @@ in file order, so that later classes paint over earlier ones (as skynet-data doe
 - Points are drawn as squares `stroke-width` pixels wide (skynet-data drew no points).
 - No antialiasing: fills and strokes use mapnik's threshold gamma, so a pixel takes a class
   colour when the shape covers at least half of it and stays #000000 otherwise. (gamma 0
-  with the default power method colours every pixel the shape touches at all, which makes
-  a 1-pixel line 2 pixels wide.)
+  with the default power method colours every pixel the shape touches at all: a 3-pixel
+  line came out 4 pixels wide, and every polygon half a pixel too big on each side.)
 
 Files written (formats are the pipeline's contract):
 
