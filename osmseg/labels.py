@@ -12,7 +12,7 @@ in file order, so that later classes paint over earlier ones (as skynet-data doe
 - No antialiasing: fills and strokes use mapnik's threshold gamma, so a pixel takes a class
   colour when the shape covers at least half of it and stays #000000 otherwise. (gamma 0
   with the default power method colours every pixel the shape touches at all: a 3-pixel
-  line came out 4 pixels wide, and every polygon half a pixel too big on each side.)
+  line came out 4 pixels wide, and polygons grow to every pixel they touch.)
 
 Files written (formats are the pipeline's contract):
 
