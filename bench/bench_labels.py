@@ -352,7 +352,9 @@ def main(argv=None) -> int:
     from common import write_result
 
     scale = 4 if args.quick else 1
-    figures, notes = {}, []
+    # The machine may be shared: say how busy it was, since wall-clock figures depend on it.
+    load = os.getloadavg()[0]
+    figures, notes = {}, [f"1-minute load average at the start: {load:.1f} on {os.cpu_count()} cores"]
     with tempfile.TemporaryDirectory() as tmp:
         try:
             from osmseg import demo
@@ -372,7 +374,7 @@ def main(argv=None) -> int:
         "labels",
         figures,
         packages=("mapnik", "numpy", "opencv-python-headless", "shapely", "mapbox-vector-tile"),
-        notes="; ".join(notes) or "z17 labels, 256 px, classes/mine.json",
+        notes="; ".join(["z17 labels, 256 px, classes/mine.json", *notes]),
     )
     print(f"wrote {path}")
     return 0
