@@ -13,7 +13,9 @@ import mercantile
 import numpy as np
 import pytest
 import shapely
-from shapely.geometry import shape
+from hypothesis import given
+from hypothesis import strategies as st
+from shapely.geometry import LineString, Point, Polygon, shape
 
 import prepare
 from osmseg import cli, demo
@@ -172,6 +174,29 @@ def _blobs(path):
     rows = connection.execute("SELECT * FROM tiles ORDER BY zoom_level, tile_column, tile_row").fetchall()
     connection.close()
     return rows
+
+
+@given(
+    st.floats(100, 300),
+    st.floats(100, 300),
+    st.lists(st.floats(-12, 12), min_size=8, max_size=8),
+    st.lists(st.floats(2, 20), min_size=4, max_size=4),
+)
+def test_inset_quad_moves_each_street_edge_by_its_own_distance(width, height, jitter, insets):
+    corners = np.array([[0, 0], [width, 0], [width, height], [0, height]], dtype=float)
+    corners += np.array(jitter).reshape(4, 2)
+    inset = demo._inset_quad(corners, np.array(insets))
+    outer, inner = Polygon(corners), Polygon(inset)
+    assert inner.is_valid and outer.contains(inner)
+    for k in range(4):
+        edge = LineString([corners[k], corners[(k + 1) % 4]])
+        # Both ends of the inset edge k lie `insets[k]` from the street's edge line.
+        for point in (inset[k], inset[(k + 1) % 4]):
+            direction = corners[(k + 1) % 4] - corners[k]
+            offset = point - corners[k]
+            distance = abs(direction[0] * offset[1] - direction[1] * offset[0]) / np.hypot(*direction)
+            assert distance == pytest.approx(insets[k], abs=1e-6)
+        assert edge.distance(Point(inset[k])) >= insets[k] - 1e-6
 
 
 def test_build_world_is_fast_and_query_finds_by_area(world):
