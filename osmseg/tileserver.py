@@ -89,7 +89,7 @@ GROUND = (148, 140, 104)
 
 
 class _Style(NamedTuple):
-    """How one feature is drawn: `shape` is area, line, building or tree."""
+    """How one feature is drawn: `shape` is area, line, rail, building or tree."""
 
     shape: str
     color: tuple[int, int, int]
