@@ -11,6 +11,8 @@ import mercantile
 import numpy as np
 import pytest
 import shapely
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from shapely.geometry import LineString, Point, box
 
 from osmseg import cli, labels
@@ -589,3 +591,26 @@ def test_points_take_the_width_of_their_own_class():
     assert (rgb == (1, 1, 1)).all(axis=2).sum() == 1
     assert (rgb == (2, 2, 2)).all(axis=2).sum() == 25 and (rgb[28:33, 28:33] == 2).all()
     assert (rgb == (3, 3, 3)).all(axis=2).sum() == 2 * 9 + 64
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.integers(0, 4), min_size=1, max_size=200))
+def test_count_labels_matches_the_label_indices(values):
+    indices = np.array(values, dtype=np.uint8).reshape(1, -1)
+    counts = labels.count_labels(CLASSES.labels_to_colors(indices), CLASSES)
+    assert counts.sum() == len(values)
+    for index in range(1, CLASSES.num_classes):
+        assert counts[index - 1] == values.count(index)
+    assert counts[-1] == values.count(0)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(14, 20), st.integers(0, 2**14 - 1), st.integers(0, 2**14 - 1), st.floats(0, 100))
+def test_group_bounds_hold_every_tile_with_its_margin(zoom, x, y, margin):
+    tile = mercantile.Tile(x % 2**zoom, y % 2**zoom, zoom)
+    tiles = [tile, mercantile.Tile(tile.x, min(tile.y + 1, 2**zoom - 1), zoom)]
+    bounds = labels.group_bounds(tiles, margin)
+    for t in tiles:
+        b = mercantile.xy_bounds(t)
+        assert bounds.left <= b.left - margin + 1e-6 and bounds.right >= b.right + margin - 1e-6
+        assert bounds.bottom <= b.bottom - margin + 1e-6 and bounds.top >= b.top + margin - 1e-6
