@@ -176,7 +176,7 @@ def _main_tag(tags: dict) -> str:
 
 
 class _Builder:
-    """Collects features with ids; knows the random generator and the obstacles."""
+    """Collects features and gives them ids; holds the random generator."""
 
     def __init__(self, rng: np.random.Generator):
         self.rng = rng
@@ -184,6 +184,15 @@ class _Builder:
         self._next_id = 1
 
     def add(self, geometry, tags: dict, mapped: bool = True) -> None:
+        if geometry.geom_type == "GeometryCollection":
+            # Clipping can leave stray points or lines beside an area: keep the main parts.
+            for kinds in (_KINDS["Polygon"], _KINDS["LineString"]):
+                parts = _parts(geometry, kinds)
+                if parts is not None:
+                    geometry = parts
+                    break
+            else:
+                return
         if geometry.is_empty:
             return
         self.features.append(WorldFeature(self._next_id, geometry, dict(tags), bool(mapped)))

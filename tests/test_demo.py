@@ -199,6 +199,15 @@ def test_inset_quad_moves_each_street_edge_by_its_own_distance(width, height, ji
         assert edge.distance(Point(inset[k])) >= insets[k] - 1e-6
 
 
+@pytest.mark.parametrize("seed", [1, 2, 3, 4])
+def test_every_seed_gives_valid_simple_geometries(seed):
+    small = demo.build_world(seed, SMALL_BBOX)
+    kinds = {f.geometry.geom_type for f in small.features}
+    assert kinds <= {"Point", "LineString", "MultiLineString", "Polygon", "MultiPolygon"}
+    assert all(f.geometry.is_valid and not f.geometry.is_empty for f in small.features)
+    assert len({f.id for f in small.features}) == len(small.features)
+
+
 def test_build_world_is_fast_and_query_finds_by_area(world):
     import time
 
