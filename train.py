@@ -16,6 +16,7 @@ A NaN loss stops the run with exit status 1; the files above keep the last good 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -97,7 +98,10 @@ def build_parser():
     )
     parser.add_argument("--encoder-weights", default="none", metavar="none|imagenet|FILE", help="initial encoder weights (segnet only)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the validation split, initial weights, data order and augmentation")
-    parser.add_argument("--resume", action="store_true", help="continue the run recorded in the weights' state file")
+    parser.add_argument(
+        "--resume", action="store_true",
+        help="continue the run recorded in the weights' state file, if any (same settings; --epochs may grow)",
+    )
     parser.add_argument(
         "--distribute", action="store_true",
         help="train on all local GPUs (tf.distribute.MirroredStrategy), or across machines when TF_CONFIG is set",
@@ -163,6 +167,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     settings = {
         "data": str(Path(args.data).resolve()),
+        # A cache rebuilt in place is other data: its build parameters (and their input
+        # fingerprint) and its length tell.
+        "cache": hashlib.sha1(json.dumps(info.attrs.get("params"), sort_keys=True, default=str).encode()).hexdigest()[:12],
+        "tiles": info.length,
         "model": args.model,
         "width": args.width,
         "tile_size": info.tile_size,
@@ -179,7 +187,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     state_file = training.state_path(args.weights)
     monitor = training.MONITOR if len(validation_indices) else "mean_iou"
-    if args.resume:
+    resuming = args.resume and state_file.exists()
+    if resuming:
         state = training.read_state(state_file)
         training.check_resumable(state, settings, state_file)
         if state.epoch >= args.epochs:
@@ -187,7 +196,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
     else:
         state = training.TrainState(settings=settings, monitor=monitor)
-        if state_file.exists():
+        if args.resume:
+            print(f"{state_file}: no run to resume; starting from epoch 1")
+        elif state_file.exists():
             print(f"{state_file}: starting over (pass --resume to continue the run recorded there)", file=sys.stderr)
 
     class_weights = training.resolve_class_weights(args.class_weights, args.data, train_indices, names)
@@ -221,7 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             weighted_metrics=training.streaming_metrics(names),
             jit_compile=jit_compile,
         )
-        if args.resume:
+        if resuming:
             optimizer.build(net.trainable_variables)
             training.restore_variables(state_file, net, optimizer)
     if strategy is not None:

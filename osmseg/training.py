@@ -341,7 +341,7 @@ def read_state(path: str | Path) -> TrainState:
 
     path = Path(path)
     if not path.exists():
-        raise TrainingError(f"{path}: no resume state to continue from; run train.py without --resume")
+        raise TrainingError(f"{path}: no resume state to continue from; train from scratch")
     try:
         with h5py.File(path, "r") as file:
             if file.attrs.get("format") != STATE_FORMAT:
@@ -370,7 +370,7 @@ def check_resumable(state: TrainState, settings: dict, path) -> None:
     if differences:
         raise TrainingError(
             f"{path}: this state is from a run with other settings ({'; '.join(differences)}); "
-            "resume with the same flags, or train from scratch without --resume"
+            f"resume with the same flags, or delete {path} (or drop --resume) to train from scratch"
         )
 
 

@@ -218,7 +218,8 @@ def test_resume_gives_the_uninterrupted_result(tmp_path, tiny_cache, straight_ru
     split = tmp_path / "weights.hdf5"
     log = tmp_path / "training_log.csv"
     interrupted = ["--epochs", "1", *COMMON[2:]]
-    assert _run(["--data", path, *interrupted, "--weights", split, "--log", log]) == 0
+    # --resume with nothing to resume starts from scratch (so `make train` may always pass it).
+    assert _run(["--data", path, *interrupted, "--weights", split, "--log", log, "--resume"]) == 0
     assert len(_read_csv(log)) == 1
     assert _run(["--data", path, *COMMON, "--weights", split, "--log", log, "--resume"]) == 0
     a, b = _state_arrays(training.state_path(straight)), _state_arrays(training.state_path(split))
@@ -330,11 +331,11 @@ def test_batch_size_larger_than_the_data(tmp_path, tiny_cache, capsys):
     assert "--batch-size 64 is larger than the 10 training tiles" in err and "--batch-size 10 or less" in err
 
 
-def test_resume_refuses_other_settings_and_missing_state(tmp_path, tiny_cache, capsys):
+def test_resume_refuses_other_settings(tmp_path, tiny_cache, capsys):
     path, _ = tiny_cache
     weights = tmp_path / "weights.hdf5"
-    assert _run(["--data", path, "--weights", weights, "--resume", *TINY]) == 2
-    assert "no resume state" in capsys.readouterr().err
+    with pytest.raises(training.TrainingError, match="no resume state"):
+        training.read_state(training.state_path(weights))
     state = training.TrainState(settings={"model": "segnet", "seed": 0})
     with h5py.File(training.state_path(weights), "w") as file:
         file.attrs.update({
@@ -343,6 +344,10 @@ def test_resume_refuses_other_settings_and_missing_state(tmp_path, tiny_cache, c
         })
     assert _run(["--data", path, "--weights", weights, "--resume", *TINY]) == 2
     assert "model: 'segnet' then, 'segnet-basic' now" in capsys.readouterr().err
+    with h5py.File(training.state_path(weights), "w") as file:
+        file.attrs["format"] = "something else"
+    assert _run(["--data", path, "--weights", weights, "--resume", *TINY]) == 2
+    assert "not an osmseg training state" in capsys.readouterr().err
 
 
 def test_bad_flags_exit_2(tmp_path, tiny_cache, capsys):
