@@ -483,15 +483,16 @@ def build_world(seed: int = 0, bbox: mercantile.LngLatBbox = DEMO_BBOX) -> World
 
     Args:
         seed: the random seed; the same seed gives the same features, ids and tags.
-        bbox: the extent in degrees (a smaller one makes a smaller town for tests).
+        bbox: keep only the features that reach into this extent (degrees): a smaller world
+            for tests that is still the very town the imagery server draws for `seed`.
 
     Returns:
         The World, with features in drawing order.
     """
     rng = np.random.default_rng(seed)
     b = _Builder(rng)
-    left, bottom = mercantile.xy(bbox.west, bbox.south)
-    right, top = mercantile.xy(bbox.east, bbox.north)
+    left, bottom = mercantile.xy(DEMO_BBOX.west, DEMO_BBOX.south)
+    right, top = mercantile.xy(DEMO_BBOX.east, DEMO_BBOX.north)
     radius = min(right - left, top - bottom) / 2
 
     xs = _grid_lines(rng, left, right, 0.6 * radius)
@@ -597,6 +598,11 @@ def build_world(seed: int = 0, bbox: mercantile.LngLatBbox = DEMO_BBOX) -> World
         return 1
 
     features = sorted(b.features, key=lambda f: (layer(f), f.id))
+    if tuple(bbox) != tuple(DEMO_BBOX):
+        west, south = mercantile.xy(bbox.west, bbox.south)
+        east, north = mercantile.xy(bbox.east, bbox.north)
+        inside = shapely.intersects([f.geometry for f in features], box(west, south, east, north))
+        features = [f for f, keep in zip(features, inside) if keep]
     return World(seed=seed, bbox=bbox, features=features)
 
 

@@ -21,7 +21,7 @@ import prepare
 from osmseg import cli, demo
 from osmseg.classes import load_classes
 
-# A town of about 2 × 2 z12-border-straddling kilometres keeps the CLI tests fast.
+# A 2 km × 2 km corner of the town around (0, 0) keeps the CLI tests fast.
 SMALL_BBOX = mercantile.LngLatBbox(-0.009, -0.009, 0.009, 0.009)
 
 
@@ -199,9 +199,21 @@ def test_inset_quad_moves_each_street_edge_by_its_own_distance(width, height, ji
         assert edge.distance(Point(inset[k])) >= insets[k] - 1e-6
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3, 4])
+def test_a_smaller_bbox_crops_the_same_town(world):
+    small = demo.build_world(0, SMALL_BBOX)
+    assert 0 < len(small.features) < len(world.features) / 5
+    by_id = {f.id: f for f in world.features}
+    for feature in small.features:
+        assert feature.tags == by_id[feature.id].tags and feature.mapped == by_id[feature.id].mapped
+        assert shapely.equals_exact(feature.geometry, by_id[feature.id].geometry, 0)
+    assert demo.qa_tiles_of(small) == demo.qa_tiles_of(world)  # still the four around (0, 0)
+    corner = demo.build_world(0, mercantile.LngLatBbox(0.02, 0.02, 0.025, 0.025))
+    assert demo.qa_tiles_of(corner) == [mercantile.Tile(2048, 2047, 12)]
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
 def test_every_seed_gives_valid_simple_geometries(seed):
-    small = demo.build_world(seed, SMALL_BBOX)
+    small = demo.build_world(seed)
     kinds = {f.geometry.geom_type for f in small.features}
     assert kinds <= {"Point", "LineString", "MultiLineString", "Polygon", "MultiPolygon"}
     assert all(f.geometry.is_valid and not f.geometry.is_empty for f in small.features)
