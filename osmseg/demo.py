@@ -150,6 +150,13 @@ class World:
         chosen = [self.features[i] for i in np.sort(hits)]
         return [f for f in chosen if f.mapped] if mapped_only else chosen
 
+    def crop(self, bbox: mercantile.LngLatBbox) -> World:
+        """The features that reach into `bbox` (degrees), whole, as a World of that extent."""
+        west, south = mercantile.xy(bbox.west, bbox.south)
+        east, north = mercantile.xy(bbox.east, bbox.north)
+        inside = shapely.intersects([f.geometry for f in self.features], box(west, south, east, north))
+        return World(self.seed, bbox, [f for f, keep in zip(self.features, inside) if keep])
+
     def mapped(self) -> list[WorldFeature]:
         return [f for f in self.features if f.mapped]
 
@@ -598,12 +605,8 @@ def build_world(seed: int = 0, bbox: mercantile.LngLatBbox = DEMO_BBOX) -> World
         return 1
 
     features = sorted(b.features, key=lambda f: (layer(f), f.id))
-    if tuple(bbox) != tuple(DEMO_BBOX):
-        west, south = mercantile.xy(bbox.west, bbox.south)
-        east, north = mercantile.xy(bbox.east, bbox.north)
-        inside = shapely.intersects([f.geometry for f in features], box(west, south, east, north))
-        features = [f for f, keep in zip(features, inside) if keep]
-    return World(seed=seed, bbox=bbox, features=features)
+    world = World(seed=seed, bbox=DEMO_BBOX, features=features)
+    return world if tuple(bbox) == tuple(DEMO_BBOX) else world.crop(bbox)
 
 
 # --------------------------------------------------------------------------- QA tiles
