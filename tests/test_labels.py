@@ -614,3 +614,20 @@ def test_group_bounds_hold_every_tile_with_its_margin(zoom, x, y, margin):
         b = mercantile.xy_bounds(t)
         assert bounds.left <= b.left - margin + 1e-6 and bounds.right >= b.right + margin - 1e-6
         assert bounds.bottom <= b.bottom - margin + 1e-6 and bounds.top >= b.top + margin - 1e-6
+
+
+def test_filters_on_qa_metadata_and_odd_keys_still_work():
+    classes = classes_of(
+        ("mine", "#010101", 1, "[@user] = 'me' and [addr:street] = 'Rue'"),
+        ("relations", "#020202", 1, "[@type] = 'relation'"),
+    )
+    assert labels.filter_attributes(classes) == {"@user", "addr:street", "@type"}
+    rgb = render_one(
+        [
+            Feature(pixel_box(TILE, 0, 0, 4, 4), {"@user": "me", "addr:street": "Rue", "@id": "1"}),
+            Feature(pixel_box(TILE, 4, 0, 8, 4), {"@user": "you", "addr:street": "Rue"}),
+            Feature(pixel_box(TILE, 8, 0, 12, 4), {"@type": "relation", "building": "yes"}),
+        ],
+        classes,
+    )
+    assert (rgb[:4, :4] == 1).all() and (rgb[:4, 4:8] == 0).all() and (rgb[:4, 8:12] == 2).all()
