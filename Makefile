@@ -49,12 +49,14 @@ IMG ?=
 OUT ?= output
 
 # The demo world: a synthetic town at 0°N 0°E with its own loopback imagery server.
+# DEMO_SEED picks the town; its map and its imagery must come from the same seed.
+DEMO_SEED ?= 0
 DEMO_BBOX := -0.0275,-0.0275,0.0275,0.0275
-DEMO_VARS := QA_TILES=demo OSM_SOURCE=qa-tiles BBOX=$(DEMO_BBOX) IMAGE_TILES=demo \
+DEMO_VARS := QA_TILES=demo OSM_SOURCE=qa-tiles BBOX=$(DEMO_BBOX) IMAGE_TILES=demo:$(DEMO_SEED) \
 	TRAIN_SIZE=300 ZOOM_LEVEL=17 TILE_SIZE=256 MODEL=segnet-basic WIDTH=0.25 EPOCHS=12 \
 	BATCH_SIZE=8 OPTIMIZER=adam CLASS_WEIGHTS=median-frequency
 
-.PHONY: install demo test bench download-osm-tiles train validate predict preview clean clean-all
+.PHONY: install demo test bench download-osm-tiles train validate predict preview serve-demo clean clean-all
 
 install: $(INSTALLED)
 
@@ -69,7 +71,7 @@ $(INSTALLED): requirements.txt
 download-osm-tiles: $(OSM)
 
 data/osm/demo.mbtiles: | $(INSTALLED)
-	$(PY) prepare.py demo-world --out $@ --seed $(SEED)
+	$(PY) prepare.py demo-world --out $@ --seed $(DEMO_SEED)
 
 data/osm/%.mbtiles: | $(INSTALLED)
 	$(PY) prepare.py download-osm --name $* --base-url $(QA_TILES_URL) --out-dir data/osm
@@ -105,6 +107,9 @@ data/images: data/sample-filtered.txt
 preview: data/sample-filtered.txt
 	$(PY) prepare.py preview --data data --sample data/sample-filtered.txt --classes $(CLASSES) \
 		--out data/preview.html
+
+serve-demo: | $(INSTALLED)
+	$(PY) prepare.py serve-demo --port 8765 --seed $(DEMO_SEED)
 
 # --- Cache --------------------------------------------------------------------------
 

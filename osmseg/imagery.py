@@ -320,8 +320,12 @@ def open_tile_source(spec: str, token: str | None = None, *, timeout: float = 30
     spec = (spec or "").strip()
     if not spec:
         raise SourceError("IMAGE_TILES is empty; give a TileJSON URL, an XYZ template, a directory or 'demo'")
-    if spec == "demo":
-        return _open_demo(timeout=timeout, session=session)
+    if spec == "demo" or spec.startswith("demo:"):
+        # `demo:SEED` serves the town that `prepare.py demo-world --seed SEED` mapped.
+        seed_text = spec.partition(":")[2] or "0"
+        if not seed_text.isdigit():
+            raise SourceError(f"IMAGE_TILES: {spec!r}: write the demo world's seed as demo:<whole number>")
+        return _open_demo(int(seed_text), timeout=timeout, session=session)
     spec, _ = substitute_token(spec, token)
     secrets = tuple(s for s in {token or "", *_query_secrets(spec.removeprefix("tilejson+"))} if s)
     _guard_logs(secrets)
@@ -363,10 +367,10 @@ def open_tile_source(spec: str, token: str | None = None, *, timeout: float = 30
     )
 
 
-def _open_demo(timeout: float, session) -> TileSource:
+def _open_demo(seed: int, timeout: float, session) -> TileSource:
     from osmseg.tileserver import DemoTileServer
 
-    server = DemoTileServer(seed=0)
+    server = DemoTileServer(seed=seed)
     server.start()
     try:
         source = _open_tilejson(server.tilejson_url, (), timeout, session)

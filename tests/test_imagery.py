@@ -687,3 +687,16 @@ def test_demo_server_token_401_stops_at_once_and_never_shows_the_token(demo, tmp
     assert TOKEN not in str(caught.value) + capsys.readouterr().err
     demo.set_faults(token=TOKEN)
     assert fast(source, demo.demo_tiles, tmp_path).downloaded == 6
+
+
+def test_demo_form_takes_the_seed_of_the_world_it_serves(tmp_path):
+    from osmseg import tileserver
+
+    tile = mercantile.tile(0.001, 0.001, 17)
+    with imagery.open_tile_source("demo:3") as source:
+        fast(source, [tile], tmp_path)
+    served = (tmp_path / f"{imagery.tile_stem(tile)}.jpg").read_bytes()
+    with tileserver.DemoTileServer(seed=3) as same, tileserver.DemoTileServer(seed=0) as other:
+        assert served == same.tile_bytes(tile) != other.tile_bytes(tile)
+    with pytest.raises(SourceError, match="demo:<whole number>"):
+        imagery.open_tile_source("demo:x")
