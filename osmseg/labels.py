@@ -164,22 +164,29 @@ def features_geojson(
     import shapely
 
     widths = sorted(set(point_widths))
-    geometries, properties = [], []
-    for feature in features:
-        geometry = feature.geometry
-        tags = feature.tags if keep is None else {k: v for k, v in feature.tags.items() if k in keep}
-        if geometry.geom_type in ("Point", "MultiPoint"):
-            for width in widths:
-                geometries.append(shapely.buffer(geometry, width * pixel / 2, cap_style="square"))
-                properties.append({**tags, POINT_WIDTH: width} if len(widths) > 1 else tags)
-        else:
-            geometries.append(geometry)
-            properties.append(tags)
-    texts = shapely.to_geojson(np.array(geometries, dtype=object))
-    parts = [
-        f'{{"type":"Feature","geometry":{text},"properties":{json.dumps(tags)}}}'
-        for text, tags in zip(texts, properties)
+    geometries = np.array([feature.geometry for feature in features], dtype=object)
+    tags = [
+        feature.tags if keep is None else {k: v for k, v in feature.tags.items() if k in keep} for feature in features
     ]
+    # shapely's type ids: 0 Point, 4 MultiPoint.
+    is_point = np.isin(shapely.get_type_id(geometries), (0, 4))
+    texts = list(shapely.to_geojson(geometries[~is_point]))
+    properties = [t for t, point in zip(tags, is_point) if not point]
+    points = geometries[is_point]
+    if len(points):
+        point_tags = [t for t, point in zip(tags, is_point) if point]
+        for width in widths:
+            # One vectorised buffer per width: cap_style "square" makes each point a square.
+            texts.extend(shapely.to_geojson(shapely.buffer(points, width * pixel / 2, cap_style="square")))
+            properties.extend({**t, POINT_WIDTH: width} if len(widths) > 1 else t for t in point_tags)
+    # After slimming, many features share their tags ({"building": "yes"}): encode each once.
+    encoded: dict[tuple, str] = {}
+    parts = []
+    for text, props in zip(texts, properties):
+        key = tuple(props.items())
+        if key not in encoded:
+            encoded[key] = json.dumps(props)
+        parts.append(f'{{"type":"Feature","geometry":{text},"properties":{encoded[key]}}}')
     return '{"type":"FeatureCollection","features":[' + ",".join(parts) + "]}"
 
 
