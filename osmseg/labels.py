@@ -397,14 +397,14 @@ def count_labels(label_rgb: np.ndarray, classes: Classes) -> np.ndarray:
 _worker: dict = {}
 
 
-def _worker_init(source_pickle: bytes, classes_json: str, tile_size: int, out_dir: str) -> None:
+def _worker_init(source, classes_json: str, tile_size: int, out_dir: str) -> None:
     import pickle
 
     from osmseg.classes import parse_classes
 
-    # Each worker unpickles its own source (OSM sources reopen their files and start with
-    # empty caches when unpickled) and builds its own mapnik map, once.
-    _worker["source"] = pickle.loads(source_pickle)
+    # A forked worker inherits the source itself (with whatever it has read: an OSM extract is
+    # not copied); elsewhere it arrives pickled and reopens its files with empty caches.
+    _worker["source"] = pickle.loads(source) if isinstance(source, bytes) else source
     _worker["renderer"] = LabelRenderer(parse_classes(classes_json), tile_size)
     _worker["out_dir"] = out_dir
 
@@ -468,32 +468,38 @@ def render_labels(
     if not todo:
         return summary
     tasks = _tasks(todo, source.zoom)
-    bar = tqdm(total=len(todo), desc="labels", unit="tile", disable=not progress, file=sys.stderr)
-    try:
-        if workers <= 1 or len(tasks) == 1:
-            renderer = LabelRenderer(classes, tile_size)
+    if workers <= 1 or len(tasks) == 1:
+        renderer = LabelRenderer(classes, tile_size)
+        with tqdm(total=len(todo), desc="labels", unit="tile", disable=not progress, file=sys.stderr) as bar:
             for task in tasks:
                 for tile, rgb in render_tiles(source, renderer, task):
                     write_label(label_path(out_dir, tile), rgb)
                     summary["rendered"] += 1
                     bar.update()
-        else:
-            import multiprocessing
-            import pickle
+        return summary
+    import multiprocessing
+    import pickle
 
-            source.close()  # no open file handle may cross into the workers
-            init = (pickle.dumps(source), classes.to_json(), tile_size, str(out_dir))
-            workers = min(workers, len(tasks))
-            # Hand out runs of neighbouring tasks: a worker then decodes each source tile (and
-            # the neighbours that features crossing its borders need) once, not every worker
-            # all of them; four runs per worker still balance the load.
-            chunk = max(1, len(tasks) // (4 * workers))
-            with multiprocessing.Pool(workers, _worker_init, init) as pool:
-                for written in pool.imap_unordered(_worker_render, tasks, chunksize=chunk):
-                    summary["rendered"] += written
-                    bar.update(written)
-    finally:
-        bar.close()
+    source.close()  # no open file handle may cross into the workers
+    if "fork" in multiprocessing.get_all_start_methods():
+        context, shared = multiprocessing.get_context("fork"), source
+    else:
+        context, shared = multiprocessing.get_context(), pickle.dumps(source)
+    workers = min(workers, len(tasks))
+    # Hand out runs of neighbouring tasks: a worker then decodes each source tile (and the
+    # neighbours that features crossing its borders need) once, not every worker all of
+    # them; four runs per worker still balance the load.
+    chunk = max(1, len(tasks) // (4 * workers))
+    # No helper thread may be running when the workers fork: tqdm's monitor is one.
+    tqdm.monitor_interval = 0
+    init = (shared, classes.to_json(), tile_size, str(out_dir))
+    with (
+        context.Pool(workers, _worker_init, init) as pool,
+        tqdm(total=len(todo), desc="labels", unit="tile", disable=not progress, file=sys.stderr) as bar,
+    ):
+        for written in pool.imap_unordered(_worker_render, tasks, chunksize=chunk):
+            summary["rendered"] += written
+            bar.update(written)
     return summary
 
 

@@ -631,3 +631,18 @@ def test_filters_on_qa_metadata_and_odd_keys_still_work():
         classes,
     )
     assert (rgb[:4, :4] == 1).all() and (rgb[:4, 4:8] == 0).all() and (rgb[:4, 8:12] == 2).all()
+
+
+def test_a_worker_initialised_from_a_pickled_source_renders_the_same(tmp_path):
+    import pickle
+
+    from osmseg import osm
+
+    path = tmp_path / "osm.mbtiles"
+    write_qa_tiles(path, [(pixel_box(TILE, 3, 5, 60, 9), {"building": "yes"})])
+    source = osm.open_source("qa-tiles", path)
+    labels._worker_init(pickle.dumps(source), CLASSES.to_json(), SIZE, str(tmp_path / "w"))
+    assert labels._worker_render([TILE]) == 1
+    [(_, expected)] = list(labels.render_tiles(source, labels.LabelRenderer(CLASSES, SIZE), [TILE]))
+    assert (labels.read_label(tmp_path / "w" / f"17-{TILE.x}-{TILE.y}.png") == expected).all()
+    labels._worker.clear()
