@@ -10,6 +10,8 @@ What is measured, and how:
   `prepare.py images`). The imagery is blurred random colour blocks plus noise, JPEG q85:
   random, compressible about as much as decoded satellite imagery (compared in the results with
   the 8 real satellite tiles of the fixtures, when present).
+- time: wall clock and CPU time (all threads of the process). The development machine is
+  shared, so wall-clock rates vary with its load; rates per CPU-second do much less.
 - memory: each measurement runs in a child process and reports its own peak resident set
   (ru_maxrss), which includes Python, numpy, h5py and OpenCV (about 100 MB before any work).
 - read: augmented, shuffled batches of 16 from BatchReader (what make_batches wraps) by
@@ -109,12 +111,12 @@ def child_build(folder: str, count: int, out: str) -> dict:
     classes = load_classes(ROOT / "classes" / "mine.json")
     entries = make_world(Path(folder), count, classes)
     baseline = _peak_mb()
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     summary = cache.build_cache(entries, Path(folder) / "images", Path(folder) / "labels", classes, out, TILE_SIZE,
                                 log=lambda _: None)
-    seconds = time.perf_counter() - started
+    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
     assert summary.written == count, summary.skipped
-    return {"seconds": seconds, "peak_rss_mb": _peak_mb(), "baseline_rss_mb": baseline,
+    return {"seconds": seconds, "cpu_seconds": cpu, "peak_rss_mb": _peak_mb(), "baseline_rss_mb": baseline,
             "bytes_per_tile": os.path.getsize(out) / count}
 
 
@@ -126,14 +128,15 @@ def child_read(out: str, seconds: float, threads: int) -> dict:
     from osmseg import cache
 
     reader = cache.BatchReader(out, None, 16, shuffle=True, augment=True, seed=0)
-    tiles, started, batch = 0, time.perf_counter(), 0
+    tiles, started, cpu, batch = 0, time.perf_counter(), time.process_time(), 0
     with ThreadPoolExecutor(threads) as pool:
         while time.perf_counter() - started < seconds:
             batches = [(batch + i) % len(reader) for i in range(4 * threads)]
             for images, labels, weights in pool.map(reader.__getitem__, batches):
                 tiles += len(images)
             batch += len(batches)
-    return {"tiles_per_s": tiles / (time.perf_counter() - started), "peak_rss_mb": _peak_mb()}
+    return {"tiles_per_s": tiles / (time.perf_counter() - started),
+            "tiles_per_cpu_s": tiles / (time.process_time() - cpu), "peak_rss_mb": _peak_mb()}
 
 
 def child_train(steps: int) -> dict:
@@ -148,10 +151,11 @@ def child_train(steps: int) -> dict:
     images = rng.integers(0, 256, (8, TILE_SIZE, TILE_SIZE, 3)).astype("float32")
     labels = rng.integers(0, 7, (8, TILE_SIZE, TILE_SIZE)).astype("int32")
     net.train_on_batch(images, labels)  # compile and warm up
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     for _ in range(steps):
         net.train_on_batch(images, labels)
-    return {"tiles_per_s": steps * 8 / (time.perf_counter() - started), "peak_rss_mb": _peak_mb()}
+    return {"tiles_per_s": steps * 8 / (time.perf_counter() - started),
+            "tiles_per_cpu_s": steps * 8 / (time.process_time() - cpu), "peak_rss_mb": _peak_mb()}
 
 
 def real_imagery_bytes_per_tile() -> float | None:
@@ -220,6 +224,7 @@ def main(argv=None) -> int:
             print(f"  read {read}, 2 threads {read2}", flush=True)
             figures[f"build_{count}"] = {
                 "tiles_per_s": {"value": round(count / build["seconds"], 1), "unit": "tiles/s"},
+                "tiles_per_cpu_s": {"value": round(count / build["cpu_seconds"], 1), "unit": "tiles/CPU-s"},
                 "seconds": {"value": round(build["seconds"], 1), "unit": "s"},
                 "peak_rss": {"value": round(build["peak_rss_mb"]), "unit": "MiB"},
                 "bytes_per_tile": {"value": round(build["bytes_per_tile"]), "unit": "B"},
@@ -227,6 +232,7 @@ def main(argv=None) -> int:
             figures[f"read_{count}"] = {
                 "tiles_per_s": {"value": round(read["tiles_per_s"], 1), "unit": "tiles/s (augmented, 1 thread)"},
                 "tiles_per_s_2_threads": {"value": round(read2["tiles_per_s"], 1), "unit": "tiles/s (augmented)"},
+                "tiles_per_cpu_s": {"value": round(read["tiles_per_cpu_s"], 1), "unit": "tiles/CPU-s (augmented)"},
                 "peak_rss": {"value": round(max(read["peak_rss_mb"], read2["peak_rss_mb"])), "unit": "MiB"},
             }
             synthetic = synthetic_image_bytes_per_tile(out)
@@ -244,9 +250,14 @@ def main(argv=None) -> int:
         if train:
             print(f"  train {train}", flush=True)
             slowest_read = min(figures[f"read_{count}"]["tiles_per_s"]["value"] for count in args.sizes)
+            slowest_cpu = min(figures[f"read_{count}"]["tiles_per_cpu_s"]["value"] for count in args.sizes)
             figures["train_step"] = {
                 "tiles_per_s": {"value": round(train["tiles_per_s"], 1), "unit": "tiles/s (segnet-basic w0.25, CPU)"},
-                "read_to_train_ratio": {"value": round(slowest_read / train["tiles_per_s"], 1), "unit": "x"},
+                "tiles_per_cpu_s": {"value": round(train["tiles_per_cpu_s"], 1), "unit": "tiles/CPU-s"},
+                "read_to_train_ratio": {"value": round(slowest_read / train["tiles_per_s"], 1), "unit": "x (wall clock)"},
+                "read_to_train_ratio_cpu": {
+                    "value": round(slowest_cpu / train["tiles_per_cpu_s"], 1), "unit": "x (per CPU-second)",
+                },
             }
     notes = (
         "Synthetic 256 px tiles: 500 distinct JPEG/PNG pairs hard-linked to N names (reads hit the page "
