@@ -53,6 +53,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -108,7 +109,25 @@ def dtype_policy(mixed_precision: bool | str) -> str:
         return mixed_precision
     if not mixed_precision:
         return "float32"
-    return "mixed_float16" if _has_gpu() else "mixed_bfloat16"
+    if _has_gpu():
+        return "mixed_float16"
+    if not _cpu_has_bfloat16():
+        warnings.warn("mixed precision: this CPU has no bfloat16 instructions, so it would be slower; using float32")
+        return "float32"
+    return "mixed_bfloat16"
+
+
+def _cpu_has_bfloat16() -> bool:
+    """Whether the CPU computes in bfloat16 natively (x86 AVX512-BF16 or AMX, Arm BF16)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return True  # cannot tell (not Linux): let the backend decide
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            flags.update(line.split(":", 1)[1].split())
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
 def _has_gpu() -> bool:

@@ -157,6 +157,20 @@ def test_a_seed_makes_the_initial_weights_reproducible():
     assert not np.array_equal(a.get_weights()[0], c.get_weights()[0])
 
 
+def test_mixed_precision_falls_back_to_float32_without_bfloat16_instructions(monkeypatch):
+    monkeypatch.setattr(model, "_has_gpu", lambda: False)
+    monkeypatch.setattr(model, "_cpu_has_bfloat16", lambda: False)
+    with pytest.warns(UserWarning, match="no bfloat16"):
+        assert model.dtype_policy(True) == "float32"
+    monkeypatch.setattr(model, "_cpu_has_bfloat16", lambda: True)
+    assert model.dtype_policy(True) == "mixed_bfloat16"
+    monkeypatch.setattr(model, "_has_gpu", lambda: True)
+    assert model.dtype_policy(True) == "mixed_float16"
+    assert model.dtype_policy(False) == "float32"
+    with pytest.raises(ValueError, match="'half'"):
+        model.dtype_policy("half")
+
+
 def test_float16_training_gets_loss_scaling_and_bfloat16_does_not():
     import keras
 
@@ -291,7 +305,7 @@ def test_one_training_step_on_cpu_gives_a_finite_loss_and_moves_the_weights():
 def test_mixed_precision_computes_in_bfloat16_and_outputs_float32():
     import keras
 
-    m = tiny("segnet-basic", mixed_precision=True)
+    m = tiny("segnet-basic", mixed_precision="mixed_bfloat16")  # explicit: any CPU can run it
     assert m.get_layer("encoder1_conv1").compute_dtype == "bfloat16"
     assert m.get_layer("encoder1_conv1").kernel.dtype == "float32"
     y = m(images())
