@@ -52,6 +52,7 @@ import math
 import os
 import re
 import sys
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,6 +76,7 @@ WINDOW_FLOOR = 0.01
 TIFF_SUFFIXES = (".tif", ".tiff")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp") + TIFF_SUFFIXES
 HEATMAP_SIZE = 1024
+CHUNK_ROWS = 64  # rows handed to the output thread at a time
 
 
 # --- Window maths (pure) ---------------------------------------------------------------
@@ -222,9 +224,15 @@ class RasterReader(ImageReader):
 
         self._window = Window
         self.path = path
+        # GDAL's block cache may grow to 5% of RAM by default; reading strips needs little.
+        self._env = rasterio.Env(GDAL_CACHEMAX=64)
+        self._env.__enter__()
         try:
-            self._dataset = rasterio.open(path)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+                self._dataset = rasterio.open(path)
         except rasterio.errors.RasterioIOError as error:
+            self._env.__exit__(None, None, None)
             raise UserError(f"{path}: cannot read the image ({error}); check the file or convert it") from None
         dataset = self._dataset
         self.height, self.width = dataset.height, dataset.width
@@ -247,7 +255,10 @@ class RasterReader(ImageReader):
         return to_rgb8(np.moveaxis(pixels, 0, -1), self._scale_max)
 
     def close(self) -> None:
-        self._dataset.close()
+        try:
+            self._dataset.close()
+        finally:
+            self._env.__exit__(None, None, None)
 
 
 def open_image(path: str | os.PathLike) -> ImageReader:
@@ -310,7 +321,12 @@ def model_predict(model, batch_size: int) -> Predict:
 @dataclass
 class Strip:
     """Finished rows of a scene: rows [top, top + len(image)) of the image and their
-    blended probabilities, float32 (rows, W, C), summing to 1 over classes."""
+    blended probabilities, float32 (rows, W, C), summing to 1 over classes.
+
+    `probabilities` is a view into segment_strips' accumulator, valid until the generator
+    resumes (no copy: on a 20,000-pixel-wide scene a strip is hundreds of MB); copy it to
+    keep it.
+    """
 
     top: int
     image: np.ndarray
@@ -374,7 +390,7 @@ def segment_strips(
         for k, top in enumerate(rows):
             pixels = reader.read(int(top), int(min(top + window, height)))
             pixels_of_row[k] = pixels
-            strip = _pad_to(pixels, window, padded_width).astype(np.float32)
+            strip = _pad_to(pixels, window, padded_width)  # uint8: a float copy is 4× the size
             for index, left in enumerate(cols):
                 yield k, index, strip[:, left : left + window]
 
@@ -386,7 +402,8 @@ def segment_strips(
     bar = tqdm(total=len(rows) * len(cols), unit="window", file=sys.stderr, disable=not progress, leave=False)
     try:
         while batch := list(itertools.islice(stream, batch_size)):
-            probabilities = np.asarray(predict(np.stack([tile for _, _, tile in batch])), dtype=np.float32)
+            tiles = np.stack([tile for _, _, tile in batch]).astype(np.float32)
+            probabilities = np.asarray(predict(tiles), dtype=np.float32)
             expected = (len(batch), window, window, num_classes)
             if probabilities.shape != expected:
                 raise ValueError(f"predict returned shape {probabilities.shape}, expected {expected}")
@@ -399,8 +416,12 @@ def segment_strips(
                 top = int(rows[k])
                 done = (int(rows[k + 1]) if k + 1 < len(rows) else height) - top
                 pixels = pixels_of_row.pop(k)
-                yield Strip(top, pixels[:done, :width], accumulator[:done, :width].copy())
-                accumulator[: window - done] = accumulator[done:]
+                yield Strip(top, pixels[:done, :width], accumulator[:done, :width])
+                # Move the unfinished rows up in blocks of `done` rows: blocks that do not
+                # overlap need no temporary copy (an overlapping assignment makes one).
+                for first in range(0, window - done, done):
+                    rows_moved = min(done, window - done - first)
+                    accumulator[first : first + rows_moved] = accumulator[first + done : first + done + rows_moved]
                 accumulator[window - done :] = 0
             bar.update(len(batch))
     finally:
@@ -418,7 +439,7 @@ def segment_array(
 ) -> np.ndarray:
     """Blended probabilities float32 (H, W, C) of a whole RGB uint8 (H, W, 3) image in memory."""
     strips = segment_strips(ArrayReader(image), predict, num_classes, window, overlap, batch_size, floor)
-    return np.concatenate([strip.probabilities for strip in strips], axis=0)
+    return np.concatenate([strip.probabilities.copy() for strip in strips], axis=0)
 
 
 # --- Polygons ------------------------------------------------------------------------------
@@ -493,7 +514,8 @@ class SceneResult:
 
 
 class _HeatmapAccumulator:
-    """Area-mean downscaling of probability strips to at most `size` pixels a side.
+    """Area-mean downscaling of (H, W, C) strips (probabilities, or their bytes) to at most
+    `size` pixels a side.
 
     Cells are factor × factor blocks of pixels (smaller at the right and bottom edges).
     Strips need not start or end on a block boundary: rows short of a whole block wait
@@ -506,13 +528,13 @@ class _HeatmapAccumulator:
         shape = (math.ceil(height / self.factor), math.ceil(width / self.factor))
         self.sums = np.zeros(shape + (num_classes,), dtype=np.float32)
         self._next_row = 0  # the first image row not yet summed into self.sums
-        self._waiting = np.zeros((0, width, num_classes), dtype=np.float32)
+        self._waiting: np.ndarray | None = None
 
     def _column_sums(self, rows: np.ndarray) -> np.ndarray:
         """(n, W, C) -> (n, ceil(W / factor), C) sums over each cell's columns."""
         factor, width = self.factor, self.width
         if factor == 1:
-            return rows
+            return rows.astype(np.float32)
         whole = width // factor * factor
         # Strided adds of whole columns: several times faster than np.add.reduceat here.
         sums = np.zeros((len(rows), self.sums.shape[1], rows.shape[2]), dtype=np.float32)
@@ -523,9 +545,10 @@ class _HeatmapAccumulator:
         return sums
 
     def add(self, top: int, probabilities: np.ndarray) -> None:
-        if top != self._next_row + len(self._waiting):
-            raise ValueError(f"strips must come in order: expected row {self._next_row + len(self._waiting)}, got {top}")
-        rows = np.concatenate([self._waiting, probabilities]) if len(self._waiting) else probabilities
+        waiting = 0 if self._waiting is None else len(self._waiting)
+        if top != self._next_row + waiting:
+            raise ValueError(f"strips must come in order: expected row {self._next_row + waiting}, got {top}")
+        rows = np.concatenate([self._waiting, probabilities]) if waiting else probabilities
         last = top + len(probabilities) == self.height
         whole = len(rows) if last else len(rows) // self.factor * self.factor
         self._waiting = rows[whole:].copy()
@@ -536,10 +559,11 @@ class _HeatmapAccumulator:
         first_cell = self._next_row // factor
         blocks = whole // factor
         if blocks:
-            cells = rows[: blocks * factor].reshape(blocks, factor, *rows.shape[1:]).sum(axis=1)
+            cells = rows[: blocks * factor].reshape(blocks, factor, *rows.shape[1:]).sum(axis=1, dtype=np.float32)
             self.sums[first_cell : first_cell + blocks] += self._column_sums(cells)
         if whole % factor:  # the image's last, shorter row of cells
-            self.sums[first_cell + blocks] += self._column_sums(rows[blocks * factor : whole].sum(axis=0)[None])[0]
+            last_rows = rows[blocks * factor : whole].sum(axis=0, dtype=np.float32)
+            self.sums[first_cell + blocks] += self._column_sums(last_rows[None])[0]
         self._next_row += whole
 
     def means(self) -> np.ndarray:
@@ -609,30 +633,35 @@ def write_scene(
                 _GeoTiffWriters(temporary("mask.tif"), temporary("probabilities.tif"), height, width,
                                 georeference, names, display)
             )
-        def finish(strip: Strip) -> None:
-            labels = strip.probabilities.argmax(axis=2).astype(np.uint8)
+        def finish(top: int, image: np.ndarray, labels: np.ndarray, probability_bytes: np.ndarray) -> None:
             counts[:] += np.bincount(labels.ravel(), minlength=num_classes)
             mask_png.write(visualise.colorize(labels, classes.palette))
-            segments_png.write(visualise.overlay(strip.image, labels, display))
-            heat.add(strip.top, strip.probabilities)
+            segments_png.write(visualise.overlay(image, labels, display))
+            heat.add(top, probability_bytes)
             if tiffs is not None:
-                tiffs.write(strip.top, labels, strip.probabilities)
+                tiffs.write(top, labels, probability_bytes)
             if labels_all is not None:
-                labels_all[strip.top : strip.top + len(labels)] = labels
+                labels_all[top : top + len(labels)] = labels
 
         # Finished strips are turned into outputs on a second thread while the model runs
-        # on the next windows (compression and numpy release the GIL); one strip waits at
-        # most, so memory stays bounded.
+        # on the next windows (compression and numpy release the GIL). The thread gets each
+        # strip's labels and probability bytes (a quarter of the float32 probabilities), in
+        # chunks of rows, and at most one chunk waits: memory stays bounded.
         strips = segment_strips(reader, predict, num_classes, window, overlap, batch_size, progress=progress)
         with ThreadPoolExecutor(max_workers=1) as pool:
             pending: collections.deque = collections.deque()
             for strip in strips:
-                pending.append(pool.submit(finish, strip))
-                while len(pending) > 1:
-                    pending.popleft().result()
+                for start in range(0, len(strip.probabilities), CHUNK_ROWS):
+                    probabilities = strip.probabilities[start : start + CHUNK_ROWS]
+                    labels = probabilities.argmax(axis=2).astype(np.uint8)
+                    chunk = (strip.top + start, strip.image[start : start + CHUNK_ROWS], labels, visualise.to_byte(probabilities))
+                    pending.append(pool.submit(finish, *chunk))
+                    while len(pending) > 1:
+                        pending.popleft().result()
+                del strip, probabilities  # views into the accumulator, which is about to change
             while pending:
                 pending.popleft().result()
-        means = heat.means()
+        means = heat.means() / 255
         for index, name in enumerate(names):
             picture = visualise.heatmap(means[:, :, index], title=name)
             visualise.write_png(temporary(f"heatmap-{safe_name(name)}.png"), picture)
@@ -660,11 +689,21 @@ def write_scene(
 
 
 class _GeoTiffWriters:
-    """mask.tif and probabilities.tif written strip by strip with the input's georeference."""
+    """mask.tif and probabilities.tif written strip by strip with the input's georeference.
+
+    The files are striped (ROWS_PER_STRIP rows a block), and rows are buffered until whole
+    blocks can be written: on a 20,000-pixel-wide scene, 256 × 256 tiles written in partial
+    rows took 7× as long (GDAL re-reads and re-compresses partial blocks) and came out
+    2.5× larger.
+    """
+
+    ROWS_PER_STRIP = 64
 
     def __init__(self, mask_path, probabilities_path, height, width, georeference, names, display):
         self._paths = (mask_path, probabilities_path)
         self._args = (height, width, georeference, names, display)
+        self._next_row = 0
+        self._buffered: list[tuple[np.ndarray, np.ndarray]] = []
 
     def __enter__(self):
         import rasterio
@@ -682,12 +721,11 @@ class _GeoTiffWriters:
             # level 6 took 15× as long as level 1 for files only 25% smaller.
             "predictor": 2,
             "zlevel": 1,
-            "tiled": True,
-            "blockxsize": 256,
-            "blockysize": 256,
+            "tiled": False,
+            "blockysize": self.ROWS_PER_STRIP,
         }
         # GDAL caches blocks up to 5% of RAM by default; a small cache keeps memory bounded.
-        self._env = rasterio.Env(GDAL_CACHEMAX=128)
+        self._env = rasterio.Env(GDAL_CACHEMAX=64)
         self._env.__enter__()
         self.mask = rasterio.open(self._paths[0], "w", count=1, **profile)
         self.mask.write_colormap(1, {i: tuple(int(v) for v in color) + (255,) for i, color in enumerate(display)})
@@ -697,19 +735,36 @@ class _GeoTiffWriters:
             self.probabilities.set_band_description(band, name)
         return self
 
-    def write(self, top: int, labels: np.ndarray, probabilities: np.ndarray) -> None:
+    def write(self, top: int, labels: np.ndarray, probability_bytes: np.ndarray) -> None:
+        """Take rows [top, top + rows) of labels (rows, W) and probability bytes (rows, W, C)."""
+        buffered = sum(len(labels) for labels, _ in self._buffered)
+        if top != self._next_row + buffered:
+            raise ValueError(f"rows must come in order: expected {self._next_row + buffered}, got {top}")
+        self._buffered.append((labels, probability_bytes))
+        buffered += len(labels)
+        height = self._args[0]
+        if buffered >= self.ROWS_PER_STRIP or self._next_row + buffered == height:
+            labels = np.concatenate([labels for labels, _ in self._buffered])
+            probability_bytes = np.concatenate([values for _, values in self._buffered])
+            whole = len(labels) if self._next_row + buffered == height else buffered // self.ROWS_PER_STRIP * self.ROWS_PER_STRIP
+            self._write(labels[:whole], probability_bytes[:whole])
+            self._buffered = [(labels[whole:], probability_bytes[whole:])] if whole < len(labels) else []
+
+    def _write(self, labels: np.ndarray, probability_bytes: np.ndarray) -> None:
         from rasterio.windows import Window
 
         rows, width = labels.shape
-        window = Window(0, top, width, rows)
+        window = Window(0, self._next_row, width, rows)
         self.mask.write(labels[None], window=window)
-        scaled = np.clip(np.rint(probabilities * 255), 0, 255).astype(np.uint8)
-        self.probabilities.write(np.moveaxis(scaled, -1, 0), window=window)
+        self.probabilities.write(np.ascontiguousarray(np.moveaxis(probability_bytes, -1, 0)), window=window)
+        self._next_row += rows
 
-    def __exit__(self, *exc):
+    def __exit__(self, kind, value, traceback):
         try:
+            if kind is None and self._next_row != self._args[0]:
+                raise ValueError(f"GeoTIFFs got {self._next_row} of {self._args[0]} rows")
             self.mask.close()
             self.probabilities.close()
         finally:
-            self._env.__exit__(*exc)
+            self._env.__exit__(kind, value, traceback)
         return False
