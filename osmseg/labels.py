@@ -56,6 +56,8 @@ COVERAGE_THRESHOLD = 0.5
 # Web Mercator's circumference in metres (EPSG:3857), for metres per pixel at a zoom.
 _CIRCUMFERENCE = 2 * math.pi * 6378137.0
 
+EMPTY_COLLECTION = '{"type":"FeatureCollection","features":[]}'
+
 # The property that tells a point's squares apart by stroke width (see features_geojson).
 POINT_WIDTH = "osmseg_point_width"
 
@@ -164,10 +166,18 @@ def features_geojson(
     import shapely
 
     widths = sorted(set(point_widths))
-    geometries = np.array([feature.geometry for feature in features], dtype=object)
-    tags = [
-        feature.tags if keep is None else {k: v for k, v in feature.tags.items() if k in keep} for feature in features
-    ]
+    geometries, tags = [], []
+    for feature in features:
+        kept = feature.tags if keep is None else {k: v for k, v in feature.tags.items() if k in keep}
+        geometry = feature.geometry
+        # mapnik types a GeometryCollection "collection", which neither the polygon nor the
+        # line rule selects: hand over its parts, each with the feature's tags.
+        parts = shapely.get_parts(geometry) if geometry.geom_type == "GeometryCollection" else [geometry]
+        for part in parts:
+            if not part.is_empty:
+                geometries.append(part)
+                tags.append(kept)
+    geometries = np.array(geometries, dtype=object)
     # shapely's type ids: 0 Point, 4 MultiPoint.
     is_point = np.isin(shapely.get_type_id(geometries), (0, 4))
     texts = list(shapely.to_geojson(geometries[~is_point]))
@@ -187,7 +197,7 @@ def features_geojson(
         if key not in encoded:
             encoded[key] = json.dumps(props)
         parts.append(f'{{"type":"Feature","geometry":{text},"properties":{encoded[key]}}}')
-    return '{"type":"FeatureCollection","features":[' + ",".join(parts) + "]}"
+    return EMPTY_COLLECTION.replace("[]", "[" + ",".join(parts) + "]")
 
 
 class LabelRenderer:
@@ -255,6 +265,10 @@ class LabelRenderer:
         pixel = metres_per_pixel(tiles[0].z, self.tile_size)
         widths = [c.stroke_width for c in self.classes.classes]
         collection = features_geojson([features[i] for i in used], pixel, widths, self.attributes)
+        if collection == EMPTY_COLLECTION:  # only empty geometries nearby; mapnik refuses it
+            for tile in tiles:
+                yield tile, blank.copy()
+            return
         layer = self._map.layers[0]
         layer.datasource = mapnik.Datasource(type="geojson", inline=collection)
         try:

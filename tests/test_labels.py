@@ -646,3 +646,18 @@ def test_a_worker_initialised_from_a_pickled_source_renders_the_same(tmp_path):
     [(_, expected)] = list(labels.render_tiles(source, labels.LabelRenderer(CLASSES, SIZE), [TILE]))
     assert (labels.read_label(tmp_path / "w" / f"17-{TILE.x}-{TILE.y}.png") == expected).all()
     labels._worker.clear()
+
+
+def test_geometry_collections_and_empty_geometries():
+    collection = shapely.GeometryCollection(
+        [pixel_box(TILE, 0, 0, 10, 10), LineString([pixel_point(TILE, 0, 40.5), pixel_point(TILE, 64, 40.5)])]
+    )
+    rgb = render_one(
+        [
+            Feature(collection, {"building": "yes"}),
+            Feature(shapely.Polygon(), {"building": "yes"}),
+            Feature(shapely.GeometryCollection(), {"natural": "water"}),
+        ]
+    )
+    assert (rgb[:10, :10] == 4).all() and (rgb[40] == 4).all()
+    assert (rgb == 4).all(axis=2).sum() == 100 + SIZE
