@@ -166,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     encoder_weights = None if args.encoder_weights == "none" else args.encoder_weights
 
     settings = {
-        "data": str(Path(args.data).resolve()),
+        "data": os.path.normpath(args.data),  # as given, so that a moved checkout still resumes
         # A cache rebuilt in place is other data: its build parameters (and their input
         # fingerprint) and its length tell.
         "cache": hashlib.sha1(json.dumps(info.attrs.get("params"), sort_keys=True, default=str).encode()).hexdigest()[:12],
