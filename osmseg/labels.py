@@ -728,7 +728,10 @@ def run_filter(args) -> int:
     check_filters(classes, str(args.classes))
     entries = _read_sample(args.sample)
     labels_dir = Path(args.labels)
-    counts_of = lambda tile: _counts_of(label_path(labels_dir, tile), classes, str(args.classes), args.tile_size)
+
+    def counts_of(tile):
+        return _counts_of(label_path(labels_dir, tile), classes, str(args.classes), args.tile_size)
+
     in_sample = {tile for _, tile in entries}
 
     def more():
