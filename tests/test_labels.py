@@ -661,3 +661,25 @@ def test_geometry_collections_and_empty_geometries():
     )
     assert (rgb[:10, :10] == 4).all() and (rgb[40] == 4).all()
     assert (rgb == 4).all(axis=2).sum() == 100 + SIZE
+
+
+def test_line_crossing_a_z12_border_renders_seamlessly(tmp_path):
+    from osmseg import osm
+
+    z12 = mercantile.parent(TILE, zoom=12)
+    west_tile = mercantile.Tile((z12.x + 1) * 32 - 1, z12.y * 32 + 16, 17)
+    east_tile = mercantile.Tile((z12.x + 1) * 32, z12.y * 32 + 16, 17)
+    # A slanted road from the middle of the west tile to the middle of the east one.
+    start, end = pixel_point(west_tile, 20.5, 10.5), pixel_point(east_tile, 40.5, 50.5)
+    path = tmp_path / "road.mbtiles"
+    write_qa_tiles(path, [(LineString([start, end]), {"highway": "primary"})])
+    renderer = labels.LabelRenderer(CLASSES, SIZE)
+    rendered = dict(labels.render_tiles(osm.open_source("qa-tiles", path), renderer, [west_tile, east_tile]))
+    west = (rendered[west_tile] == (2, 2, 2)).all(axis=2)
+    east = (rendered[east_tile] == (2, 2, 2)).all(axis=2)
+    # The road leaves the west tile through its east edge and enters the east tile at the
+    # same rows, 3 pixels wide on both sides.
+    left_rows, right_rows = np.flatnonzero(west[:, -1]), np.flatnonzero(east[:, 0])
+    assert 2 <= len(left_rows) <= 5 and 2 <= len(right_rows) <= 5
+    assert abs(left_rows.mean() - right_rows.mean()) <= 1
+    assert west.sum() > 3 * 40 and east.sum() > 3 * 40
