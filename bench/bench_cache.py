@@ -186,7 +186,8 @@ def synthetic_image_bytes_per_tile(out: str) -> float:
 
 
 def _run_child(*args: str) -> dict:
-    result = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True, cwd=ROOT)
+    command = [sys.executable, __file__, "--child", *args]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, check=False)
     if result.returncode:
         raise SystemExit(f"child {args} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import itertools
+import json
 import os
 import pickle
+import subprocess
+import sys
 
 import cv2
 import h5py
 import mercantile
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from PIL import Image
 
 import prepare
@@ -82,10 +88,11 @@ def _cache_argv(world, *extra):
 
 def _build(world, out=None, **kwargs):
     out = out or world["root"] / "c.hdf5"
-    arguments = dict(entries=world["tiles"], images_dir=world["images"], labels_dir=world["labels"],
-                     classes=CLASSES, out_path=out, tile_size=SIZE, log=lambda _: None)
-    arguments.update(kwargs)
-    return cache.build_cache(**arguments), out
+    arguments = {
+        "entries": world["tiles"], "images_dir": world["images"], "labels_dir": world["labels"],
+        "classes": CLASSES, "out_path": out, "tile_size": SIZE, "log": lambda _: None,
+    }
+    return cache.build_cache(**(arguments | kwargs)), out
 
 
 # --- build_cache -------------------------------------------------------------------------
@@ -124,8 +131,6 @@ def test_jpeg_images_come_back_rgb_not_bgr(world):
 def test_read_with_plain_h5py_as_the_readme_shows(world):
     _, out = _build(world)
     # The README's example, verbatim apart from the path.
-    import json
-
     with h5py.File(out, "r") as f:
         names = ["background"] + [c["name"] for c in json.loads(f.attrs["classes"])]
         image = f["images"][3]  # uint8 (H, W, 3) RGB, one chunk read
@@ -156,7 +161,7 @@ def test_missing_corrupt_and_odd_sized_tiles_are_skipped_and_counted(world):
 
 def test_unknown_label_colours_become_ignore_and_are_counted(world):
     tile = world["tiles"][0][1]
-    image, labels = world["truth"][(17, tile.x, tile.y)]
+    _, labels = world["truth"][(17, tile.x, tile.y)]
     rgb = _label_rgb(labels)
     rgb[:4, :5] = (12, 34, 56)
     _write_png(world["labels"] / f"17-{tile.x}-{tile.y}.png", rgb)
@@ -436,7 +441,7 @@ def test_augmentation_moves_image_and_label_together(world, tmp_path):
     changed = 0
     for epoch in range(3):
         batches.set_epoch(epoch)
-        x, y, w = batches[0]
+        x, y, _ = batches[0]
         np.testing.assert_array_equal(y, x[..., 0].astype(np.int32) % 4)
         changed += sum(not np.array_equal(x[i], images[i]) for i in range(6))
         # Every augmented tile is one of the 8 symmetries of the original.
@@ -457,9 +462,6 @@ def test_batches_pickle_without_the_open_file(world):
 
 
 def test_importing_the_module_does_not_import_keras():
-    import subprocess
-    import sys
-
     code = "import sys, osmseg.cache; print('keras' in sys.modules or 'tensorflow' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
@@ -633,6 +635,16 @@ def test_reads_caches_written_by_other_tools(tmp_path):
     x, y, _ = cache.make_batches(out, [4, 0, 2], 3, shuffle=False)[0]
     np.testing.assert_array_equal(x, images[[4, 0, 2]].astype(np.float32))
     np.testing.assert_array_equal(y, labels[[4, 0, 2]])
-    indices, read_images, _ = next(cache.iter_tiles(out, [3, 1]))
+    _, read_images, _ = next(cache.iter_tiles(out, [3, 1]))
     np.testing.assert_array_equal(read_images, images[[3, 1]])
     np.testing.assert_array_equal(cache.label_histogram(out), np.bincount(labels.ravel(), minlength=4))
+
+
+@given(length=st.integers(1, 2000), tile_size=st.integers(1, 300), data=st.data())
+def test_tile_origins_cover_every_pixel_without_empty_tiles(length, tile_size, data):
+    stride = data.draw(st.integers(1, tile_size))
+    origins = cache.tile_origins(length, tile_size, stride)
+    assert origins[0] == 0 and all(b - a == stride for a, b in itertools.pairwise(origins))
+    assert origins[-1] + tile_size >= length  # the last tile reaches the edge
+    assert origins[-1] < length  # and holds at least one real pixel
+    assert len(origins) == 1 or origins[-2] + tile_size < length  # no tile more than needed
