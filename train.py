@@ -16,12 +16,14 @@ A NaN loss stops the run with exit status 1; the files above keep the last good 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import math
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from osmseg import cli
 from osmseg.errors import UserError
@@ -52,7 +54,7 @@ def _positive_float(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0 or value != value or value == float("inf"):
+    if not (value > 0 and math.isfinite(value)):
         raise argparse.ArgumentTypeError(f"{text} must be a positive number")
     return value
 
@@ -76,34 +78,65 @@ def build_parser():
 
     parser = cli.parser(prog="train.py", description=__doc__)
     parser.add_argument("--data", default="data/training.hdf5", help="the training cache (prepare.py cache or import)")
-    parser.add_argument("--weights", default="weights.hdf5", help="where to write the best weights (the resume state goes beside it)")
-    parser.add_argument("--log", default="training_log.csv", help="the per-epoch CSV log (its curves go beside it as .png)")
+    parser.add_argument(
+        "--weights", default="weights.hdf5", help="where to write the best weights (the resume state goes beside it)"
+    )
+    parser.add_argument(
+        "--log", default="training_log.csv", help="the per-epoch CSV log (its curves go beside it as .png)"
+    )
     parser.add_argument("--model", default="segnet", choices=MODELS, help="architecture")
     parser.add_argument("--width", type=_positive_float, default=1.0, help="width multiplier of every layer's filters")
-    parser.add_argument("--epochs", type=_positive_int, default=10, help="epochs to train in total (a resumed run counts the finished ones)")
+    parser.add_argument(
+        "--epochs",
+        type=_positive_int,
+        default=10,
+        help="epochs to train in total (a resumed run counts the finished ones)",
+    )
     parser.add_argument("--batch-size", type=_positive_int, default=16, help="tiles per batch (across all devices)")
     parser.add_argument("--learning-rate", type=_positive_float, default=0.001, help="the optimizer's learning rate")
     parser.add_argument("--optimizer", default="sgd", choices=OPTIMIZERS, help=f"sgd (momentum {SGD_MOMENTUM}) or adam")
-    parser.add_argument("--validation", type=_fraction, default=0.2, help="share of the cache held back for validation (0: none)")
     parser.add_argument(
-        "--class-weights", default="none", metavar="none|median-frequency|FILE",
+        "--validation", type=_fraction, default=0.2, help="share of the cache held back for validation (0: none)"
+    )
+    parser.add_argument(
+        "--class-weights",
+        default="none",
+        metavar="none|median-frequency|FILE",
         help="loss weight per class: none, median-frequency (SegNet paper, from the training labels), "
         "or a file (JSON list or {class: weight}, or CSV name,weight)",
     )
-    parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=False, help="random flips and rotations of training tiles")
-    parser.add_argument("--mixed-precision", action=argparse.BooleanOptionalAction, default=False, help="16-bit activations (float16 on GPUs, bfloat16 on CPUs)")
     parser.add_argument(
-        "--jit-compile", action=argparse.BooleanOptionalAction, default=None,
+        "--augment",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="random flips and rotations of training tiles",
+    )
+    parser.add_argument(
+        "--mixed-precision",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="16-bit activations (float16 on GPUs, bfloat16 on CPUs)",
+    )
+    parser.add_argument(
+        "--jit-compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
         help="compile the training step with XLA (default: on where a GPU is present; on CPUs oneDNN is faster)",
     )
-    parser.add_argument("--encoder-weights", default="none", metavar="none|imagenet|FILE", help="initial encoder weights (segnet only)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the validation split, initial weights, data order and augmentation")
     parser.add_argument(
-        "--resume", action="store_true",
+        "--encoder-weights", default="none", metavar="none|imagenet|FILE", help="initial encoder weights (segnet only)"
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the validation split, initial weights, data order and augmentation"
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
         help="continue the run recorded in the weights' state file, if any (same settings; --epochs may grow)",
     )
     parser.add_argument(
-        "--distribute", action="store_true",
+        "--distribute",
+        action="store_true",
         help="train on all local GPUs (tf.distribute.MirroredStrategy), or across machines when TF_CONFIG is set",
     )
     parser.add_argument("--workers", type=_positive_int, default=1, help="threads loading batches from the cache")
@@ -142,6 +175,36 @@ def _make_optimizer(name: str, learning_rate: float):
     return keras.optimizers.SGD(learning_rate=learning_rate, momentum=SGD_MOMENTUM)
 
 
+def run_settings(args, info) -> dict:
+    """Every setting that decides the result of a run: a resumed run must match all of them.
+
+    The epoch count is not one of them (a finished run may be extended), nor are the speed
+    knobs (--jit-compile, --workers, --distribute).
+    """
+    return {
+        "data": os.path.normpath(args.data),  # as given, so that a moved checkout still resumes
+        # A cache rebuilt in place holds other data: its build parameters (with the
+        # fingerprint of its inputs) and its length tell.
+        "cache": hashlib.sha1(json.dumps(info.attrs.get("params"), sort_keys=True, default=str).encode()).hexdigest()[
+            :12
+        ],
+        "tiles": info.length,
+        "model": args.model,
+        "width": args.width,
+        "tile_size": info.tile_size,
+        "classes": [[c.name, c.hex] for c in info.classes.classes],
+        "validation": args.validation,
+        "batch_size": args.batch_size,
+        "learning_rate": args.learning_rate,
+        "optimizer": args.optimizer,
+        "class_weights": args.class_weights,
+        "augment": args.augment,
+        "mixed_precision": args.mixed_precision,
+        "encoder_weights": args.encoder_weights,
+        "seed": args.seed,
+    }
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     tf_config = os.environ.get("TF_CONFIG") if args.distribute else None
@@ -165,26 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     encoder_weights = None if args.encoder_weights == "none" else args.encoder_weights
 
-    settings = {
-        "data": os.path.normpath(args.data),  # as given, so that a moved checkout still resumes
-        # A cache rebuilt in place is other data: its build parameters (and their input
-        # fingerprint) and its length tell.
-        "cache": hashlib.sha1(json.dumps(info.attrs.get("params"), sort_keys=True, default=str).encode()).hexdigest()[:12],
-        "tiles": info.length,
-        "model": args.model,
-        "width": args.width,
-        "tile_size": info.tile_size,
-        "classes": [[c.name, c.hex] for c in info.classes.classes],
-        "validation": args.validation,
-        "batch_size": args.batch_size,
-        "learning_rate": args.learning_rate,
-        "optimizer": args.optimizer,
-        "class_weights": args.class_weights,
-        "augment": args.augment,
-        "mixed_precision": args.mixed_precision,
-        "encoder_weights": args.encoder_weights,
-        "seed": args.seed,
-    }
+    settings = run_settings(args, info)
     state_file = training.state_path(args.weights)
     monitor = training.MONITOR if len(validation_indices) else "mean_iou"
     resuming = args.resume and state_file.exists()
@@ -213,12 +257,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     keras.backend.clear_session()
     keras.utils.set_random_seed(args.seed)
     strategy = distribution_strategy(tf_config) if args.distribute else None
-    scope = strategy.scope() if strategy is not None else _no_scope()
+    scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
     with scope:
         try:
             net = model_module.build(
-                args.model, info.classes.num_classes, input_size=info.tile_size, width=args.width,
-                encoder_weights=encoder_weights, mixed_precision=args.mixed_precision, seed=args.seed,
+                args.model,
+                info.classes.num_classes,
+                input_size=info.tile_size,
+                width=args.width,
+                encoder_weights=encoder_weights,
+                mixed_precision=args.mixed_precision,
+                seed=args.seed,
             )
         except ValueError as error:
             raise UserError(f"cannot build {args.model} for {args.data}: {error}") from None
@@ -254,21 +303,40 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     log_file = Path(args.log)
     checkpoint = training.checkpoint_callback(
-        state, names=names, save_weights=save_weights, state_file=state_file, log_file=log_file,
-        plot_file=log_file.with_suffix(".png"), write_files=is_chief(tf_config),
+        state,
+        names=names,
+        save_weights=save_weights,
+        state_file=state_file,
+        log_file=log_file,
+        plot_file=log_file.with_suffix(".png"),
+        write_files=is_chief(tf_config),
     )
     loader = {"workers": args.workers, "use_multiprocessing": False}
     train_batches = cache.make_batches(
-        args.data, train_indices, args.batch_size, shuffle=True, augment=args.augment, seed=args.seed,
-        class_weights=class_weights, **loader,
+        args.data,
+        train_indices,
+        args.batch_size,
+        shuffle=True,
+        augment=args.augment,
+        seed=args.seed,
+        class_weights=class_weights,
+        **loader,
     )
     validation_batches = None
     if len(validation_indices):
         validation_batches = cache.make_batches(
-            args.data, validation_indices, args.batch_size, shuffle=False, augment=False, seed=args.seed,
-            class_weights=class_weights, **loader,
+            args.data,
+            validation_indices,
+            args.batch_size,
+            shuffle=False,
+            augment=False,
+            seed=args.seed,
+            class_weights=class_weights,
+            **loader,
         )
-    _start_at_epoch(train_batches, state.epoch)
+    # The order and augmentation of an epoch depend only on (seed, epoch): a resumed run
+    # starts where the interrupted one stopped.
+    train_batches.set_epoch(state.epoch)
     print(
         f"training {args.model} (width {args.width}) on {len(train_indices)} tiles, validating on "
         f"{len(validation_indices)}, epochs {state.epoch + 1}..{args.epochs}"
@@ -284,7 +352,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if checkpoint.diverged is not None:
         epoch, batch = checkpoint.diverged
-        kept = f"{args.weights} keeps epoch {state.best_epoch}" if state.best_epoch else "no weights were written"
+        kept = f"{args.weights} keeps epoch {state.best_epoch}" if state.best_epoch else "this run wrote no weights"
         print(
             f"error: the loss became NaN in epoch {epoch} (batch {batch}); {kept}, and {state_file} epoch "
             f"{state.epoch}. Lower --learning-rate (now {args.learning_rate}) or try --no-mixed-precision, "
@@ -295,23 +363,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     best = f"{state.monitor} {state.best:.4f} at epoch {state.best_epoch}" if state.best_epoch else "no finite score"
     print(f"done: {best}; wrote {args.weights}, {log_file} and {log_file.with_suffix('.png')}")
     return 0
-
-
-def _start_at_epoch(batches, epoch: int) -> None:
-    """Make a resumed run's data order that of an uninterrupted one (it depends on seed and epoch)."""
-    if hasattr(batches, "set_epoch"):
-        batches.set_epoch(epoch)
-    else:
-        for _ in range(epoch):
-            batches.on_epoch_end()
-
-
-class _no_scope:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 if __name__ == "__main__":

@@ -28,8 +28,8 @@ import io
 import json
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -49,7 +49,9 @@ def build_parser():
     parser.add_argument("--batch-size", type=int, default=16, help="tiles per batch")
     parser.add_argument("--out-dir", default=".", help="where metrics.json, confusion.csv/.png and predictions.hdf5 go")
     parser.add_argument(
-        "--predictions", action=argparse.BooleanOptionalAction, default=True,
+        "--predictions",
+        action=argparse.BooleanOptionalAction,
+        default=True,
         help="write predictions.hdf5 (float16 probabilities of every pixel)",
     )
     return parser
@@ -67,6 +69,7 @@ def confusion_csv_text(confusion: np.ndarray, names: Sequence[str]) -> str:
 
 def score_table(result: dict) -> str:
     """The per-class table validate.py prints."""
+
     def cell(value, width=9):
         return f"{'-':>{width}}" if value is None else f"{value:>{width}.4f}"
 
@@ -109,8 +112,12 @@ def evaluate(net, data_path, info, batch_size: int, predictions_path=None, attrs
         if tmp is not None:
             output = h5py.File(tmp, "w")
             probabilities = output.create_dataset(
-                "probabilities", shape=(info.length, size, size, num_classes), dtype="float16",
-                chunks=(1, size, size, num_classes), compression="gzip", compression_opts=1,
+                "probabilities",
+                shape=(info.length, size, size, num_classes),
+                dtype="float16",
+                chunks=(1, size, size, num_classes),
+                compression="gzip",
+                compression_opts=1,
             )
             output.create_dataset("tiles", data=tiles.astype(np.int32))
             output.create_dataset("sources", data=sources, dtype=h5py.string_dtype())
@@ -166,9 +173,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     names = info.classes.names
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    print(f"evaluating {args.weights} ({config['name']}, width {config['width']}) on {info.length} tiles of {args.data}")
+    print(
+        f"evaluating {args.weights} ({config['name']}, width {config['width']}) on {info.length} tiles of {args.data}"
+    )
     confusion, loss, count = evaluate(
-        net, args.data, info, args.batch_size,
+        net,
+        args.data,
+        info,
+        args.batch_size,
         predictions_path=out_dir / "predictions.hdf5" if args.predictions else None,
         attrs={"classes": info.classes.to_json(), "weights": str(args.weights), "data": str(args.data)},
     )

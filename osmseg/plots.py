@@ -15,8 +15,8 @@ confusion.png
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -104,7 +104,12 @@ def confusion_picture(confusion, names: Sequence[str], path: str | Path) -> None
         for column in range(len(names)):
             value = shares[row, column]
             axis.text(
-                column, row, f"{value:.2f}", ha="center", va="center", fontsize="small",
+                column,
+                row,
+                f"{value:.2f}",
+                ha="center",
+                va="center",
+                fontsize="small",
                 color="white" if value > 0.5 else "black",
             )
     figure.tight_layout()

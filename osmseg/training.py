@@ -36,9 +36,9 @@ import io
 import json
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -317,18 +317,17 @@ def save_state(path: str | Path, state: TrainState, model, optimizer) -> None:
     """Write the full resume state atomically (see the module docstring for the layout)."""
     import h5py
 
-    with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as file:
-            file.attrs["format"] = STATE_FORMAT
-            file.attrs["version"] = STATE_VERSION
-            file.attrs["epoch"] = state.epoch
-            file.attrs["best"] = state.best
-            file.attrs["best_epoch"] = state.best_epoch
-            file.attrs["monitor"] = state.monitor
-            file.attrs["settings"] = json.dumps(state.settings, sort_keys=True)
-            file.attrs["log"] = json.dumps(state.rows)
-            _write_variables(file.create_group("model"), model.weights)
-            _write_variables(file.create_group("optimizer"), optimizer.variables)
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as file:
+        file.attrs["format"] = STATE_FORMAT
+        file.attrs["version"] = STATE_VERSION
+        file.attrs["epoch"] = state.epoch
+        file.attrs["best"] = state.best
+        file.attrs["best_epoch"] = state.best_epoch
+        file.attrs["monitor"] = state.monitor
+        file.attrs["settings"] = json.dumps(state.settings, sort_keys=True)
+        file.attrs["log"] = json.dumps(state.rows)
+        _write_variables(file.create_group("model"), model.weights)
+        _write_variables(file.create_group("optimizer"), optimizer.variables)
 
 
 def read_state(path: str | Path) -> TrainState:

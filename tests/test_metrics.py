@@ -38,7 +38,9 @@ def test_scores_match_hand_computed_values():
     for name, value in iou.items():
         assert result["per_class"][name]["iou"] == pytest.approx(value)
     assert result["mean_iou"] == pytest.approx(np.mean(list(iou.values())))
-    assert result["frequency_weighted_iou"] == pytest.approx(0.4 * iou["background"] + 0.3 * iou["road"] + 0.3 * iou["building"])
+    assert result["frequency_weighted_iou"] == pytest.approx(
+        0.4 * iou["background"] + 0.3 * iou["road"] + 0.3 * iou["building"]
+    )
     road = result["per_class"]["road"]
     assert road["precision"] == pytest.approx(2 / 3)
     assert road["recall"] == pytest.approx(2 / 3)

@@ -51,8 +51,18 @@ def weights(tmp_path_factory):
     keras.utils.set_random_seed(0)
     net = model.build("segnet-basic", 3, input_size=SIZE, width=0.0625)
     path = tmp_path_factory.mktemp("weights") / "weights.hdf5"
-    model.save(net, path, {"name": "segnet-basic", "width": 0.0625, "input_size": SIZE, "num_classes": 3,
-                           "classes": CLASSES.to_json(), "mixed_precision": False})
+    model.save(
+        net,
+        path,
+        {
+            "name": "segnet-basic",
+            "width": 0.0625,
+            "input_size": SIZE,
+            "num_classes": 3,
+            "classes": CLASSES.to_json(),
+            "mixed_precision": False,
+        },
+    )
     return path, net
 
 
@@ -60,8 +70,13 @@ def test_validate_scores_and_files(tmp_path, weights, capsys):
     weights_path, net = weights
     data, images, labels, tiles = make_cache(tmp_path / "testing.hdf5")
     out = tmp_path / "out"
-    assert run(validate.main, ["--weights", str(weights_path), "--data", str(data), "--batch-size", "2",
-                               "--out-dir", str(out)]) == 0
+    assert (
+        run(
+            validate.main,
+            ["--weights", str(weights_path), "--data", str(data), "--batch-size", "2", "--out-dir", str(out)],
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
 
     # The reference: the same model's predictions on all tiles at once, scored with numpy.
@@ -103,14 +118,20 @@ def test_validate_scores_and_files(tmp_path, weights, capsys):
 def test_without_predictions(tmp_path, weights):
     data, *_ = make_cache(tmp_path / "testing.hdf5", n=2)
     out = tmp_path / "out"
-    assert run(validate.main, ["--weights", str(weights[0]), "--data", str(data), "--out-dir", str(out),
-                               "--no-predictions"]) == 0
+    assert (
+        run(
+            validate.main,
+            ["--weights", str(weights[0]), "--data", str(data), "--out-dir", str(out), "--no-predictions"],
+        )
+        == 0
+    )
     assert (out / "metrics.json").exists() and not (out / "predictions.hdf5").exists()
 
 
 def test_classes_differing_from_the_weights(tmp_path, weights, capsys):
-    other = parse_classes(json.dumps([{"name": "road", "color": "#010101"}, {"name": "water", "color": "#020202"}]),
-                          require_filters=False)
+    other = parse_classes(
+        json.dumps([{"name": "road", "color": "#010101"}, {"name": "water", "color": "#020202"}]), require_filters=False
+    )
     data, *_ = make_cache(tmp_path / "testing.hdf5", n=2, classes=other)
     assert run(validate.main, ["--weights", str(weights[0]), "--data", str(data), "--out-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
