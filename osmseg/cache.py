@@ -219,6 +219,11 @@ def _stale_reason(out_path: Path, fingerprint: dict) -> str | None:
 
 def _needs_build(out_path: Path, fingerprint: dict, summary: BuildSummary, log: Log) -> bool:
     """Decide whether to build; delete a stale cache first so it can never be used."""
+    # A killed build (SIGKILL, power cut) leaves its temporary file (see cli.atomic_path):
+    # as large as the cache, hidden, and of no use, since a build never resumes half-way.
+    for leftover in out_path.parent.glob(f".{out_path.stem}.*.partial{out_path.suffix}"):
+        log(f"{leftover}: removing what an interrupted build left")
+        leftover.unlink(missing_ok=True)
     if not out_path.exists():
         return True
     reason = _stale_reason(out_path, fingerprint)
@@ -577,10 +582,21 @@ def configure_cache(parser) -> None:
     parser.add_argument("--test-out", type=Path, default=Path("data/testing.hdf5"), help="the test cache")
 
 
+def _check_distinct(paths: dict[str, Path]) -> None:
+    """Refuse two options that name one file (the second write would clobber the first)."""
+    seen: dict[Path, str] = {}
+    for option, path in paths.items():
+        resolved = Path(path).resolve()
+        if resolved in seen:
+            raise UserError(f"{seen[resolved]} and {option} are both {path}; give each its own file")
+        seen[resolved] = option
+
+
 def run_cache(args) -> int:
     classes = load_classes(args.classes, require_filters=False)
     if args.test_size <= 0:
         raise UserError(f"--test-size {args.test_size}: must be positive; validate.py measures on the held-back test set")
+    _check_distinct({"--sample": args.sample, "--test-list": args.test_list, "--out": args.out, "--test-out": args.test_out})
     header, rows = read_sample(args.sample)
     kept, missing = [], BuildSummary(args.out)
     for (source, tile), line in rows:
@@ -804,6 +820,7 @@ def run_import(args) -> int:
     if args.test_size:
         keep, test = split_indices(len(pairs), args.test_size, args.seed, what="images")
         test_out = args.test_out or testing_path_for(args.out)
+        _check_distinct({"--out": args.out, "--test-out": test_out})
         jobs = [("training", [pairs[i] for i in keep], args.out), ("testing", [pairs[i] for i in test], test_out)]
         print(f"{len(test)} of {len(pairs)} images held back for {test_out}: {', '.join(pairs[i][0] for i in test)}")
     else:

@@ -240,6 +240,17 @@ def test_refuses_to_overwrite_a_file_that_is_not_a_cache(world):
         _build(world)
 
 
+def test_a_killed_builds_leftover_is_removed(world):
+    leftover = world["root"] / ".c.x1y2.partial.hdf5"
+    leftover.write_bytes(b"half a cache")
+    other = world["root"] / ".other.x1y2.partial.hdf5"
+    other.write_bytes(b"someone else's")
+    messages = []
+    _build(world, log=messages.append)
+    assert not leftover.exists() and other.exists()
+    assert "interrupted build" in messages[0]
+
+
 def test_interrupted_build_leaves_no_file(world, monkeypatch):
     calls = {"n": 0}
     real = cache.read_rgb
@@ -316,6 +327,8 @@ def test_prepare_cache_lists_tiles_without_images(world, capsys):
         ("bad_classes", "already used by"),
         ("test_size", "leaves none to train on"),
         ("zero_test", "must be positive"),
+        ("same_out", "--out and --test-out are both"),
+        ("test_list_is_sample", "--sample and --test-list are both"),
     ],
 )
 def test_prepare_cache_bad_input_exits_2(world, capsys, edit, message):
@@ -330,6 +343,10 @@ def test_prepare_cache_bad_input_exits_2(world, capsys, edit, message):
         world["classes"].write_text(CLASSES_TEXT.replace("#ffffff", "#ff0000"))
     elif edit == "test_size":
         argv[argv.index("--test-size") + 1] = "12"
+    elif edit == "same_out":
+        argv[argv.index("--test-out") + 1] = argv[argv.index("--out") + 1]
+    elif edit == "test_list_is_sample":
+        argv[argv.index("--test-list") + 1] = str(world["sample"])
     else:
         argv[argv.index("--test-size") + 1] = "0"
     assert cli.run(prepare.main, argv) == 2
