@@ -86,7 +86,7 @@ data/sample.txt: data/all_tiles.txt
 
 data/labels/color: data/sample.txt $(CLASSES)
 	$(PY) prepare.py labels --sample $< --classes $(CLASSES) --osm-source $(OSM_SOURCE) \
-		--osm $(OSM) --tile-size $(TILE_SIZE) --out $@
+		--osm $(OSM) --bbox=$(BBOX) --tile-size $(TILE_SIZE) --out $@
 	touch $@
 
 data/sample-filtered.txt: data/labels/color
