@@ -352,11 +352,20 @@ def _progress(total: int | None, description: str, unit: str = "tile"):
     return tqdm(total=total, desc=description, unit=unit, file=sys.stderr, leave=False)
 
 
+class NotEightBit(ValueError):
+    """An image whose samples are not 8-bit (16-bit or float GeoTIFFs, 16-bit PNGs)."""
+
+
 def read_rgb(path: Path) -> np.ndarray | None:
     """Read an image file as RGB uint8 (H, W, 3); None when it cannot be decoded.
 
-    Palette, grey and 16-bit PNGs come back as 8-bit RGB (cv2.IMREAD_COLOR expands
-    palettes and drops alpha).
+    Palette and grey images come back as RGB (cv2.IMREAD_COLOR expands palettes and drops
+    alpha).
+
+    Raises:
+        NotEightBit: 16-bit or float samples. OpenCV would keep only their high byte, which
+            turns the 12-bit values of most satellite GeoTIFFs nearly black; the user
+            should choose the scaling.
     """
     import cv2
 
@@ -368,10 +377,25 @@ def read_rgb(path: Path) -> np.ndarray | None:
         return None
     if data.size == 0:
         return None
-    bgr = cv2.imdecode(data, cv2.IMREAD_COLOR)
+    bgr = cv2.imdecode(data, cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH)
     if bgr is None:
         return None
+    if bgr.dtype != np.uint8:
+        raise NotEightBit(f"{bgr.dtype} samples, not 8-bit (rescale to 8-bit RGB first, e.g. gdal_translate -ot Byte -scale)")
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def _read_pair(image_path: Path, other_path: Path) -> tuple[np.ndarray | None, np.ndarray | None, tuple[str, str] | None]:
+    """Read an image and its label or mask; the third value says why one cannot be used."""
+    try:
+        image = read_rgb(image_path)
+    except NotEightBit as error:
+        return None, None, (f"image has {error}", image_path.name)
+    try:
+        other = read_rgb(other_path)
+    except NotEightBit as error:
+        return None, None, (f"mask or label has {error}", other_path.name)
+    return image, other, None
 
 
 def _unknown_colors(rgb: np.ndarray, labels: np.ndarray, limit: int = 5) -> Counter:
@@ -475,7 +499,9 @@ def build_cache(
             return _Prepared(skip=("no image (run `prepare.py images`)", stem))
         if label_path is None:
             return _Prepared(skip=("no label (run `prepare.py labels`)", stem))
-        image, rgb = read_rgb(image_path), read_rgb(label_path)
+        image, rgb, problem = _read_pair(image_path, label_path)
+        if problem:
+            return _Prepared(skip=problem)
         if image is None:
             return _Prepared(skip=("corrupt image (delete it and re-download)", image_path.name))
         if rgb is None:
@@ -741,7 +767,9 @@ def import_pairs(
     def prepare(pair) -> _Prepared:
         # Runs in a worker thread, one image at a time per thread.
         stem, image_path, mask_path = pair
-        image, rgb = read_rgb(image_path), read_rgb(mask_path)
+        image, rgb, problem = _read_pair(image_path, mask_path)
+        if problem:
+            return _Prepared(skip=problem)
         if image is None:
             return _Prepared(skip=("image cannot be decoded", image_path.name))
         if rgb is None:

@@ -569,6 +569,15 @@ def test_import_with_stride_and_test_size(pairs):
     assert cache.testing_path_for(pairs["root"] / "mine.hdf5").name == "mine-test.hdf5"
 
 
+def test_import_skips_16_bit_images_rather_than_darken_them(pairs, capsys):
+    deep = (np.arange(32 * 40 * 3).reshape(32, 40, 3) % 4096).astype(np.uint16)  # 12-bit values
+    assert cv2.imwrite(str(pairs["images"] / "beta.png"), deep)
+    assert cli.run(prepare.main, _import_argv(pairs)) == 0
+    out = capsys.readouterr().out
+    assert "image has uint16 samples, not 8-bit" in out and "beta.png" in out
+    assert cache.open_cache(pairs["root"] / "training.hdf5").length == 6
+
+
 def test_import_size_mismatch_is_skipped(pairs, capsys):
     _write_png(pairs["masks"] / "beta.png", np.zeros((10, 10, 3), np.uint8))
     assert cli.run(prepare.main, _import_argv(pairs)) == 0
