@@ -952,20 +952,31 @@ def _read_rows(dataset: h5py.Dataset, indices: np.ndarray, inflate: bool = False
     With inflate (see _inflatable), each chunk is read raw and decompressed by zlib here:
     h5py runs HDF5's filters under its global lock, so reader threads would take turns,
     while zlib releases the GIL and lets them decompress side by side.
+
+    Raises:
+        CacheError: a chunk cannot be read or decompressed (a damaged file).
     """
     indices = np.asarray(indices, dtype=np.int64)
-    rows = np.empty((len(indices),) + dataset.shape[1:], dataset.dtype)
-    if not inflate and len(indices) and np.all(np.diff(indices) == 1):
-        return dataset[indices[0] : indices[-1] + 1]
-    zeros = (0,) * (dataset.ndim - 1)
-    for position in np.argsort(indices, kind="stable"):
-        index = int(indices[position])
-        if inflate:
-            filter_mask, raw = dataset.id.read_direct_chunk((index,) + zeros)
-            if filter_mask == 0:  # 0: gzip was applied (HDF5 may store a chunk unfiltered)
-                rows[position] = np.frombuffer(zlib.decompress(raw), dataset.dtype).reshape(dataset.shape[1:])
-                continue
-        dataset.read_direct(rows, np.s_[index], np.s_[position])
+    where = f"rows {indices.min()}..{indices.max()}" if len(indices) else "no rows"
+    try:
+        if not inflate and len(indices) and np.all(np.diff(indices) == 1):
+            return dataset[indices[0] : indices[-1] + 1]
+        rows = np.empty((len(indices),) + dataset.shape[1:], dataset.dtype)
+        zeros = (0,) * (dataset.ndim - 1)
+        for position in np.argsort(indices, kind="stable"):
+            index = int(indices[position])
+            where = f"row {index}"
+            if inflate:
+                filter_mask, raw = dataset.id.read_direct_chunk((index,) + zeros)
+                if filter_mask == 0:  # 0: gzip was applied (HDF5 may store a chunk unfiltered)
+                    rows[position] = np.frombuffer(zlib.decompress(raw), dataset.dtype).reshape(dataset.shape[1:])
+                    continue
+            dataset.read_direct(rows, np.s_[index], np.s_[position])
+    except (OSError, zlib.error, ValueError) as error:
+        raise CacheError(
+            f"{dataset.file.filename}: cannot read {dataset.name.lstrip('/')} {where} ({error}); "
+            "the file is damaged: delete it and build it again"
+        ) from None
     return rows
 
 

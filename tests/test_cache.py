@@ -373,6 +373,20 @@ def test_open_cache_errors_name_the_fix(tmp_path, world):
         cache.open_cache(out)
 
 
+def test_a_damaged_chunk_is_reported_as_a_cache_error(world):
+    _, out = _build(world)
+    with h5py.File(out, "r") as file:
+        offset = file["images"].id.get_chunk_info(5).byte_offset
+    with open(out, "r+b") as handle:  # overwrite the middle of tile 5's compressed bytes
+        handle.seek(offset + 100)
+        handle.write(b"\0" * 200)
+    batches = cache.make_batches(out, [1, 5], 2, shuffle=False)
+    with pytest.raises(CacheError, match=r"cannot read images row 5 .*delete it and build it again"):
+        batches[0]
+    with pytest.raises(CacheError, match=r"cannot read images row 5"):
+        list(cache.iter_tiles(out))
+
+
 def test_label_histogram_and_iter_tiles(world):
     _, out = _build(world)
     with h5py.File(out, "r") as file:
