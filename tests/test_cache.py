@@ -688,3 +688,13 @@ def test_tile_origins_cover_every_pixel_without_empty_tiles(length, tile_size, d
     assert origins[-1] + tile_size >= length  # the last tile reaches the edge
     assert origins[-1] < length  # and holds at least one real pixel
     assert len(origins) == 1 or origins[-2] + tile_size < length  # no tile more than needed
+
+
+def test_batches_reject_bad_arguments(world):
+    _, out = _build(world)
+    with pytest.raises(UserError, match="expected 4 values"):
+        cache.make_batches(out, None, 4, class_weights=[1.0, 2.0])
+    with pytest.raises(UserError, match="batch size 0"):
+        cache.make_batches(out, None, 0)
+    with pytest.raises(IndexError, match="0..11"):
+        cache.make_batches(out, [3, 12], 4)
