@@ -97,7 +97,9 @@ def _finished(outdir: Path, inputs: dict) -> dict | None:
         record = json.loads((outdir / "counts.json").read_text())
     except (OSError, ValueError):
         return None
-    return record if record.get("inputs") == inputs else None
+    if record.get("inputs") != inputs or not all((outdir / name).is_file() for name in record.get("files", [])):
+        return None
+    return record
 
 
 def _print_counts(name: str, width: int, height: int, counts: dict[str, int], notes: list[str]) -> None:

@@ -24,18 +24,19 @@ Files written by `write_scene` into an output directory:
 - `heatmap-<class>.png`: RGB PNG per class (background included), the blended probability
   of that class colour-mapped (viridis, 0 dark to 1 yellow) with a labelled scale bar on the
   right; downscaled (area mean) so that the longer side is at most `heatmap_size` pixels.
-- `mask.tif` and `probabilities.tif` (only for georeferenced input, e.g. a GeoTIFF): tiled,
-  deflate-compressed GeoTIFFs with the input's CRS and transform. mask.tif: one uint8 band of
+- `mask.tif` and `probabilities.tif` (only for georeferenced input, e.g. a GeoTIFF):
+  GeoTIFFs with the input's CRS and transform, in 64-row strips, deflate-compressed. mask.tif: one uint8 band of
   class indices (0 background) with a colour table of the display colours. probabilities.tif:
   one uint8 band per class (band i+1 = class i, described by its name), probability × 255
   rounded.
-- `segments.geojson` (with geojson=True): a FeatureCollection of (Multi)Polygons per
-  non-background class, properties {"class": name, "class_index": i, "area": area}. Without
+- `segments.geojson` (with geojson=True): a FeatureCollection of Polygons (with holes) of
+  the non-background classes, properties {"class": name, "class_index": i, "area": area}. Without
   georeferencing, coordinates are pixels (x = column, y = row, origin at the top-left corner
   of the image); with it, they are in the input's CRS, named in a top-level "crs" member.
 - `counts.json`, written last (its presence means the scene is complete): {"image",
   "width", "height", "pixels", "counts": {class name: pixel count, every class, summing to
-  pixels}, "window", "overlap", "notes", "inputs": {what the result was made from}}.
+  pixels}, "window", "overlap", "notes", "files": [the other outputs], "inputs": {what
+  the result was made from}}.
 
 Images are RGB uint8 (H, W, 3) in memory. PNG and JPEG inputs are decoded whole by OpenCV
 (a 20,000 × 20,000 RGB image takes 1.2 GB); TIFF and GeoTIFF inputs are read by rasterio in
@@ -679,6 +680,7 @@ def write_scene(
         "window": window,
         "overlap": overlap,
         "notes": reader.notes,
+        "files": [final.name for final, _ in finals],
         "inputs": inputs or {},
     }
     # counts.json goes last: its presence says that every other output is complete.

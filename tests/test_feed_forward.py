@@ -90,7 +90,10 @@ def test_directory_of_images_and_resume(weights, tmp_path, capsys):
     assert captured.err.count("already done") == 2
     assert "b.jpg: 50×40 = 2000 pixels" in captured.out  # counts are printed again
     assert (out / "b" / "mask.png").stat().st_mtime_ns == stamp
-    # Other options make other results: the image is redone.
+    # A missing output makes the image be redone, and so do other options.
+    (out / "a" / "segments.png").unlink()
+    assert cli.run(feed_forward.main, [str(weights), str(images), str(out)]) == 0
+    assert (out / "a" / "segments.png").exists() and (out / "b" / "mask.png").stat().st_mtime_ns == stamp
     assert cli.run(feed_forward.main, [str(weights), str(images), str(out), "--overlap", "0.5"]) == 0
     assert (out / "b" / "mask.png").stat().st_mtime_ns != stamp
 

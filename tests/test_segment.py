@@ -321,3 +321,40 @@ def test_polygons_in_pixels_with_minimum_area():
     xs, ys = zip(*feature["geometry"]["coordinates"][0])
     assert (min(xs), max(xs), min(ys), max(ys)) == (10, 30, 5, 15)
     assert "crs" not in collection
+
+
+def test_model_predict_pads_short_batches_to_powers_of_two():
+    seen = []
+
+    class Model:
+        def predict_on_batch(self, batch):
+            seen.append(len(batch))
+            return local_predict(batch)
+
+    predict = segment.model_predict(Model(), batch_size=8)
+    rng = np.random.default_rng(4)
+    for count in (8, 5, 3, 1):
+        batch = rng.uniform(0, 255, size=(count, 16, 16, 3)).astype(np.float32)
+        np.testing.assert_array_equal(predict(batch), local_predict(batch))
+    assert seen == [8, 8, 4, 1]
+
+
+def test_sixteen_bit_geotiff_is_read_in_windows_and_scaled(tmp_path):
+    import rasterio
+    from rasterio.transform import from_origin
+
+    values = np.arange(40 * 30, dtype=np.uint16).reshape(40, 30) * 3  # max 3597
+    with rasterio.open(
+        tmp_path / "deep.tif", "w", driver="GTiff", height=40, width=30, count=1, dtype="uint16",
+        crs="EPSG:32629", transform=from_origin(500000, 4300000, 10, 10),
+    ) as dst:  # fmt: skip
+        dst.write(values, 1)
+    reader = segment.open_image(tmp_path / "deep.tif")
+    try:
+        assert reader.georeference.crs.to_epsg() == 32629
+        rows = reader.read(10, 20)
+        assert rows.shape == (10, 30, 3) and rows.dtype == np.uint8
+        np.testing.assert_array_equal(rows[..., 0], np.rint(values[10:20].astype(float) * 255 / 3597).astype(np.uint8))
+        assert any("uint16" in note for note in reader.notes) and any("greyscale" in n for n in reader.notes)
+    finally:
+        reader.close()
