@@ -44,6 +44,7 @@ import json
 import math
 import os
 import sys
+import threading
 import zlib
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -1075,6 +1076,7 @@ class BatchReader:
                 raise UserError(f"class weights: expected {num_classes} values (background first), got {class_weights.size}")
             self.weights[:num_classes] = class_weights
         self._file = self._pid = self._handles = None
+        self._lock = threading.Lock()
         self._order_cache = (None, None)
 
     def __len__(self) -> int:
@@ -1108,12 +1110,14 @@ class BatchReader:
 
     def _datasets(self):
         # One handle per process: an HDF5 handle inherited through fork is not safe to use.
-        if self._file is None or self._pid != os.getpid():
-            file = h5py.File(self.path, "r")
-            images, labels = file["images"], file["labels"]
-            self._handles = (images, labels, _inflatable(images) and _inflatable(labels))
-            self._file, self._pid = file, os.getpid()
-        return self._handles
+        # Shared by the threads of one process (h5py is thread-safe), opened by the first.
+        with self._lock:
+            if self._file is None or self._pid != os.getpid():
+                file = h5py.File(self.path, "r")
+                images, labels = file["images"], file["labels"]
+                self._handles = (images, labels, _inflatable(images) and _inflatable(labels))
+                self._file, self._pid = file, os.getpid()
+            return self._handles
 
     def __getitem__(self, batch: int):
         if not -len(self) <= batch < len(self):
@@ -1144,8 +1148,12 @@ class BatchReader:
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_file"] = state["_pid"] = state["_handles"] = None
+        state["_file"] = state["_pid"] = state["_handles"] = state["_lock"] = None
         return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
 
 _BATCHES_CLASS = None

@@ -698,3 +698,17 @@ def test_batches_reject_bad_arguments(world):
         cache.make_batches(out, None, 0)
     with pytest.raises(IndexError, match="0..11"):
         cache.make_batches(out, [3, 12], 4)
+
+
+def test_reader_threads_share_one_handle_and_agree_with_serial_reads(world):
+    from concurrent.futures import ThreadPoolExecutor
+
+    _, out = _build(world)
+    serial = cache.BatchReader(out, None, 2, augment=True, seed=4)
+    threaded = cache.BatchReader(out, None, 2, augment=True, seed=4)
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(threaded.__getitem__, range(len(threaded))))
+    for batch, result in enumerate(results):
+        for a, b in zip(serial[batch], result):
+            np.testing.assert_array_equal(a, b)
+    assert threaded._file is not None and threaded._file.id.valid
