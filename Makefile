@@ -45,6 +45,10 @@ OPTIMIZER ?= sgd
 CLASS_WEIGHTS ?= none
 TRAIN_FLAGS ?=
 WEIGHTS ?= weights.hdf5
+DATA ?= data/training.hdf5
+TEST_DATA ?= data/testing.hdf5
+IMAGES ?=
+MASKS ?=
 IMG ?=
 OUT ?= output
 
@@ -56,7 +60,8 @@ DEMO_VARS := QA_TILES=demo OSM_SOURCE=qa-tiles BBOX=$(DEMO_BBOX) IMAGE_TILES=dem
 	TRAIN_SIZE=300 ZOOM_LEVEL=17 TILE_SIZE=256 MODEL=segnet-basic WIDTH=0.25 EPOCHS=12 \
 	BATCH_SIZE=8 OPTIMIZER=adam CLASS_WEIGHTS=median-frequency
 
-.PHONY: install demo test bench download-osm-tiles train validate predict preview serve-demo clean clean-all
+.PHONY: install demo test bench download-osm-tiles import train validate predict preview serve-demo \
+	clean clean-all
 
 install: $(INSTALLED)
 
@@ -119,14 +124,21 @@ data/training.hdf5 data/testing.hdf5 &: data/images
 		--test-size $(TEST_SIZE) --seed $(SEED) --test-list data/test-sample-filtered.txt \
 		--out data/training.hdf5 --test-out data/testing.hdf5
 
+# Bring your own labelled imagery: make import IMAGES=dir MASKS=dir, then
+# make train validate DATA=data/mine.hdf5 TEST_DATA=data/mine-test.hdf5
+import: | $(INSTALLED)
+	@test -n "$(IMAGES)" -a -n "$(MASKS)" || { echo "make import needs IMAGES=<dir> MASKS=<dir>" >&2; exit 2; }
+	$(PY) prepare.py import $(IMAGES) $(MASKS) --classes $(CLASSES) --tile-size $(TILE_SIZE) \
+		--test-size $(TEST_SIZE) --seed $(SEED) --out data/mine.hdf5
+
 # --- Model --------------------------------------------------------------------------
 
-train: data/training.hdf5
+train: $(DATA)
 	$(PY) train.py --data $< --weights $(WEIGHTS) --model $(MODEL) --width $(WIDTH) \
 		--epochs $(EPOCHS) --batch-size $(BATCH_SIZE) --learning-rate $(LEARNING_RATE) \
 		--optimizer $(OPTIMIZER) --class-weights $(CLASS_WEIGHTS) --seed $(SEED) $(TRAIN_FLAGS)
 
-validate: data/testing.hdf5 | $(INSTALLED)
+validate: $(TEST_DATA) | $(INSTALLED)
 	$(PY) validate.py --weights $(WEIGHTS) --data $<
 
 predict: | $(INSTALLED)
