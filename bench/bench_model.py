@@ -19,8 +19,12 @@ venv, see bench/requirements.txt, since torch must not go into .venv). Steps are
 warm-up (graph tracing, oneDNN kernel selection) is excluded; the best of the timed steps is
 reported because the machine is shared.
 
-Usage: .venv/bin/python bench/bench_model.py [--quick] [--torch-python bench/.venv/bin/python]
-Writes bench/results/model.json.
+Options: --where adds a profile of where Keras's segnet training time goes (parts swapped out,
+at 128×128 batch 2); --keras-torch adds Keras 3 on its PyTorch backend (bench venv) as a third
+column; --jit compiles the Keras model with XLA.
+
+Usage: .venv/bin/python bench/bench_model.py [--quick] [--where] [--keras-torch] [--jit]
+Writes bench/results/model.json (--quick prints a 128×128 segnet-basic smoke run instead).
 """
 
 from __future__ import annotations
@@ -103,6 +107,8 @@ def keras_worker(args) -> dict:
             result[precision] = {kind: 2 * 2048**3 / min(seconds) for kind, seconds in times.items()}
         return result
 
+    if args.task == "where":
+        return keras_where(args)
     policy = "mixed_bfloat16" if args.precision == "bfloat16" else "float32"
     net = model.build(args.model, NUM_CLASSES, input_size=args.size, mixed_precision=policy, seed=0)
     def loss(y_true, y_pred):
@@ -117,6 +123,53 @@ def keras_worker(args) -> dict:
     train = _timed(lambda: net.train_on_batch(x, y), args.warmup, args.steps)
     infer = _timed(lambda: net.predict_on_batch(x), args.warmup, args.steps)
     return {"train_s": train, "infer_s": infer, "flops": model.flops_per_image(net)}
+
+
+def keras_where(args) -> dict:
+    """Where a Keras training step's time goes: CPU seconds with parts of the model swapped out.
+
+    Variants: the model as built; pooling indices replaced by plain 2×2 max pooling and
+    nearest-neighbour upsampling (what the indices cost); batch normalisation by Keras's own
+    (what the fused kernel saves); batch normalisation removed (what normalising costs at all).
+    """
+    import keras
+    import numpy as np
+    from keras import layers, ops
+
+    Pool, Unpool, FusedBatchNormalization = model._layers()
+    original = (Pool.call, Unpool.call, FusedBatchNormalization.call)
+
+    def plain_pool(self, inputs):
+        return ops.max_pool(inputs, 2, 2), ops.zeros_like(inputs)
+
+    def plain_unpool(self, inputs):
+        return ops.repeat(ops.repeat(inputs[0], 2, axis=1), 2, axis=2)
+
+    def keras_bn(self, inputs, training=None, mask=None):
+        return layers.BatchNormalization.call(self, inputs, training=training, mask=mask)
+
+    def no_bn(self, inputs, training=None, mask=None):
+        return inputs
+
+    variants = {
+        "as built": original,
+        "no pooling indices": (plain_pool, plain_unpool, original[2]),
+        "keras batch norm": (original[0], original[1], keras_bn),
+        "no batch norm": (original[0], original[1], no_bn),
+    }
+    rng = np.random.RandomState(0)
+    x = rng.uniform(0, 255, (args.batch, args.size, args.size, 3)).astype("float32")
+    y = rng.randint(0, NUM_CLASSES, (args.batch, args.size, args.size)).astype("int32")
+    policy = "mixed_bfloat16" if args.precision == "bfloat16" else "float32"
+    result = {}
+    for label, (pool_call, unpool_call, bn_call) in variants.items():
+        Pool.call, Unpool.call, FusedBatchNormalization.call = pool_call, unpool_call, bn_call
+        keras.backend.clear_session()
+        net = model.build(args.model, NUM_CLASSES, input_size=args.size, mixed_precision=policy, seed=0)
+        net.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy")
+        result[label] = _timed(lambda: net.train_on_batch(x, y), args.warmup, args.steps)
+    Pool.call, Unpool.call, FusedBatchNormalization.call = original
+    return result
 
 
 def _torch_segnet(name: str, num_classes: int):
@@ -250,12 +303,13 @@ def main(argv=None) -> int:
     parser.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=PRECISIONS)
     parser.add_argument("--jit", action="store_true", help="compile the Keras model with XLA")
     parser.add_argument("--keras-torch", action="store_true", help="also time Keras on its PyTorch backend")
+    parser.add_argument("--where", action="store_true", help="also time Keras segnet with parts swapped out (128², batch 2)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--worker", choices=("keras", "torch"), help=argparse.SUPPRESS)
-    parser.add_argument("--task", choices=("matmul", "model"), help=argparse.SUPPRESS)
+    parser.add_argument("--task", choices=("matmul", "model", "where"), help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--precision", help=argparse.SUPPRESS)
     parser.add_argument("--out", default="model", help="result name: writes bench/results/NAME.json")
@@ -311,6 +365,16 @@ def main(argv=None) -> int:
             figures[name][precision] = entry
             print(json.dumps({name: {precision: entry}}), file=sys.stderr, flush=True)
 
+    if args.where:
+        # At 128×128, batch 2: a profile of where the time goes, not a throughput figure.
+        small = argparse.Namespace(**{**vars(args), "size": 128, "batch": 2, "steps": 3, "warmup": 1})
+        figures["where_segnet_128_batch2"] = {}
+        for precision in args.precisions:
+            seconds = _run_worker(sys.executable, "keras", "where", small, model="segnet", precision=precision)
+            figures["where_segnet_128_batch2"][precision] = {
+                label.replace(" ", "_"): {"value": round(min(times["cpu"]), 3), "unit": "CPU-s/step"}
+                for label, times in seconds.items()
+            }
     if args.quick:
         print(json.dumps(figures, indent=1))
         return 0
