@@ -22,8 +22,8 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from osmseg import cli, segment
 from osmseg.errors import UserError
@@ -41,7 +41,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="fraction of a window shared with its neighbour, in [0, 1)")  # fmt: skip
     parser.add_argument("--window", type=int, default=None,
                         help="window size in pixels (default: the model's input size)")  # fmt: skip
-    parser.add_argument("--geojson", action="store_true", help="also write segments.geojson (polygons per class)")
+    parser.add_argument("--geojson", action="store_true",
+                        help="also write segments.geojson (polygons per class; holds the label image, 1 byte a pixel)")  # fmt: skip
     parser.add_argument("--min-area", type=float, default=16.0, help="--geojson: drop polygons below this many pixels")
     parser.add_argument("--simplify", type=float, default=1.0, help="--geojson: simplification tolerance in pixels")
     parser.add_argument("--heatmap-size", type=int, default=segment.HEATMAP_SIZE, help="longest side of the heatmaps, at most")
@@ -119,7 +120,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _check_args(args)
     jobs = list_images(args.image, args.outdir)
+    # One image: read it before the (slower) model load, so that a bad image fails at once.
+    opened = {jobs[0][0]: segment.open_image(jobs[0][0])} if len(jobs) == 1 else {}
+    try:
+        return _segment_all(args, jobs, opened)
+    finally:
+        for reader in opened.values():
+            reader.close()
 
+
+def _segment_all(args: argparse.Namespace, jobs: list[tuple[Path, Path]], opened: dict) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
     import model as segnet
     from osmseg.classes import parse_classes
@@ -150,12 +160,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if record is not None:
             print(f"{image_path}: already done in {outdir} (--force redoes it)", file=sys.stderr)
             _print_counts(str(image_path), record["width"], record["height"], record["counts"], record["notes"])
+            opened.pop(image_path, None)
             continue
         try:
-            reader = segment.open_image(image_path)
-        except UserError as error:
-            if len(jobs) == 1:
-                raise
+            reader = opened.pop(image_path, None) or segment.open_image(image_path)
+        except UserError as error:  # in a directory: skip it, say so, carry on
             print(f"skipped: {error}", file=sys.stderr)
             failed.append(image_path.name)
             continue

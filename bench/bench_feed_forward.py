@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
 """Benchmark: feed_forward's cost over the model, its memory on a huge scene, and its seams.
 
-1. Overhead: a 4096 × 4096 scene segmented with write_scene (windows, blending, mask.png,
+1. Overhead: a 4096 × 4096 scene (and a 2048 × 2048 one with the demo's model size) segmented with write_scene (windows, blending, mask.png,
    segments.png, heatmaps, counts) against the model alone run on the same number of
    windows in the same batches. Goal: total <= 1.2 × model alone.
 2. Peak memory: feed_forward.py's main on a 20,000 × 20,000 GeoTIFF (tiled, deflate; read in
-   windows) with --window 512 in a child process, which reports its own ru_maxrss, beside its resident memory
-   after the imports and the model load. Goal: < 2 GB.
+   windows) with --window 512 in a child process, which reports its own peak resident memory
+   (VmHWM: Linux carries ru_maxrss over from the parent process) beside the same after the
+   imports and the model load. Goal: < 2 GB.
 3. Seams, on a 1024 × 1024 scene, for plain tiling (overlap 0, the seed's way) and for the
    blended overlaps, with the time each costs:
    - seam_ratio: the mean absolute difference of the probabilities between neighbouring
@@ -23,7 +24,7 @@ effects of zero padding) so that the whole run takes a few minutes on two busy c
 --weights to measure a trained model instead. Scenes are synthetic: smooth random colour
 fields with fine texture, made by code.
 
-Usage: .venv/bin/python bench/bench_feed_forward.py [--weights W] [--memory-size 20000] [--skip-memory]
+Usage: .venv/bin/python bench/bench_feed_forward.py [--weights W] [--memory-size 20000] [--only PART]
 Writes bench/results/feed_forward.json.
 """
 
@@ -43,9 +44,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-import numpy as np  # noqa: E402
-
-from common import write_result  # noqa: E402
+import numpy as np
+from common import RESULTS, write_result
 
 WINDOW = 256
 BATCH_SIZE = 8
@@ -56,13 +56,14 @@ MEMORY_WINDOW = 512
 
 
 def tiny_weights(directory: Path, width: float = 0.0625) -> Path:
-    """A randomly initialised SegNet-Basic saved as our weights file, for classes/mine.json."""
+    """A randomly initialised SegNet-Basic of this width saved as our weights file, for
+    classes/mine.json."""
     import model
     from osmseg.classes import load_classes
 
     classes = load_classes(ROOT / "classes" / "mine.json")
     network = model.build("segnet-basic", classes.num_classes, input_size=WINDOW, width=width, seed=0)
-    path = directory / "weights.hdf5"
+    path = directory / f"segnet-basic-{width}.hdf5"
     config = {
         "name": "segnet-basic", "width": width, "input_size": WINDOW,
         "num_classes": classes.num_classes, "classes": classes.to_json(), "mixed_precision": False,
@@ -127,7 +128,7 @@ def bench_overhead(weights: Path, workdir: Path, size: int = 4096) -> dict:
     alone, alone_cpu = model_alone(predict, windows, window)
     started, cpu = time.perf_counter(), time.process_time()
     segment.write_scene(
-        segment.ArrayReader(image, "scene.png"), predict, classes, workdir / "overhead",
+        segment.ArrayReader(image, "scene.png"), predict, classes, workdir / f"overhead-{size}",
         window=window, overlap=overlap, batch_size=BATCH_SIZE,
     )  # fmt: skip
     total, total_cpu = time.perf_counter() - started, time.process_time() - cpu
@@ -141,21 +142,31 @@ def bench_overhead(weights: Path, workdir: Path, size: int = 4096) -> dict:
     figures["overhead_ratio"] = {"value": round(total / alone, 3), "unit": "total / model alone, wall (goal <= 1.2)"}
     figures["overhead_ratio_cpu"] = {"value": round(total_cpu / alone_cpu, 3), "unit": "total / model alone, CPU time"}
     figures["overhead_per_window_ms"] = {"value": round(1000 * (total - alone) / windows, 1), "unit": "ms wall"}
+    figures["model_per_window_ms"] = {"value": round(1000 * alone / windows, 1), "unit": "ms wall"}
     return figures
 
 
 _MEMORY_CHILD = """
-import json, os, resource, sys, time
+import json, os, sys, time
 sys.path.insert(0, {root!r})
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+def high_water_mb():
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across fork and
+    # exec, so a child of a big bench process would report the parent's peak.
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+
 import feed_forward, model
 from osmseg import cli
 model.load({weights!r})  # what the imports and one model cost, before any scene
-baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+baseline = high_water_mb()
 started = time.perf_counter()
 status = cli.run(feed_forward.main, [{weights!r}, {scene!r}, {out!r}, "--batch-size", "4", "--window", {window!r}])
 print(json.dumps({{"status": status, "seconds": time.perf_counter() - started, "baseline_mb": baseline,
-                   "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+                   "peak_mb": high_water_mb()}}))
 """
 
 
@@ -186,7 +197,7 @@ def bench_memory(weights: Path, workdir: Path, size: int) -> dict:
     code = _MEMORY_CHILD.format(
         root=str(ROOT), weights=str(weights), scene=str(scene), out=str(workdir / "huge"), window=str(MEMORY_WINDOW)
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"memory child failed:\n{done.stderr[-3000:]}")
     report = json.loads(done.stdout.strip().splitlines()[-1])
@@ -281,19 +292,33 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", type=Path, default=None, help="a trained weights file (default: a tiny random one)")
     parser.add_argument("--memory-size", type=int, default=20000, help="side of the huge scene")
-    parser.add_argument("--skip-memory", action="store_true", help="skip the huge scene")
+    parser.add_argument("--only", choices=("seams", "overhead", "memory"), action="append",
+                        help="run only these parts, keeping the other figures of the last results file")  # fmt: skip
     args = parser.parse_args()
+    parts = set(args.only or ("seams", "overhead", "memory"))
+    figures = {}
+    previous = RESULTS / "feed_forward.json"
+    if args.only and previous.exists():
+        figures = json.loads(previous.read_text()).get("figures", {})
     with tempfile.TemporaryDirectory(prefix="bench-ff-") as tmp:
         workdir = Path(tmp)
         weights = args.weights or tiny_weights(workdir)
-        figures = {"model": {"value": str(args.weights or "segnet-basic width 0.0625, random"), "unit": ""}}
-        print("seams...", flush=True)
-        figures["seams_1024"] = bench_seams(weights)
-        print(json.dumps(figures["seams_1024"]), flush=True)
-        print("overhead...", flush=True)
-        figures["overhead_4096"] = bench_overhead(weights, workdir)
-        print(json.dumps(figures["overhead_4096"]), flush=True)
-        if not args.skip_memory:
+        figures["model"] = {"value": str(args.weights or "segnet-basic width 0.0625, random"), "unit": ""}
+        if "seams" in parts:
+            print("seams...", flush=True)
+            figures["seams_1024"] = bench_seams(weights)
+            print(json.dumps(figures["seams_1024"]), flush=True)
+        if "overhead" in parts:
+            print("overhead...", flush=True)
+            figures["overhead_4096"] = bench_overhead(weights, workdir)
+            print(json.dumps(figures["overhead_4096"]), flush=True)
+            if args.weights is None:
+                # The demo's model (make demo trains segnet-basic at width 0.25): 16× the tiny
+                # one's multiply-adds, on a smaller scene to keep the run short.
+                print("overhead with the demo's model size...", flush=True)
+                figures["overhead_2048_width_0.25"] = bench_overhead(tiny_weights(workdir, 0.25), workdir, 2048)
+                print(json.dumps(figures["overhead_2048_width_0.25"]), flush=True)
+        if "memory" in parts:
             print(f"memory on {args.memory_size}²...", flush=True)
             figures[f"memory_{args.memory_size}"] = bench_memory(weights, workdir, args.memory_size)
             print(json.dumps(figures[f"memory_{args.memory_size}"]), flush=True)

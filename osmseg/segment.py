@@ -54,10 +54,10 @@ import os
 import re
 import sys
 import warnings
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 
@@ -87,7 +87,7 @@ def window_stride(window: int, overlap: float) -> int:
     """The step between windows that overlap by `overlap` (a fraction in [0, 1))."""
     if not 0 <= overlap < 1:
         raise ValueError(f"overlap must be in [0, 1), got {overlap}")
-    return max(1, int(round(window * (1 - overlap))))
+    return max(1, round(window * (1 - overlap)))
 
 
 def window_positions(length: int, window: int, stride: int) -> np.ndarray:

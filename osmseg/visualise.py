@@ -102,11 +102,11 @@ def heatmap(probabilities: np.ndarray, title: str = "", min_height: int = 256) -
     import cv2
 
     values = to_byte(probabilities)
-    height, width = values.shape
+    height = values.shape[0]
     if height < min_height:
         factor = math.ceil(min_height / height)
         values = np.repeat(np.repeat(values, factor, axis=0), factor, axis=1)
-        height, width = values.shape
+        height = values.shape[0]
     lut = colormap_lut()
     picture = lut[values]
     # The scale: a vertical ramp from 1 (top) to 0 (bottom), with tick labels beside it.
@@ -116,9 +116,9 @@ def heatmap(probabilities: np.ndarray, title: str = "", min_height: int = 256) -
     ramp = np.linspace(255, 0, height).round().astype(np.uint8)
     scale[:, 4 : 4 + bar_width] = lut[ramp][:, None, :]
     font_scale = max(0.35, height / 900)
-    thickness = max(1, int(round(font_scale * 1.5)))
+    thickness = max(1, round(font_scale * 1.5))
     for value, label in ((1.0, "1"), (0.5, "0.5"), (0.0, "0")):
-        y = int(round((1 - value) * (height - 1)))
+        y = round((1 - value) * (height - 1))
         (_, text_height), _ = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, font_scale, thickness)
         cv2.line(scale, (4 + bar_width, y), (9 + bar_width, y), (0, 0, 0), thickness)
         baseline = int(np.clip(y + text_height // 2, text_height + 2, height - 3))

@@ -219,9 +219,8 @@ def test_png_writer_round_trips_in_strips(tmp_path):
         for top in range(0, 37, 10):
             writer.write(picture[top : top + 10])
     np.testing.assert_array_equal(cv2.imread(str(tmp_path / "p.png"))[..., ::-1], picture)
-    with pytest.raises(ValueError, match="rows written"):
-        with visualise.PngWriter(tmp_path / "short.png", 23, 37) as writer:
-            writer.write(picture[:5])
+    with pytest.raises(ValueError, match="rows written"), visualise.PngWriter(tmp_path / "short.png", 23, 37) as writer:
+        writer.write(picture[:5])
 
 
 def test_heatmap_takes_certainty_and_has_a_scale():
