@@ -80,8 +80,8 @@ def channels(filters: int, width: float) -> int:
     """A block's channel count at a width multiplier: at least 1, a multiple of 8 from 8 up."""
     scaled = filters * width
     if scaled >= 8:
-        return max(8, int(round(scaled / 8)) * 8)
-    return max(1, int(round(scaled)))
+        return max(8, round(scaled / 8) * 8)
+    return max(1, round(scaled))
 
 
 def check_input_size(name: str, input_size: int) -> None:
@@ -232,7 +232,7 @@ def _layers():
             return _upsample(values) * ops.cast(mask, values.dtype)
 
         def compute_output_spec(self, inputs):
-            values, mask = inputs
+            _, mask = inputs
             return keras.KerasTensor(mask.shape, dtype=self.compute_dtype)
 
     @keras.saving.register_keras_serializable(package="osmseg")
@@ -383,7 +383,7 @@ def _vgg16_convs(encoder_weights: str) -> tuple[str, list]:
         # Keras knows the address and checksum of its ImageNet weights and caches them in
         # ~/.keras/models; the network is only touched when that cache is empty.
         vgg = keras.applications.VGG16(weights="imagenet", include_top=False, input_shape=(32, 32, 3))
-    except Exception as error:  # keras raises a bare Exception when the download fails
+    except Exception as error:  # noqa: BLE001  (keras raises a bare Exception when a download fails)
         raise WeightsError(
             f"encoder weights 'imagenet': could not get Keras's VGG16 ImageNet weights ({error}); "
             "this needs network access once. Download vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5 "
@@ -505,16 +505,15 @@ def save(model, path: str | os.PathLike, config: dict) -> None:
     names = [variable.path for variable in model.weights]
     if len(set(names)) != len(names):
         raise ValueError("save: the model's variable paths are not unique")
-    with cli.atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as f:
-            f.attrs["format"] = FORMAT
-            f.attrs["format_version"] = FORMAT_VERSION
-            f.attrs["config"] = json.dumps(config, sort_keys=True)
-            f.attrs["keras_version"] = keras.__version__
-            f.attrs["backend"] = keras.backend.backend()
-            f.attrs["variables"] = json.dumps(names)
-            for variable in model.weights:
-                f.create_dataset(variable.path, data=keras.ops.convert_to_numpy(variable.value).astype("float32"))
+    with cli.atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        f.attrs["format"] = FORMAT
+        f.attrs["format_version"] = FORMAT_VERSION
+        f.attrs["config"] = json.dumps(config, sort_keys=True)
+        f.attrs["keras_version"] = keras.__version__
+        f.attrs["backend"] = keras.backend.backend()
+        f.attrs["variables"] = json.dumps(names)
+        for variable in model.weights:
+            f.create_dataset(variable.path, data=keras.ops.convert_to_numpy(variable.value).astype("float32"))
 
 
 def _open(path: str | os.PathLike):

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -42,7 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-import model  # noqa: E402  (light: keras is imported inside its functions)
+import model
 
 NUM_CLASSES = 7  # classes/mine.json: six classes and the background
 PRECISIONS = ("float32", "bfloat16")
@@ -102,8 +101,8 @@ def keras_worker(args) -> dict:
         for precision in PRECISIONS:
             a = tf.constant(rng.standard_normal((2048, 2048)).astype("float32"), dtype=precision)
             b = tf.constant(rng.standard_normal((2048, 2048)).astype("float32"), dtype=precision)
-            matmul = tf.function(lambda: tf.linalg.matmul(a, b))
-            times = _timed(lambda: matmul().numpy(), 2, 8)
+            matmul = tf.function(lambda a=a, b=b: tf.linalg.matmul(a, b))
+            times = _timed(lambda matmul=matmul: matmul().numpy(), 2, 8)
             result[precision] = {kind: 2 * 2048**3 / min(seconds) for kind, seconds in times.items()}
         return result
 
@@ -167,13 +166,12 @@ def keras_where(args) -> dict:
         keras.backend.clear_session()
         net = model.build(args.model, NUM_CLASSES, input_size=args.size, mixed_precision=policy, seed=0)
         net.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy")
-        result[label] = _timed(lambda: net.train_on_batch(x, y), args.warmup, args.steps)
+        result[label] = _timed(lambda net=net: net.train_on_batch(x, y), args.warmup, args.steps)
     Pool.call, Unpool.call, FusedBatchNormalization.call = original
     return result
 
 
 def _torch_segnet(name: str, num_classes: int):
-    import torch
     from torch import nn
 
     blocks = [(model.channels(f, 1.0), n) for f, n in model.ARCHITECTURES[name]]
@@ -228,7 +226,7 @@ def torch_worker(args) -> dict:
             dtype = getattr(torch, precision)
             a = torch.from_numpy(rng.standard_normal((2048, 2048)).astype("float32")).to(dtype)
             b = torch.from_numpy(rng.standard_normal((2048, 2048)).astype("float32")).to(dtype)
-            times = _timed(lambda: torch.mm(a, b), 2, 8)
+            times = _timed(lambda a=a, b=b: torch.mm(a, b), 2, 8)
             result[precision] = {kind: 2 * 2048**3 / min(seconds) for kind, seconds in times.items()}
         result["version"] = torch.__version__
         return result
@@ -276,7 +274,7 @@ def _run_worker(python: str, framework: str, task: str, args, **extra) -> dict:
         env["KERAS_BACKEND"] = "torch"
         command[command.index("--worker") + 1] = "keras"
     started = time.perf_counter()
-    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env)
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, check=False)
     if result.returncode:
         raise SystemExit(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
     line = result.stdout.strip().splitlines()[-1]
