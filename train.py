@@ -32,6 +32,14 @@ from osmseg.errors import UserError
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 OPTIMIZERS = ("sgd", "adam")
+
+
+def _multi_worker_fit_broken(keras_version: str) -> bool:
+    """Whether this Keras's fit fails under MultiWorkerMirroredStrategy (3.x up to 3.15, as tried)."""
+    major, minor = (int(part) for part in keras_version.split(".")[:2])
+    return major == 3 and minor <= 15
+
+
 SGD_MOMENTUM = 0.9  # the seed's optimizer
 
 
@@ -144,10 +152,23 @@ def build_parser():
 
 
 def distribution_strategy(tf_config: str | None):
-    """MultiWorkerMirroredStrategy when TF_CONFIG is set, else MirroredStrategy over local GPUs (or CPUs)."""
+    """MultiWorkerMirroredStrategy when TF_CONFIG is set, else MirroredStrategy over local GPUs (or CPUs).
+
+    Raises:
+        UserError: for TF_CONFIG: Keras 3's fit cannot train under MultiWorkerMirroredStrategy
+            yet (keras-team/keras#20585; with Keras 3.15 it fails first building the metrics
+            from a reduced batch, then reducing scalar logs along axis 0), so rather than a
+            traceback mid-run, say so at the start.
+    """
+    import keras
     import tensorflow as tf
 
     if tf_config:
+        if _multi_worker_fit_broken(keras.__version__):
+            raise UserError(
+                f"TF_CONFIG is set, but Keras {keras.__version__} cannot fit under MultiWorkerMirroredStrategy "
+                "(keras-team/keras#20585); unset TF_CONFIG and train on one machine with --distribute (all its GPUs)"
+            )
         return tf.distribute.MultiWorkerMirroredStrategy()
     devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
     return tf.distribute.MirroredStrategy([device.name for device in devices])
@@ -254,9 +275,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import model as model_module
 
+    # Before anything else touches TensorFlow: multi-worker collectives are configured when
+    # the strategy is made, and TensorFlow refuses once its context is initialised.
+    strategy = distribution_strategy(tf_config) if args.distribute else None
     keras.backend.clear_session()
     keras.utils.set_random_seed(args.seed)
-    strategy = distribution_strategy(tf_config) if args.distribute else None
     scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
     with scope:
         try:
