@@ -184,7 +184,9 @@ def _fixed_point(coords, origin, scale, shift: int) -> np.ndarray:
 
 def skynet_way(mbtiles: Path):
     """skynet-data's way: mapnik's `tiles` plugin reads the MBTiles for every tile, a layer per class."""
-    import mapnik
+    from osmseg.labels import import_mapnik
+
+    mapnik = import_mapnik()
 
     from osmseg import labels
     from osmseg.classes import load_classes

@@ -70,13 +70,33 @@ def metres_per_pixel(zoom: int, tile_size: int = DEFAULT_TILE_SIZE) -> float:
     return _CIRCUMFERENCE / (tile_size * 2**zoom)
 
 
+# mapnik's package points these at its own PROJ and GDAL data when imported; rasterio
+# (feed_forward's GeoTIFF I/O) imported later in the same process then reads a proj.db of
+# another PROJ version and fails to look up any CRS. Labels render in EPSG:3857 with no
+# reprojection, so mapnik needs none of them: put them back as they were.
+_MAPNIK_ENVIRONMENT = ("PROJ_LIB", "PROJ_DATA", "GDAL_DATA")  # not ICU_DATA: regex filters need it
+
+
+def import_mapnik():
+    """Import mapnik without leaving its PROJ/GDAL data paths in os.environ."""
+    saved = {name: os.environ.get(name) for name in _MAPNIK_ENVIRONMENT}
+    import mapnik
+
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    return mapnik
+
+
 def check_filters(classes: Classes, origin: str = "classes file") -> None:
     """Have mapnik parse every class's filter.
 
     Raises:
         ClassesError: naming the class and the filter mapnik cannot parse.
     """
-    import mapnik
+    mapnik = import_mapnik()
 
     for class_ in classes.classes:
         if class_.filter is None:
@@ -213,7 +233,7 @@ class LabelRenderer:
     """
 
     def __init__(self, classes: Classes, tile_size: int = DEFAULT_TILE_SIZE, origin: str = "classes file"):
-        import mapnik
+        mapnik = import_mapnik()
 
         if tile_size <= 0:
             raise UserError(f"--tile-size {tile_size}: must be a positive number of pixels (e.g. 256)")
@@ -245,7 +265,7 @@ class LabelRenderer:
             (tile, RGB uint8 array (tile_size, tile_size, 3)), in the order of `tiles`.
         """
         import cv2
-        import mapnik
+        mapnik = import_mapnik()
 
         tiles = list(tiles)
         if not tiles:

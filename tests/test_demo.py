@@ -238,7 +238,9 @@ def test_build_world_is_fast_and_query_finds_by_area(world):
 
 
 def test_mapnik_tiles_plugin_reads_and_filters_it(mbtiles, world):
-    mapnik = pytest.importorskip("mapnik")
+    from osmseg.labels import import_mapnik
+
+    mapnik = import_mapnik()
     datasource = mapnik.Datasource(type="tiles", file=str(mbtiles), layer="osm")
     assert "landuse" in datasource.fields()
     xml = f"""<Map srs="epsg:3857" background-color="#000000">
