@@ -116,6 +116,19 @@ def model_alone(predict, windows: int, window: int) -> tuple[float, float]:
     return time.perf_counter() - started, time.process_time() - cpu
 
 
+def full_segnet_ms_per_window() -> float:
+    """Milliseconds per 256 × 256 window of segnet at width 1 (random weights), batch 8."""
+    import model
+
+    network = model.build("segnet", 7, input_size=WINDOW, width=1.0, seed=0)
+    batch = np.random.default_rng(2).uniform(0, 255, size=(BATCH_SIZE, WINDOW, WINDOW, 3)).astype(np.float32)
+    network.predict_on_batch(batch)
+    started = time.perf_counter()
+    for _ in range(2):
+        network.predict_on_batch(batch)
+    return 1000 * (time.perf_counter() - started) / (2 * BATCH_SIZE)
+
+
 def bench_overhead(weights: Path, workdir: Path, size: int = 4096) -> dict:
     from osmseg import segment
 
@@ -318,6 +331,16 @@ def main() -> int:
                 print("overhead with the demo's model size...", flush=True)
                 figures["overhead_2048_width_0.25"] = bench_overhead(tiny_weights(workdir, 0.25), workdir, 2048)
                 print(json.dumps(figures["overhead_2048_width_0.25"]), flush=True)
+                # The full SegNet is too slow on this machine for a whole scene; its time per
+                # window, with the overhead per window measured above, gives the ratio.
+                model_ms = full_segnet_ms_per_window()
+                overhead_ms = figures["overhead_4096"]["overhead_per_window_ms"]["value"]
+                figures["segnet_width_1"] = {
+                    "model_per_window_ms": {"value": round(model_ms, 1), "unit": "ms wall (2 batches of 8)"},
+                    "projected_overhead_ratio": {"value": round((model_ms + overhead_ms) / model_ms, 3),
+                                                 "unit": "(model + measured overhead per window) / model"},
+                }  # fmt: skip
+                print(json.dumps(figures["segnet_width_1"]), flush=True)
         if "memory" in parts:
             print(f"memory on {args.memory_size}²...", flush=True)
             figures[f"memory_{args.memory_size}"] = bench_memory(weights, workdir, args.memory_size)
