@@ -50,6 +50,7 @@ TEST_DATA ?= data/testing.hdf5
 IMAGES ?=
 MASKS ?=
 IMG ?=
+PREDICT_FLAGS ?=
 OUT ?= output
 
 # The demo world: a synthetic town at 0°N 0°E with its own loopback imagery server.
@@ -143,7 +144,7 @@ validate: $(TEST_DATA) | $(INSTALLED)
 
 predict: | $(INSTALLED)
 	@test -n "$(IMG)" || { echo "make predict needs IMG=<image or directory> (and OUT=<dir>)" >&2; exit 2; }
-	$(PY) feed_forward.py $(WEIGHTS) $(IMG) $(OUT)
+	$(PY) feed_forward.py $(WEIGHTS) $(IMG) $(OUT) $(PREDICT_FLAGS)
 
 # --- The two commands ---------------------------------------------------------------
 
