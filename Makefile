@@ -159,7 +159,13 @@ test: | $(INSTALLED)
 	@bash .ci/test-deps
 	$(PY) -m pytest -q
 
-bench: | $(INSTALLED)
+# The model bench compares with PyTorch (CPU), kept out of .venv in a venv of its own.
+bench/.venv/.installed: bench/requirements.txt
+	$(PYTHON) -m venv bench/.venv
+	bench/.venv/bin/pip install --quiet -r bench/requirements.txt
+	touch $@
+
+bench: | $(INSTALLED) bench/.venv/.installed
 	$(PY) bench/run.py
 
 clean:
