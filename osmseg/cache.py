@@ -1007,24 +1007,36 @@ def iter_tiles(
             yield chosen, _read_rows(images, chosen, inflate), _read_rows(labels, chosen, inflate)
 
 
+def iter_labels(
+    path: str | os.PathLike, indices: Sequence[int] | None = None, batch_size: int = 256
+) -> Iterator[np.ndarray]:
+    """Yield the labels of the given tiles (all by default) in increasing index order.
+
+    One read per row (h5py's fancy indexing is about 10x slower), batch_size rows at a time
+    (16 MB at 256 pixels), never the whole set.
+
+    Yields:
+        uint8 (B, H, W) class indices, 255 kept as the ignore value.
+    """
+    info = open_cache(path)
+    indices = np.sort(_check_indices(indices, info.length, info.path))
+    with h5py.File(info.path, "r") as file:
+        labels = file["labels"]
+        inflate = _inflatable(labels)
+        for start in range(0, len(indices), batch_size):
+            yield _read_rows(labels, indices[start : start + batch_size], inflate)
+
+
 def label_histogram(path: str | os.PathLike, indices: Sequence[int] | None = None) -> np.ndarray:
     """Pixel count of every class over the given tiles (all by default), ignore excluded.
-
-    Reads labels 256 tiles at a time (16 MB at 256 pixels), never the whole set.
 
     Returns:
         int64 (num_classes,): index i counts the pixels of class i.
     """
-    info = open_cache(path)
-    indices = np.sort(_check_indices(indices, info.length, info.path))
     counts = np.zeros(256, dtype=np.int64)
-    with h5py.File(info.path, "r") as file:
-        labels = file["labels"]
-        inflate = _inflatable(labels)
-        for start in range(0, len(indices), 256):
-            block = _read_rows(labels, indices[start : start + 256], inflate)
-            counts += np.bincount(block.ravel(), minlength=256)
-    return counts[: info.classes.num_classes]
+    for block in iter_labels(path, indices):
+        counts += np.bincount(block.ravel(), minlength=256)
+    return counts[: open_cache(path).classes.num_classes]
 
 
 def augment_tile(image: np.ndarray, labels: np.ndarray, rotations: int, flip_h: bool, flip_v: bool):

@@ -76,26 +76,22 @@ def class_pixel_statistics(cache_path: str | Path, indices, num_classes: int, bl
         class c; present_pixels[c] the number of labelled pixels of the tiles where c occurs
         (the denominator of the SegNet paper's class frequency).
     """
-    import h5py
+    from osmseg.cache import iter_labels
 
-    indices = np.sort(np.asarray(indices, dtype=np.int64))
     histogram = np.zeros(num_classes, dtype=np.int64)
     present_pixels = np.zeros(num_classes, dtype=np.int64)
-    with h5py.File(cache_path, "r") as cache:
-        labels = cache["labels"]
-        for start in range(0, len(indices), block):
-            chunk = labels[indices[start : start + block]]
-            for tile in chunk:
-                counts = np.bincount(tile.reshape(-1), minlength=256)
-                counts[IGNORE] = 0
-                if counts[num_classes:].any():
-                    raise TrainingError(
-                        f"{cache_path}: labels hold class values above {num_classes - 1}, but the cache "
-                        f"has {num_classes} classes; rebuild it (make data/training.hdf5)"
-                    )
-                tile_counts = counts[:num_classes]
-                histogram += tile_counts
-                present_pixels[tile_counts > 0] += tile_counts.sum()
+    for chunk in iter_labels(cache_path, indices, batch_size=block):
+        for tile in chunk:
+            counts = np.bincount(tile.reshape(-1), minlength=256)
+            counts[IGNORE] = 0
+            if counts[num_classes:].any():
+                raise TrainingError(
+                    f"{cache_path}: labels hold class values above {num_classes - 1}, but the cache "
+                    f"has {num_classes} classes; rebuild it (make data/training.hdf5)"
+                )
+            tile_counts = counts[:num_classes]
+            histogram += tile_counts
+            present_pixels[tile_counts > 0] += tile_counts.sum()
     return histogram, present_pixels
 
 
