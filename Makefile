@@ -58,8 +58,8 @@ OUT ?= output
 DEMO_SEED ?= 0
 DEMO_BBOX := -0.0275,-0.0275,0.0275,0.0275
 DEMO_VARS := QA_TILES=demo OSM_SOURCE=qa-tiles BBOX=$(DEMO_BBOX) IMAGE_TILES=demo:$(DEMO_SEED) \
-	TRAIN_SIZE=300 ZOOM_LEVEL=17 TILE_SIZE=256 MODEL=segnet-basic WIDTH=0.25 EPOCHS=12 \
-	BATCH_SIZE=8 OPTIMIZER=adam CLASS_WEIGHTS=median-frequency
+	TRAIN_SIZE=300 ZOOM_LEVEL=17 TILE_SIZE=256 MODEL=segnet-basic WIDTH=0.25 EPOCHS=20 \
+	BATCH_SIZE=8 OPTIMIZER=adam LEARNING_RATE=0.003 CLASS_WEIGHTS=median-frequency
 
 .PHONY: install demo test bench download-osm-tiles import train validate predict preview serve-demo \
 	clean clean-all
@@ -137,7 +137,7 @@ import: | $(INSTALLED)
 train: $(DATA)
 	$(PY) train.py --data $< --weights $(WEIGHTS) --model $(MODEL) --width $(WIDTH) \
 		--epochs $(EPOCHS) --batch-size $(BATCH_SIZE) --learning-rate $(LEARNING_RATE) \
-		--optimizer $(OPTIMIZER) --class-weights $(CLASS_WEIGHTS) --seed $(SEED) $(TRAIN_FLAGS)
+		--optimizer $(OPTIMIZER) --class-weights $(CLASS_WEIGHTS) --seed $(SEED) --resume $(TRAIN_FLAGS)
 
 validate: $(TEST_DATA) | $(INSTALLED)
 	$(PY) validate.py --weights $(WEIGHTS) --data $<
