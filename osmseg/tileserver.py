@@ -63,7 +63,9 @@ _TEXTURES = {
     "ground": (0.12, 0.06, 0.0, 0.05, 0.0, 0.0),
     "lawn": (0.10, 0.10, 0.08, 0.05, 0.0, 0.0),
     "paved": (0.05, 0.04, 0.0, 0.06, 0.0, 0.0),
-    "concrete": (0.16, 0.06, 0.0, 0.07, 0.0, 0.0),  # oil stains and patched slabs
+    # Oil stains and a grid of 4 m slabs: industrial yards must not look like the paved
+    # commercial blocks or bare ground, or a model learns them as one (issue 7's demo runs).
+    "concrete": (0.16, 0.06, 0.0, 0.07, 0.12, 0.12),
     "rubble": (0.15, 0.12, 0.0, 0.18, 0.0, 0.0),
     "forest": (0.10, 0.10, 0.40, 0.06, 0.0, 0.0),
     "field_x": (0.08, 0.04, 0.0, 0.05, 0.10, 0.0),
@@ -115,7 +117,7 @@ def _tint(color, feature_id: int, spread: float = 0.08) -> tuple[int, int, int]:
 _AREA_STYLES = {
     ("landuse", "residential"): ((112, 134, 84), "lawn"),
     ("landuse", "commercial"): ((168, 164, 156), "paved"),
-    ("landuse", "industrial"): ((146, 138, 120), "concrete"),
+    ("landuse", "industrial"): ((128, 132, 140), "concrete"),
     ("landuse", "brownfield"): ((138, 114, 84), "rubble"),
     ("landuse", "forest"): ((46, 78, 42), "forest"),
     ("natural", "wood"): ((52, 80, 40), "forest"),
