@@ -108,7 +108,7 @@ def heatmap(probabilities: np.ndarray, title: str = "", min_height: int = 256) -
         values = np.repeat(np.repeat(values, factor, axis=0), factor, axis=1)
         height = values.shape[0]
     lut = colormap_lut()
-    picture = lut[values]
+    picture = colorize(values, lut)
     # The scale: a vertical ramp from 1 (top) to 0 (bottom), with tick labels beside it.
     bar_width = max(16, height // 24)
     text_width = max(52, height // 7)
@@ -137,17 +137,19 @@ class PngWriter:
     """Writes an 8-bit RGB PNG row by row (PNG spec: IHDR, IDAT..., IEND; Sub-filtered rows).
 
     Use as a context manager; write() takes RGB uint8 (rows, width, 3) strips, top to
-    bottom, and close() checks that exactly `height` rows came.
+    bottom, and close() checks that exactly `height` rows came. `level` and `strategy` are
+    zlib's (zlib.Z_RLE suits photographs: see write_scene).
     """
 
-    def __init__(self, path: str | os.PathLike, width: int, height: int, level: int = 1):
+    def __init__(self, path: str | os.PathLike, width: int, height: int, level: int = 1,
+                 strategy: int = zlib.Z_DEFAULT_STRATEGY):
         if width <= 0 or height <= 0:
             raise ValueError(f"PNG size must be positive, got {width}×{height}")
         self.path = Path(path)
         self.width, self.height = width, height
         self._rows = 0
         self._file = open(self.path, "wb")
-        self._compressor = zlib.compressobj(level)
+        self._compressor = zlib.compressobj(level, zlib.DEFLATED, 15, 8, strategy)
         self._pending: list[bytes] = []
         self._pending_size = 0
         self._file.write(_PNG_SIGNATURE)
