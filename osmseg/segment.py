@@ -377,6 +377,7 @@ def segment_strips(
     Yields:
         Strips covering every row once, in order; their widths are the image's.
     """
+    import cv2
     from tqdm import tqdm
 
     height, width = reader.height, reader.width
@@ -385,7 +386,9 @@ def segment_strips(
     rows = window_positions(height, window, stride)
     cols = window_positions(width, window, stride)
     row_weights = axis_weights(padded_height, window, rows, floor)
-    col_weights = axis_weights(padded_width, window, cols, floor)
+    # Each column weight repeated once per class, so that a window's weights match its
+    # probabilities seen as (window, window × classes) rows (see the accumulation below).
+    col_weights = np.repeat(axis_weights(padded_width, window, cols, floor), num_classes, axis=1)
     pixels_of_row: dict[int, np.ndarray] = {}
 
     def windows() -> Iterator[tuple[int, int, np.ndarray]]:
@@ -411,8 +414,12 @@ def segment_strips(
                 raise ValueError(f"predict returned shape {probabilities.shape}, expected {expected}")
             for (k, index, _), window_probabilities in zip(batch, probabilities):
                 left = cols[index]
+                # accumulator += probabilities × weights in one pass and no temporary:
+                # 40% faster than numpy's multiply-then-add (issue 8). The accumulator's
+                # columns are a view with a row stride, which OpenCV writes through.
+                region = accumulator[:, left : left + window].reshape(window, window * num_classes)
                 weight = np.outer(row_weights[k], col_weights[index])
-                accumulator[:, left : left + window] += window_probabilities * weight[:, :, None]
+                cv2.accumulateProduct(window_probabilities.reshape(window, -1), weight, region)
                 if index + 1 < len(cols):
                     continue
                 top = int(rows[k])
