@@ -647,34 +647,44 @@ def write_scene(
                 _GeoTiffWriters(temporary("mask.tif"), temporary("probabilities.tif"), height, width,
                                 georeference, names, display)
             )
-        def finish(top: int, image: np.ndarray, labels: np.ndarray, probability_bytes: np.ndarray) -> None:
+        def finish_segments(image: np.ndarray, labels: np.ndarray) -> None:
+            segments_png.write(visualise.overlay(image, labels, display))
+
+        def finish_rest(top: int, labels: np.ndarray, probability_bytes: np.ndarray) -> None:
             counts[:] += np.bincount(labels.ravel(), minlength=num_classes)
             mask_png.write(visualise.colorize(labels, classes.palette))
-            segments_png.write(visualise.overlay(image, labels, display))
             heat.add(top, probability_bytes)
             if tiffs is not None:
                 tiffs.write(top, labels, probability_bytes)
             if labels_all is not None:
                 labels_all[top : top + len(labels)] = labels
 
-        # Finished strips are turned into outputs on a second thread while the model runs
-        # on the next windows (compression and numpy release the GIL). The thread gets each
-        # strip's labels and probability bytes (a quarter of the float32 probabilities), in
-        # chunks of rows, and at most one chunk waits: memory stays bounded.
+        # Finished strips are turned into outputs on two more threads while the model runs
+        # on the next windows (compression and numpy release the GIL): one deflates
+        # segments.png, the slowest output, the other does everything else; each keeps its
+        # outputs' rows in order. They get each strip's labels and probability bytes (a
+        # quarter of the float32 probabilities), in chunks of rows, and at most one chunk
+        # waits: memory stays bounded. One thread for all made the model wait for it, and
+        # left it working alone after the last window (issue 8).
         strips = segment_strips(reader, predict, num_classes, window, overlap, batch_size, progress=progress)
-        with ThreadPoolExecutor(max_workers=1) as pool:
+        with ThreadPoolExecutor(max_workers=1) as segments_pool, ThreadPoolExecutor(max_workers=1) as pool:
             pending: collections.deque = collections.deque()
             for strip in strips:
                 for start in range(0, len(strip.probabilities), CHUNK_ROWS):
                     probabilities = strip.probabilities[start : start + CHUNK_ROWS]
                     labels = probabilities.argmax(axis=2).astype(np.uint8)
-                    chunk = (strip.top + start, strip.image[start : start + CHUNK_ROWS], labels, visualise.to_byte(probabilities))
-                    pending.append(pool.submit(finish, *chunk))
+                    image = strip.image[start : start + CHUNK_ROWS]
+                    pending.append((
+                        segments_pool.submit(finish_segments, image, labels),
+                        pool.submit(finish_rest, strip.top + start, labels, visualise.to_byte(probabilities)),
+                    ))  # fmt: skip
                     while len(pending) > 1:
-                        pending.popleft().result()
+                        for future in pending.popleft():
+                            future.result()
                 del strip, probabilities  # views into the accumulator, which is about to change
             while pending:
-                pending.popleft().result()
+                for future in pending.popleft():
+                    future.result()
         means = heat.means() / 255
         heatmap_paths = [temporary(f"heatmap-{safe_name(name)}.png") for name in names]
 
