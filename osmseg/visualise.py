@@ -23,6 +23,14 @@ from pathlib import Path
 
 import numpy as np
 
+try:
+    # ISA-L's deflate (python-isal) at its level 1: on a 4096² segments.png, 3× as fast as
+    # zlib's level 1 with run-length matching, and a file 8% smaller (issue 8). Its streams
+    # are ordinary zlib streams; zlib itself is the fallback where the wheel is missing.
+    from isal import isal_zlib as _deflate
+except ImportError:  # pragma: no cover - isal is in requirements.txt
+    _deflate = zlib
+
 # Distinct colours for classes 1, 2, ... (Tableau 10's, which read well on imagery);
 # past ten classes the list repeats with a darker shade.
 _DISPLAY_COLOURS = (
@@ -138,19 +146,18 @@ class PngWriter:
     """Writes an 8-bit RGB PNG row by row (PNG spec: IHDR, IDAT..., IEND; Sub-filtered rows).
 
     Use as a context manager; write() takes RGB uint8 (rows, width, 3) strips, top to
-    bottom, and close() checks that exactly `height` rows came. `level` and `strategy` are
-    zlib's (zlib.Z_RLE suits photographs: see write_scene).
+    bottom, and close() checks that exactly `height` rows came. Rows are deflated at the
+    fastest level (outputs here are large and written while the model waits).
     """
 
-    def __init__(self, path: str | os.PathLike, width: int, height: int, level: int = 1,
-                 strategy: int = zlib.Z_DEFAULT_STRATEGY):
+    def __init__(self, path: str | os.PathLike, width: int, height: int):
         if width <= 0 or height <= 0:
             raise ValueError(f"PNG size must be positive, got {width}×{height}")
         self.path = Path(path)
         self.width, self.height = width, height
         self._rows = 0
         self._file = open(self.path, "wb")
-        self._compressor = zlib.compressobj(level, zlib.DEFLATED, 15, 8, strategy)
+        self._compressor = _deflate.compressobj(1)
         self._pending: list[bytes] = []
         self._pending_size = 0
         self._file.write(_PNG_SIGNATURE)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import zlib
 
 import cv2
 import numpy as np
@@ -125,6 +126,24 @@ def test_blending_hides_a_models_border_effect():
     assert largest_jump(0.5) < 0.6 / 8
 
 
+def test_reused_blending_weights_change_nothing(monkeypatch):
+    # 301 = 64 + 237: the windows' steps differ by a pixel, so they have several weight profiles.
+    image = np.random.default_rng(6).integers(0, 255, size=(301, 301, 3), dtype=np.uint8)
+    reused = segment.segment_array(image, edge_predict, NUM_CLASSES, window=64, overlap=0.3)
+    monkeypatch.setattr(segment, "WEIGHT_CACHE_BYTES", 0)
+    made_each_time = segment.segment_array(image, edge_predict, NUM_CLASSES, window=64, overlap=0.3)
+    np.testing.assert_array_equal(reused, made_each_time)
+    np.testing.assert_allclose(reused.sum(axis=2), 1, atol=1e-5)
+
+
+@pytest.mark.parametrize("size", [(3, 5), (4100, 4100)])  # the second passes calcHist's float32 limit
+def test_class_counts_match_bincount(size):
+    labels = np.random.default_rng(7).integers(0, 6, size=size, dtype=np.uint8)
+    expected = np.bincount(labels.ravel(), minlength=7)
+    counts = segment.class_counts(labels, 7)
+    assert counts.dtype == np.int64 and counts.tolist() == expected.tolist() and counts[6] == 0
+
+
 @pytest.mark.parametrize("shape", [(1, 1), (5, 200), (37, 53), (64, 64), (65, 129)])
 def test_small_and_odd_sizes_are_padded_and_cropped_back(shape):
     rng = np.random.default_rng(1)
@@ -212,7 +231,10 @@ def test_open_image_rejects_missing_and_undecodable_files(tmp_path):
 # --- Pictures ------------------------------------------------------------------------------
 
 
-def test_png_writer_round_trips_in_strips(tmp_path):
+@pytest.mark.parametrize("deflate", ["isal", "zlib"])
+def test_png_writer_round_trips_in_strips(tmp_path, monkeypatch, deflate):
+    if deflate == "zlib":  # the fallback where python-isal is not installed
+        monkeypatch.setattr(visualise, "_deflate", zlib)
     rng = np.random.default_rng(2)
     picture = rng.integers(0, 255, size=(37, 23, 3), dtype=np.uint8)
     with visualise.PngWriter(tmp_path / "p.png", 23, 37) as writer:
@@ -330,7 +352,7 @@ def test_model_predict_pads_short_batches_to_powers_of_two():
             seen.append(len(batch))
             return local_predict(batch)
 
-    predict = segment.model_predict(Model(), batch_size=8)
+    predict = segment.model_predict(Model().predict_on_batch, batch_size=8)
     rng = np.random.default_rng(4)
     for count in (8, 5, 3, 1):
         batch = rng.uniform(0, 255, size=(count, 16, 16, 3)).astype(np.float32)
