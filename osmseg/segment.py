@@ -54,7 +54,6 @@ import os
 import re
 import sys
 import warnings
-import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -79,6 +78,7 @@ TIFF_SUFFIXES = (".tif", ".tiff")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp") + TIFF_SUFFIXES
 HEATMAP_SIZE = 1024
 CHUNK_ROWS = 64  # rows handed to the output thread at a time
+WEIGHT_CACHE_BYTES = 32 << 20  # blending weights kept for reuse (segment_strips)
 
 
 # --- Window maths (pure) ---------------------------------------------------------------
@@ -299,10 +299,11 @@ def open_image(path: str | os.PathLike) -> ImageReader:
 # --- Models ----------------------------------------------------------------------------------
 
 
-def model_predict(model, batch_size: int) -> Predict:
-    """A Predict function that runs a Keras model (anything with predict_on_batch).
+def model_predict(run: Callable[[np.ndarray], np.ndarray], batch_size: int) -> Predict:
+    """A Predict function from a model's batch function (model.inference(network), or a
+    Keras model's predict_on_batch).
 
-    Keras traces a new graph for each new batch shape; a short batch (a scene's last) is
+    A model traces a new graph for each new batch shape; a short batch (a scene's last) is
     padded with zeros up to a power of two, so a model sees at most log2(batch_size) + 2
     shapes however many scenes of whatever sizes it segments.
     """
@@ -312,7 +313,7 @@ def model_predict(model, batch_size: int) -> Predict:
         size = min(batch_size, 1 << (count - 1).bit_length())
         if size > count:
             batch = np.concatenate([batch, np.zeros((size - count,) + batch.shape[1:], batch.dtype)])
-        return np.asarray(model.predict_on_batch(batch))[:count]
+        return np.asarray(run(batch))[:count]
 
     return predict
 
@@ -343,6 +344,17 @@ def _pad_to(pixels: np.ndarray, height: int, width: int) -> np.ndarray:
     padding = [(0, extra_rows), (0, extra_cols)] + [(0, 0)] * (pixels.ndim - 2)
     mode = "reflect" if min(pixels.shape[:2]) > 1 else "edge"
     return np.pad(pixels, padding, mode=mode)
+
+
+def class_counts(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """int64 (num_classes,): how many pixels of uint8 labels hold each class index."""
+    import cv2
+
+    if labels.size >= 1 << 24:  # calcHist counts in float32, exact below 2**24
+        return np.bincount(labels.ravel(), minlength=num_classes)[:num_classes]
+    # 4× faster than np.bincount, which widens every label to int64 first.
+    histogram = cv2.calcHist([np.ascontiguousarray(labels)], [0], None, [256], [0, 256])
+    return histogram.ravel()[:num_classes].astype(np.int64)
 
 
 def count_windows(height: int, width: int, window: int, overlap: float) -> int:
@@ -389,6 +401,22 @@ def segment_strips(
     # Each column weight repeated once per class, so that a window's weights match its
     # probabilities seen as (window, window × classes) rows (see the accumulation below).
     col_weights = np.repeat(axis_weights(padded_width, window, cols, floor), num_classes, axis=1)
+    # Steps between windows differ by a pixel at most, so windows share a few distinct
+    # weight profiles along each axis: their products are made once each, within a bound.
+    kinds: dict[bytes, int] = {}
+    row_kinds = [kinds.setdefault(weights.tobytes(), len(kinds)) for weights in row_weights]
+    col_kinds = [kinds.setdefault(weights.tobytes(), len(kinds)) for weights in col_weights]
+    products: dict[tuple[int, int], np.ndarray] = {}
+
+    def weight_of(k: int, index: int) -> np.ndarray:
+        key = (row_kinds[k], col_kinds[index])
+        weight = products.get(key)
+        if weight is None:
+            weight = np.outer(row_weights[k], col_weights[index])
+            if (len(products) + 1) * weight.nbytes <= WEIGHT_CACHE_BYTES:
+                products[key] = weight
+        return weight
+
     pixels_of_row: dict[int, np.ndarray] = {}
 
     def windows() -> Iterator[tuple[int, int, np.ndarray]]:
@@ -407,7 +435,7 @@ def segment_strips(
     bar = tqdm(total=len(rows) * len(cols), unit="window", file=sys.stderr, disable=not progress, leave=False)
     try:
         while batch := list(itertools.islice(stream, batch_size)):
-            tiles = np.stack([tile for _, _, tile in batch]).astype(np.float32)
+            tiles = np.stack([tile for _, _, tile in batch], dtype=np.float32)
             probabilities = np.asarray(predict(tiles), dtype=np.float32)
             expected = (len(batch), window, window, num_classes)
             if probabilities.shape != expected:
@@ -418,8 +446,7 @@ def segment_strips(
                 # 40% faster than numpy's multiply-then-add (issue 8). The accumulator's
                 # columns are a view with a row stride, which OpenCV writes through.
                 region = accumulator[:, left : left + window].reshape(window, window * num_classes)
-                weight = np.outer(row_weights[k], col_weights[index])
-                cv2.accumulateProduct(window_probabilities.reshape(window, -1), weight, region)
+                cv2.accumulateProduct(window_probabilities.reshape(window, -1), weight_of(k, index), region)
                 if index + 1 < len(cols):
                     continue
                 top = int(rows[k])
@@ -635,12 +662,7 @@ def write_scene(
             return path
 
         mask_png = stack.enter_context(visualise.PngWriter(temporary("mask.png"), width, height))
-        # segments.png is a photograph: its Sub-filtered bytes hold few long repeats, and
-        # run-length matching alone compressed a 4096² scene 25-30% faster than zlib's
-        # default search for a file 6% larger (bench/bench_feed_forward.py, issue 8).
-        segments_png = stack.enter_context(
-            visualise.PngWriter(temporary("segments.png"), width, height, strategy=zlib.Z_RLE)
-        )
+        segments_png = stack.enter_context(visualise.PngWriter(temporary("segments.png"), width, height))
         tiffs = None
         if georeference is not None:
             tiffs = stack.enter_context(
@@ -651,7 +673,7 @@ def write_scene(
             segments_png.write(visualise.overlay(image, labels, display))
 
         def finish_rest(top: int, labels: np.ndarray, probability_bytes: np.ndarray) -> None:
-            counts[:] += np.bincount(labels.ravel(), minlength=num_classes)
+            counts[:] += class_counts(labels, num_classes)
             mask_png.write(visualise.colorize(labels, classes.palette))
             heat.add(top, probability_bytes)
             if tiffs is not None:
