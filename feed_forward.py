@@ -142,7 +142,7 @@ def _segment_all(args: argparse.Namespace, jobs: list[tuple[Path, Path]], opened
         raise UserError(f"--window {window}: {error}") from None
     classes = parse_classes(config["classes"], origin=f"{args.weights} (classes)", require_filters=False)
 
-    predict = segment.model_predict(keras_model, args.batch_size)
+    predict = segment.model_predict(segnet.inference(keras_model), args.batch_size)
 
     failed: list[str] = []
     for image_path, outdir in jobs:

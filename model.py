@@ -628,6 +628,26 @@ def load(path: str | os.PathLike, input_size: int | None = None, expect: dict | 
     return model, config
 
 
+def inference(model):
+    """A function running the model in inference mode on a batch: float32 (B, S, S, 3)
+    RGB 0..255 -> numpy (B, S, S, num_classes) probabilities.
+
+    With TensorFlow it is a tf.function around the model's call, traced once per batch
+    shape, whose output numpy shares the tensor's memory: 7-10% less time a batch of eight
+    than predict_on_batch, which runs a distribution step and copies its output (demo
+    model, issue 8). Other backends use predict_on_batch.
+    """
+    import keras
+    import numpy as np
+
+    if keras.backend.backend() != "tensorflow":
+        return model.predict_on_batch
+    import tensorflow as tf
+
+    call = tf.function(lambda batch: model(batch, training=False), reduce_retracing=True)
+    return lambda batch: np.asarray(call(batch))
+
+
 def flops_per_image(model) -> int:
     """Forward floating-point operations per image: 2 × the convolutions' multiply-adds.
 

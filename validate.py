@@ -89,8 +89,9 @@ def _summary_line(label: str, value) -> str:
     return f"{label:<24} {'-' if value is None else f'{value:.4f}'}"
 
 
-def evaluate(net, data_path, info, batch_size: int, predictions_path=None, attrs: dict | None = None):
-    """Run the model over a cache; return (confusion int64 (C, C), mean loss, tiles seen).
+def evaluate(predict, data_path, info, batch_size: int, predictions_path=None, attrs: dict | None = None):
+    """Run predict (model.inference: a batch of images -> probabilities) over a cache;
+    return (confusion int64 (C, C), mean loss, tiles seen).
 
     Writes predictions to `predictions_path` as it goes when given (see the module docstring).
     """
@@ -128,7 +129,7 @@ def evaluate(net, data_path, info, batch_size: int, predictions_path=None, attrs
             done = 0
             with tqdm(total=info.length, desc="validating", unit="tile", file=sys.stderr) as bar:
                 for indices, images, labels in cache.iter_tiles(data_path, batch_size=batch_size):
-                    predicted = np.asarray(net.predict_on_batch(images.astype(np.float32)), dtype=np.float32)
+                    predicted = np.asarray(predict(images.astype(np.float32)), dtype=np.float32)
                     counted = labels != 255
                     truth = np.where(counted, labels, 0).astype(np.int64)
                     chosen = np.take_along_axis(predicted, truth[..., None], axis=-1)[..., 0]
@@ -177,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"evaluating {args.weights} ({config['name']}, width {config['width']}) on {info.length} tiles of {args.data}"
     )
     confusion, loss, count = evaluate(
-        net,
+        model_module.inference(net),
         args.data,
         info,
         args.batch_size,

@@ -49,6 +49,7 @@ from common import RESULTS, write_result
 
 WINDOW = 256
 BATCH_SIZE = 8
+ROUNDS = 3  # alternating rounds of the model alone and the whole scene (overhead)
 OVERLAPS = (0.0, 0.25, 0.5)
 # The huge scene runs in windows of 512: a quarter as many model calls as at 256 for the same
 # pixels, and twice the accumulator (512 rows × scene width × classes), the harder case.
@@ -98,7 +99,7 @@ def load_predict(weights: Path):
 
     network, config = model.load(weights)
     classes = parse_classes(config["classes"], require_filters=False)
-    return network, segment.model_predict(network, BATCH_SIZE), classes, config
+    return network, segment.model_predict(model.inference(network), BATCH_SIZE), classes, config
 
 
 def model_alone(predict, windows: int, window: int) -> tuple[float, float]:
@@ -138,21 +139,26 @@ def bench_overhead(weights: Path, workdir: Path, size: int = 4096) -> dict:
     overlap = 0.25
     windows = segment.count_windows(size, size, window, overlap)
     figures = {}
-    alone, alone_cpu = model_alone(predict, windows, window)
-    started, cpu = time.perf_counter(), time.process_time()
-    segment.write_scene(
-        segment.ArrayReader(image, "scene.png"), predict, classes, workdir / f"overhead-{size}",
-        window=window, overlap=overlap, batch_size=BATCH_SIZE,
-    )  # fmt: skip
-    total, total_cpu = time.perf_counter() - started, time.process_time() - cpu
-    # The machine is shared: bracket the scene with two model-alone runs, keep the faster.
-    again, again_cpu = model_alone(predict, windows, window)
-    alone, alone_cpu = min(alone, again), min(alone_cpu, again_cpu)
+    # The machine is shared and its speed drifts by 10-20% between runs of a few seconds:
+    # the model alone and the whole scene alternate, and each keeps its fastest round.
+    alones, totals = [], []
+    for _ in range(ROUNDS):
+        alones.append(model_alone(predict, windows, window))
+        started, cpu = time.perf_counter(), time.process_time()
+        segment.write_scene(
+            segment.ArrayReader(image, "scene.png"), predict, classes, workdir / f"overhead-{size}",
+            window=window, overlap=overlap, batch_size=BATCH_SIZE,
+        )  # fmt: skip
+        totals.append((time.perf_counter() - started, time.process_time() - cpu))
+    alone, alone_cpu = min(alones)
+    total, total_cpu = min(totals)
     figures["scene"] = {"value": f"{size}x{size}", "unit": "pixels"}
     figures["windows"] = {"value": windows, "unit": f"windows of {window}, overlap {overlap}"}
     figures["model_alone_s"] = {"value": round(alone, 2), "unit": "s"}
     figures["total_s"] = {"value": round(total, 2), "unit": "s"}
-    figures["overhead_ratio"] = {"value": round(total / alone, 3), "unit": "total / model alone, wall (goal <= 1.2)"}
+    figures["overhead_ratio"] = {"value": round(total / alone, 3), "unit": f"total / model alone, wall, fastest of {ROUNDS} (goal <= 1.2)"}
+    figures["overhead_ratio_rounds"] = {"value": ", ".join(f"{t / a:.3f}" for (t, _), (a, _) in zip(totals, alones)),
+                                        "unit": "total / model alone in each round"}
     figures["overhead_ratio_cpu"] = {"value": round(total_cpu / alone_cpu, 3), "unit": "total / model alone, CPU time"}
     figures["overhead_per_window_ms"] = {"value": round(1000 * (total - alone) / windows, 1), "unit": "ms wall"}
     figures["model_per_window_ms"] = {"value": round(1000 * alone / windows, 1), "unit": "ms wall"}
