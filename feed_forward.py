@@ -7,10 +7,12 @@
 
 Prints the pixel count of every class (zeros included; they sum to the image's pixel count)
 and writes into the output directory: counts.json, heatmap-<class>.png per class,
-segments.png, mask.png, and for georeferenced input (GeoTIFF) mask.tif and
-probabilities.tif in the input's CRS; segments.geojson with --geojson. osmseg.segment's
-docstring describes each file. Images larger than the model's input are segmented in
-overlapping windows blended without seams, in strips, so memory stays bounded.
+segments.png, mask.png, and for georeferenced input (a GeoTIFF, or a PNG or JPEG with a
+world file) mask.tif and probabilities.tif in the input's CRS; segments.geojson with
+--geojson. osmseg.segment's docstring describes each file. Images larger than the model's
+input are segmented in overlapping windows blended without seams, in strips; TIFFs and
+images over 4096 × 4096 pixels are read from disk a strip at a time, so memory stays
+bounded whatever the size.
 
 Re-running skips an image whose counts.json says it was made from the same image, weights
 and options (--force redoes it).
@@ -176,6 +178,12 @@ def _segment_all(args: argparse.Namespace, jobs: list[tuple[Path, Path]], opened
                 min_area=args.min_area, heatmap_size=args.heatmap_size, inputs=inputs,
                 progress=windows > 16,
             )  # fmt: skip
+        except UserError as error:  # a large image found damaged part way through reading it
+            if len(jobs) == 1:
+                raise
+            print(f"skipped: {error}", file=sys.stderr)
+            failed.append(image_path.name)
+            continue
         finally:
             reader.close()
         _print_counts(str(image_path), result.width, result.height, result.counts, result.notes)

@@ -38,9 +38,10 @@ Files written by `write_scene` into an output directory:
   pixels}, "window", "overlap", "notes", "files": [the other outputs], "inputs": {what
   the result was made from}}.
 
-Images are RGB uint8 (H, W, 3) in memory. PNG and JPEG inputs are decoded whole by OpenCV
-(a 20,000 × 20,000 RGB image takes 1.2 GB); TIFF and GeoTIFF inputs are read by rasterio in
-windows of rows, so only the accumulators and one strip of pixels are in memory.
+Images are RGB uint8 (H, W, 3) in memory. TIFFs, georeferenced rasters and images larger
+than 4096 × 4096 pixels (PNG, JPEG, WebP, BMP) are read by rasterio in windows of rows, each
+row once, top to bottom, so only the accumulators and one strip of pixels are in memory
+whatever the scene's size; smaller images are decoded whole by OpenCV.
 """
 
 from __future__ import annotations
@@ -77,6 +78,9 @@ WINDOW_FLOOR = 0.01
 TIFF_SUFFIXES = (".tif", ".tiff")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp") + TIFF_SUFFIXES
 HEATMAP_SIZE = 1024
+# Non-TIFF images above this many pixels are streamed from disk rather than decoded whole
+# (open_image): a 4096 × 4096 RGB image decoded whole takes 48 MiB, a 20,000² one 1.2 GiB.
+STREAM_PIXELS = 4096 * 4096
 CHUNK_ROWS = 64  # rows handed to the output thread at a time
 WEIGHT_CACHE_BYTES = 32 << 20  # blending weights kept for reuse (segment_strips)
 
@@ -205,7 +209,7 @@ def _conversion_notes(bands: int, dtype: np.dtype, scale_max: float | None) -> l
 
 
 class ArrayReader(ImageReader):
-    """An image decoded whole into memory (PNG, JPEG, WebP, BMP through OpenCV)."""
+    """An image already in memory (segment_array, tests and benches)."""
 
     def __init__(self, image: np.ndarray, path: str | os.PathLike = "<array>", notes: list[str] | None = None):
         self.path = Path(path)
@@ -218,10 +222,12 @@ class ArrayReader(ImageReader):
 
 
 class RasterReader(ImageReader):
-    """A TIFF or GeoTIFF read by rasterio in windows of rows."""
+    """Any raster GDAL reads (PNG, JPEG, WebP, BMP, TIFF, GeoTIFF), read by rasterio in
+    windows of rows; palette images are looked up in their colour table."""
 
     def __init__(self, path: Path):
         import rasterio
+        from rasterio.enums import ColorInterp
         from rasterio.windows import Window
 
         self._window = Window
@@ -235,26 +241,57 @@ class RasterReader(ImageReader):
                 self._dataset = rasterio.open(path)
         except rasterio.errors.RasterioIOError as error:
             self._env.__exit__(None, None, None)
-            raise UserError(f"{path}: cannot read the image ({error}); check the file or convert it") from None
+            raise UserError(
+                f"{path}: not an image we can read ({error}); pass a PNG, JPEG, WebP, BMP or TIFF file"
+            ) from None
         dataset = self._dataset
+        if dataset.count == 0:
+            self.close()
+            raise UserError(f"{path}: holds no raster bands; pass a PNG, JPEG, WebP, BMP or TIFF file")
         self.height, self.width = dataset.height, dataset.width
         self._bands = list(range(1, min(dataset.count, 3) + 1)) if dataset.count != 2 else [1]
         dtype = np.dtype(dataset.dtypes[0])
         self._scale_max = None
-        if dtype != np.uint8:
+        self._palette = None
+        if dataset.colorinterp[0] == ColorInterp.palette and dtype == np.uint8:
+            colours = dataset.colormap(1)
+            self._palette = np.zeros((256, 3), dtype=np.uint8)
+            for index, colour in colours.items():
+                self._palette[index] = colour[:3]
+            self._bands = [1]
+            self.notes = ["palette image: indices looked up in its colour table"]
+        elif dtype != np.uint8:
             # A decimated read (GDAL picks overviews when there are some) estimates the
             # maximum without reading the whole scene; values above it are clipped.
             factor = max(1, math.ceil(max(self.height, self.width) / 2048))
             shape = (len(self._bands), max(1, self.height // factor), max(1, self.width // factor))
             self._scale_max = float(dataset.read(self._bands, out_shape=shape).max())
-        self.notes = _conversion_notes(dataset.count, dtype, self._scale_max)
+        if self._palette is None:
+            self.notes = _conversion_notes(dataset.count, dtype, self._scale_max)
         if dataset.crs is not None:
             self.georeference = Georeference(dataset.crs, dataset.transform)
 
     def read(self, top: int, bottom: int) -> np.ndarray:
-        window = self._window(0, top, self.width, bottom - top)
-        pixels = self._dataset.read(self._bands, window=window)
+        import rasterio
+
+        try:
+            if self._dataset.driver != "GTiff" and bottom - top == self.height > 1:
+                # GDAL's PNG driver reads a whole image by another path, which returns zeros
+                # for a truncated or corrupt file without a word; reads of part of it fail.
+                middle = self.height // 2
+                pixels = np.concatenate([self._read(0, middle), self._read(middle, self.height)], axis=1)
+            else:
+                pixels = self._read(top, bottom)
+        except rasterio.errors.RasterioIOError as error:
+            raise UserError(
+                f"{self.path}: cannot read rows {top}-{bottom} ({error}); the file is truncated or corrupt"
+            ) from None
+        if self._palette is not None:
+            return self._palette[pixels[0]]
         return to_rgb8(np.moveaxis(pixels, 0, -1), self._scale_max)
+
+    def _read(self, top: int, bottom: int) -> np.ndarray:
+        return self._dataset.read(self._bands, window=self._window(0, top, self.width, bottom - top))
 
     def close(self) -> None:
         try:
@@ -266,8 +303,10 @@ class RasterReader(ImageReader):
 def open_image(path: str | os.PathLike) -> ImageReader:
     """Open an image for reading as RGB uint8 rows.
 
-    TIFFs are read by rasterio in windows (georeferenced when they carry a CRS); other
-    formats are decoded whole by OpenCV and turned from BGR into RGB.
+    TIFFs, georeferenced rasters (a PNG or JPEG with a world file and .aux.xml too) and
+    images of more than STREAM_PIXELS pixels are read by rasterio (GDAL) in windows of
+    rows, so memory does not grow with the scene. Smaller PNG, JPEG, WebP and BMP files are
+    decoded whole by OpenCV, the faster for them, and turned from BGR into RGB.
 
     Raises:
         UserError: the file is missing, not a file, or not an image we can decode.
@@ -279,13 +318,19 @@ def open_image(path: str | os.PathLike) -> ImageReader:
         raise UserError(f"{path}: not a file; pass an image file or a directory of images")
     if path.suffix.lower() in TIFF_SUFFIXES:
         return RasterReader(path)
+    try:
+        raster = RasterReader(path)
+    except UserError:
+        raster = None  # not for GDAL; OpenCV may still decode it
+    if raster is not None and (raster.georeference is not None or raster.height * raster.width > STREAM_PIXELS):
+        return raster
+    if raster is not None:
+        raster.close()
     import cv2
 
     pixels = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if pixels is None or pixels.size == 0:
-        raise UserError(
-            f"{path}: not an image OpenCV can decode; pass a PNG, JPEG, WebP, BMP or TIFF file"
-        )
+        raise UserError(f"{path}: not an image we can decode; pass a PNG, JPEG, WebP, BMP or TIFF file")
     bands = 1 if pixels.ndim == 2 else pixels.shape[2]
     if bands == 3:
         pixels = pixels[:, :, ::-1]  # OpenCV decodes to BGR
@@ -420,8 +465,16 @@ def segment_strips(
     pixels_of_row: dict[int, np.ndarray] = {}
 
     def windows() -> Iterator[tuple[int, int, np.ndarray]]:
+        # Each row of pixels is read once, top to bottom: rows shared with the previous row
+        # of windows are kept, so readers that decode sequentially (PNG, JPEG, compressed
+        # TIFF strips) never go back.
+        kept, kept_top = np.zeros((0, width, 3), dtype=np.uint8), 0
         for k, top in enumerate(rows):
-            pixels = reader.read(int(top), int(min(top + window, height)))
+            top, bottom = int(top), int(min(top + window, height))
+            shared = kept[max(0, top - kept_top) :]
+            fresh = reader.read(top + len(shared), bottom)
+            pixels = np.concatenate([shared, fresh]) if len(shared) else fresh
+            kept, kept_top = pixels, top
             pixels_of_row[k] = pixels
             strip = _pad_to(pixels, window, padded_width)  # uint8: a float copy is 4× the size
             for index, left in enumerate(cols):

@@ -141,6 +141,21 @@ def _rings(geometry: dict):
         yield from polygon
 
 
+def test_png_with_a_world_file_is_georeferenced(weights, tmp_path):
+    import rasterio
+    from rasterio.transform import from_origin
+
+    transform = from_origin(500.0, 900.0, 2.0, 2.0)
+    path = tmp_path / "scene.png"  # GDAL writes scene.wld and scene.png.aux.xml (the CRS) beside it
+    profile = dict(driver="PNG", height=40, width=30, count=3, dtype="uint8", crs="EPSG:3857", transform=transform)
+    with rasterio.open(path, "w", WORLDFILE="YES", **profile) as dst:
+        dst.write(np.moveaxis(scene(40, 30), -1, 0))
+    assert cli.run(feed_forward.main, [str(weights), str(path), str(tmp_path / "out")]) == 0
+    with rasterio.open(tmp_path / "out" / "mask.tif") as mask:
+        assert mask.crs == rasterio.crs.CRS.from_epsg(3857) and mask.transform == transform
+        assert mask.shape == (40, 30)
+
+
 @pytest.mark.parametrize(
     "name, pixels, note",
     [
@@ -198,6 +213,42 @@ def test_unreadable_image_in_a_directory_is_skipped_and_reported(weights, tmp_pa
     err = capsys.readouterr().err
     assert "1 of 2 images could not be read (broken.jpg)" in err
     assert (out / "fine" / "counts.json").exists() and not (out / "broken").exists()
+
+
+def test_large_images_are_streamed_with_the_same_result(weights, tmp_path, monkeypatch, capsys):
+    image = write_rgb(tmp_path / "scene.png", scene(90, 70))
+    assert cli.run(feed_forward.main, [str(weights), str(image), str(tmp_path / "whole")]) == 0
+    monkeypatch.setattr(segment, "STREAM_PIXELS", 0)  # as if it were over 4096 × 4096
+    opened, close = [], segment.RasterReader.close
+
+    def recording_close(reader):
+        opened.append(reader.path)
+        close(reader)
+
+    monkeypatch.setattr(segment.RasterReader, "close", recording_close)
+    assert cli.run(feed_forward.main, [str(weights), str(image), str(tmp_path / "streamed")]) == 0
+    assert opened == [image]  # it went through the streaming reader
+    for name in ("mask.png", "segments.png"):
+        np.testing.assert_array_equal(cv2.imread(str(tmp_path / "streamed" / name)), cv2.imread(str(tmp_path / "whole" / name)))
+    counts = [json.loads((tmp_path / d / "counts.json").read_text())["counts"] for d in ("whole", "streamed")]
+    assert counts[0] == counts[1]
+
+
+def test_damaged_large_image_in_a_directory_is_skipped(weights, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(segment, "STREAM_PIXELS", 0)
+    images = tmp_path / "images"
+    images.mkdir()
+    write_rgb(images / "fine.png", scene(40, 40))
+    data = write_rgb(images / "cut.png", scene(200, 150, seed=3)).read_bytes()
+    (images / "cut.png").write_bytes(data[: len(data) // 2])
+    out = tmp_path / "out"
+    assert cli.run(feed_forward.main, [str(weights), str(images), str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "cut.png: cannot read rows" in err and "1 of 2 images could not be read (cut.png)" in err
+    assert (out / "fine" / "counts.json").exists()
+    assert not (out / "cut").exists() or not any((out / "cut").iterdir())
+    assert cli.run(feed_forward.main, [str(weights), str(images / "cut.png"), str(tmp_path / "one")]) == 2
+    assert "truncated or corrupt" in capsys.readouterr().err
 
 
 def test_scene_of_known_tiles_with_a_pixelwise_keras_model(tmp_path):

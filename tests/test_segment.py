@@ -224,8 +224,89 @@ def test_open_image_rejects_missing_and_undecodable_files(tmp_path):
     with pytest.raises(UserError, match="junk.png: not an image"):
         segment.open_image(tmp_path / "junk.png")
     (tmp_path / "junk.tif").write_bytes(b"II*\x00garbage")
-    with pytest.raises(UserError, match="junk.tif: cannot read"):
+    with pytest.raises(UserError, match="junk.tif: not an image"):
         segment.open_image(tmp_path / "junk.tif")
+
+
+def _streamed(monkeypatch):
+    """Make open_image stream every image from disk, as it does large ones."""
+    monkeypatch.setattr(segment, "STREAM_PIXELS", 0)
+
+
+@pytest.mark.parametrize(
+    "name, pixels",
+    [
+        ("rgb.png", np.random.default_rng(8).integers(0, 255, (70, 45, 3), dtype=np.uint8)),
+        ("rgba.png", np.random.default_rng(9).integers(0, 255, (70, 45, 4), dtype=np.uint8)),
+        ("grey.png", np.random.default_rng(10).integers(0, 255, (70, 45), dtype=np.uint8)),
+        ("deep.png", np.random.default_rng(11).integers(0, 60000, (70, 45, 3), dtype=np.uint16)),
+        ("photo.jpg", cv2.resize(np.random.default_rng(12).integers(0, 255, (7, 5, 3), dtype=np.uint8), (45, 70))),
+    ],
+)
+def test_streamed_images_read_as_decoded_whole(tmp_path, monkeypatch, name, pixels):
+    cv2.imwrite(str(tmp_path / name), pixels)
+    whole = segment.open_image(tmp_path / name)
+    assert isinstance(whole, segment.ArrayReader)
+    _streamed(monkeypatch)
+    streamed = segment.open_image(tmp_path / name)
+    assert isinstance(streamed, segment.RasterReader) and streamed.georeference is None
+    rows = np.concatenate([streamed.read(top, min(top + 16, 70)) for top in range(0, 70, 16)])
+    np.testing.assert_array_equal(rows, streamed.read(0, 70))
+    if name.endswith(".jpg"):  # two JPEG decoders may round colours differently
+        assert np.abs(rows.astype(int) - whole.read(0, 70)).mean() < 2
+    else:
+        np.testing.assert_array_equal(rows, whole.read(0, 70))
+    assert streamed.notes == whole.notes
+    streamed.close()
+
+
+def test_palette_images_are_looked_up(tmp_path, monkeypatch):
+    from PIL import Image
+
+    indices = np.random.default_rng(13).integers(0, 3, (20, 30), dtype=np.uint8)
+    picture = Image.fromarray(indices, mode="P")
+    picture.putpalette([250, 0, 0, 0, 240, 0, 0, 0, 230])
+    picture.save(tmp_path / "palette.png")
+    colours = np.array([[250, 0, 0], [0, 240, 0], [0, 0, 230]], dtype=np.uint8)[indices]
+    np.testing.assert_array_equal(segment.open_image(tmp_path / "palette.png").read(0, 20), colours)
+    _streamed(monkeypatch)
+    reader = segment.open_image(tmp_path / "palette.png")
+    np.testing.assert_array_equal(reader.read(0, 20), colours)
+    assert any("palette" in note for note in reader.notes)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "corrupt"])
+def test_damaged_streamed_image_fails_clearly(tmp_path, monkeypatch, damage):
+    pixels = np.random.default_rng(14).integers(0, 255, (300, 200, 3), dtype=np.uint8)
+    cv2.imwrite(str(tmp_path / "scene.png"), pixels)
+    data = bytearray((tmp_path / "scene.png").read_bytes())
+    if damage == "truncated":
+        data = data[: len(data) // 2]
+    else:  # the structure intact, the compressed pixels (and their checksum) wrong
+        data[len(data) // 2 : len(data) // 2 + 20] = bytes(20)
+    (tmp_path / "scene.png").write_bytes(bytes(data))
+    _streamed(monkeypatch)
+    reader = segment.open_image(tmp_path / "scene.png")
+    # A whole read too: GDAL's whole-image path for PNG returns zeros without a word.
+    with pytest.raises(UserError, match="scene.png: cannot read rows .* truncated or corrupt"):
+        reader.read(0, 300)
+    with pytest.raises(UserError, match="scene.png: cannot read rows"):
+        list(segment.segment_strips(segment.open_image(tmp_path / "scene.png"), local_predict, NUM_CLASSES, 64))
+
+
+def test_each_row_is_read_once_in_order():
+    class Recording(segment.ArrayReader):
+        def read(self, top, bottom):
+            reads.append((top, bottom))
+            return super().read(top, bottom)
+
+    reads = []
+    image = mosaic(8, 25, 9)  # 200 × 72
+    strips = segment.segment_strips(Recording(image), local_predict, NUM_CLASSES, window=64, overlap=0.4)
+    together = np.concatenate([strip.probabilities.copy() for strip in strips])
+    assert reads[0][0] == 0 and reads[-1][1] == 200 and len(reads) > 3
+    assert all(previous[1] == following[0] for previous, following in zip(reads, reads[1:]))
+    np.testing.assert_array_equal(together, segment.segment_array(image, local_predict, NUM_CLASSES, 64, 0.4))
 
 
 # --- Pictures ------------------------------------------------------------------------------
