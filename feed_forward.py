@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -132,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _segment_all(args: argparse.Namespace, jobs: list[tuple[Path, Path]], opened: dict) -> int:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
+    cli.import_keras()  # without TensorFlow's start-up chatter
     import model as segnet
     from osmseg.classes import parse_classes
 

@@ -271,7 +271,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         listed = ", ".join(f"{name} {weight:.3g}" for name, weight in zip(names, class_weights))
         print(f"class weights ({args.class_weights}): {listed}")
 
-    import keras
+    keras = cli.import_keras()  # without TensorFlow's start-up chatter
 
     import model as model_module
 

@@ -160,6 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.batch_size < 1:
         raise UserError(f"--batch-size {args.batch_size}: must be at least 1")
 
+    cli.import_keras()  # without TensorFlow's start-up chatter
     import model as model_module
     from osmseg import cache, plots
     from osmseg.metrics import scores

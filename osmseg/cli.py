@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -84,3 +85,59 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Write text to `path` through a temporary file and a rename."""
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+# TensorFlow's start-up lines that say nothing to a user: absl's notice that it logs before
+# being set up, and INFO/WARNING lines, which TF_CPP_MIN_LOG_LEVEL=2 means to hide but does
+# not reach in TensorFlow 2.21 (oneDNN notices, "Could not find cuda drivers"); and the
+# ERROR line every machine without an NVIDIA driver gets, "failed call to cuInit".
+_ABSL_LINE = re.compile(r"^([IWEF])\d{4} [\d:.]+\s+\d+ \S+\] (.*)$")
+_HARMLESS_ERRORS = ("failed call to cuInit",)
+
+
+def _chatter(line: str) -> bool:
+    if line.startswith("WARNING: All log messages before absl::InitializeLog() is called"):
+        return True
+    match = _ABSL_LINE.match(line)
+    if match is None:
+        return False
+    severity, message = match.groups()
+    level = int(os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0") or 0)
+    hidden = {"I": 1, "W": 2}.get(severity)
+    return (hidden is not None and level >= hidden) or any(text in message for text in _HARMLESS_ERRORS)
+
+
+def import_keras():
+    """Import Keras (and its backend) without TensorFlow's start-up chatter; return keras.
+
+    Everything written to stderr (file descriptor 2, where TensorFlow's C++ logs go) during
+    the import and the backend's device discovery is held back, then written out again
+    without the lines _chatter recognises: any other warning or error still shows. Honours
+    TF_CPP_MIN_LOG_LEVEL (default here 2: errors only).
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if "keras" in sys.modules:
+        import keras
+
+        return keras
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            import keras
+
+            if keras.backend.backend() == "tensorflow":
+                import tensorflow as tf
+
+                tf.config.list_physical_devices()  # where "failed call to cuInit" is logged
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            lines = held.read().decode(errors="replace").splitlines()
+    kept = [line for line in lines if not _chatter(line)]
+    if kept:
+        print("\n".join(kept), file=sys.stderr)
+    return keras
