@@ -485,36 +485,50 @@ def segment_strips(
     # on across rows of windows, so only a scene's very last batch is short.
     accumulator = np.zeros((window, padded_width, num_classes), dtype=np.float32)
     stream = windows()
-    bar = tqdm(total=len(rows) * len(cols), unit="window", file=sys.stderr, disable=not progress, leave=False)
-    try:
+
+    def batches() -> Iterator[tuple[list[tuple[int, int]], np.ndarray]]:
         while batch := list(itertools.islice(stream, batch_size)):
-            tiles = np.stack([tile for _, _, tile in batch], dtype=np.float32)
-            probabilities = np.asarray(predict(tiles), dtype=np.float32)
-            expected = (len(batch), window, window, num_classes)
-            if probabilities.shape != expected:
-                raise ValueError(f"predict returned shape {probabilities.shape}, expected {expected}")
-            for (k, index, _), window_probabilities in zip(batch, probabilities):
-                left = cols[index]
-                # accumulator += probabilities × weights in one pass and no temporary:
-                # 40% faster than numpy's multiply-then-add (issue 8). The accumulator's
-                # columns are a view with a row stride, which OpenCV writes through.
-                region = accumulator[:, left : left + window].reshape(window, window * num_classes)
-                cv2.accumulateProduct(window_probabilities.reshape(window, -1), weight_of(k, index), region)
-                if index + 1 < len(cols):
+            yield [(k, index) for k, index, _ in batch], np.stack([tile for *_, tile in batch], dtype=np.float32)
+
+    bar = tqdm(total=len(rows) * len(cols), unit="window", file=sys.stderr, disable=not progress, leave=False)
+    # The model runs on a thread of its own, a batch ahead: while it works on one batch
+    # (TensorFlow and OpenCV release the GIL), this thread blends the one before and the
+    # consumer turns finished strips into outputs. In turn, the model waited for both.
+    with ThreadPoolExecutor(max_workers=1) as model_thread:
+        running = None  # (windows, future) of the batch the model works on
+        try:
+            for batch, tiles in itertools.chain(batches(), [(None, None)]):
+                previous = running
+                running = (batch, model_thread.submit(predict, tiles)) if batch is not None else None
+                if previous is None:
                     continue
-                top = int(rows[k])
-                done = (int(rows[k + 1]) if k + 1 < len(rows) else height) - top
-                pixels = pixels_of_row.pop(k)
-                yield Strip(top, pixels[:done, :width], accumulator[:done, :width])
-                # Move the unfinished rows up in blocks of `done` rows: blocks that do not
-                # overlap need no temporary copy (an overlapping assignment makes one).
-                for first in range(0, window - done, done):
-                    rows_moved = min(done, window - done - first)
-                    accumulator[first : first + rows_moved] = accumulator[first + done : first + done + rows_moved]
-                accumulator[window - done :] = 0
-            bar.update(len(batch))
-    finally:
-        bar.close()
+                batch, future = previous
+                probabilities = np.asarray(future.result(), dtype=np.float32)
+                expected = (len(batch), window, window, num_classes)
+                if probabilities.shape != expected:
+                    raise ValueError(f"predict returned shape {probabilities.shape}, expected {expected}")
+                for (k, index), window_probabilities in zip(batch, probabilities):
+                    left = cols[index]
+                    # accumulator += probabilities × weights in one pass and no temporary:
+                    # 40% faster than numpy's multiply-then-add (issue 8). The accumulator's
+                    # columns are a view with a row stride, which OpenCV writes through.
+                    region = accumulator[:, left : left + window].reshape(window, window * num_classes)
+                    cv2.accumulateProduct(window_probabilities.reshape(window, -1), weight_of(k, index), region)
+                    if index + 1 < len(cols):
+                        continue
+                    top = int(rows[k])
+                    done = (int(rows[k + 1]) if k + 1 < len(rows) else height) - top
+                    pixels = pixels_of_row.pop(k)
+                    yield Strip(top, pixels[:done, :width], accumulator[:done, :width])
+                    # Move the unfinished rows up in blocks of `done` rows: blocks that do not
+                    # overlap need no temporary copy (an overlapping assignment makes one).
+                    for first in range(0, window - done, done):
+                        rows_moved = min(done, window - done - first)
+                        accumulator[first : first + rows_moved] = accumulator[first + done : first + done + rows_moved]
+                    accumulator[window - done :] = 0
+                bar.update(len(batch))
+        finally:
+            bar.close()
 
 
 def segment_array(
