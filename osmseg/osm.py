@@ -1274,12 +1274,15 @@ def download_qa_tiles(name: str, out_dir, base_url: str = QA_TILES_URL, timeout:
             f"(e.g. united_kingdom) or 'planet'; see {QA_TILES_LIST}"
         )
     path = Path(out_dir) / f"{name}.mbtiles"
-    if path.exists():
-        print(f"{path}: already here, using it as it is (delete it to download again)", file=sys.stderr)
-        return path
-    url = qa_tiles_url(name, base_url)
     compressed = path.with_name(path.name + ".gz.partial")
     record = compressed.with_name(compressed.name + ".json")
+    if path.exists():
+        print(f"{path}: already here, using it as it is (delete it to download again)", file=sys.stderr)
+        # A run stopped between the rename and the clean-up leaves the download behind.
+        for leftover in (compressed, record):
+            leftover.unlink(missing_ok=True)
+        return path
+    url = qa_tiles_url(name, base_url)
     path.parent.mkdir(parents=True, exist_ok=True)
     _download_resumably(url, compressed, record, name, timeout)
     _gunzip_qa_tiles(url, compressed, record, path)

@@ -731,8 +731,11 @@ def test_download_osm_streams_and_gunzips(server, tmp_path, capsys):
     assert path.read_bytes() == gzip.decompress(data)
     assert [p.name for p in out_dir.iterdir()] == ["monaco.mbtiles"]  # no partial left
     assert osm.open_source("qa-tiles", path).all_tiles() == [LEFT]
-    # A file already there is used as it is: nothing is downloaded.
+    # A file already there is used as it is: nothing is downloaded, and a download a run
+    # stopped before cleaning up after is removed.
+    (out_dir / "monaco.mbtiles.gz.partial").write_bytes(data)
     assert prepare.cli.run(prepare.main, argv) == 0
+    assert [p.name for p in out_dir.iterdir()] == ["monaco.mbtiles"]
     assert len(fake.requests) == 1 and "using it as it is" in capsys.readouterr().err
 
 
