@@ -12,10 +12,11 @@ Streams data/testing.hdf5 through the model a batch at a time and writes, in --o
   then one row per true class.
 - confusion.png: the same, normalised by row, with labelled axes.
 - predictions.hdf5: ``probabilities`` float16 (N, H, W, C) softmax outputs in the cache's
-  order, chunked one tile per chunk, shuffled and gzip level 1; ``tiles`` int32 (N, 3) z x y (-1 for
-  imported tiles) and ``sources`` (N,) strings copied from the cache; ``indices`` int64 (N,)
-  row numbers in the cache; attrs ``classes`` (Classes.to_json() text), ``weights``,
-  ``data``. Written as it goes under a temporary name, renamed when complete.
+  order, chunked one tile per chunk, shuffled and gzip level 1; ``tiles`` int32 (N, 3)
+  z x y (-1 for imported tiles) and ``sources`` (N,) strings copied from the cache;
+  ``indices`` int64 (N,) row numbers in the cache; attrs ``classes`` (Classes.to_json()
+  text), ``weights``, ``data``. Written as it goes under a temporary name, renamed when
+  complete.
 
 Pixels whose label is 255 (ignore) count in no score.
 """
