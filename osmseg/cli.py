@@ -121,7 +121,12 @@ def import_keras():
 
         return keras
     sys.stderr.flush()
-    saved = os.dup(2)
+    try:
+        saved = os.dup(2)
+    except OSError:  # no standard error to hold back
+        import keras
+
+        return keras
     with tempfile.TemporaryFile() as held:
         os.dup2(held.fileno(), 2)
         try:
