@@ -324,13 +324,15 @@ def open_image(path: str | os.PathLike) -> ImageReader:
         raster = None  # not for GDAL; OpenCV may still decode it
     if raster is not None and (raster.georeference is not None or raster.height * raster.width > STREAM_PIXELS):
         return raster
-    if raster is not None:
-        raster.close()
     import cv2
 
     pixels = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if pixels is None or pixels.size == 0:
+        if raster is not None:  # a format only GDAL knows, or a damaged file it reports when read
+            return raster
         raise UserError(f"{path}: not an image we can decode; pass a PNG, JPEG, WebP, BMP or TIFF file")
+    if raster is not None:
+        raster.close()
     bands = 1 if pixels.ndim == 2 else pixels.shape[2]
     if bands == 3:
         pixels = pixels[:, :, ::-1]  # OpenCV decodes to BGR
@@ -493,7 +495,7 @@ def segment_strips(
     bar = tqdm(total=len(rows) * len(cols), unit="window", file=sys.stderr, disable=not progress, leave=False)
     # The model runs on a thread of its own, a batch ahead: while it works on one batch
     # (TensorFlow and OpenCV release the GIL), this thread blends the one before and the
-    # consumer turns finished strips into outputs. In turn, the model waited for both.
+    # consumer turns finished strips into outputs; run in turn, the model sat idle meanwhile.
     with ThreadPoolExecutor(max_workers=1) as model_thread:
         running = None  # (windows, future) of the batch the model works on
         try:
