@@ -230,7 +230,7 @@ class RasterReader(ImageReader):
         from rasterio.enums import ColorInterp
         from rasterio.windows import Window
 
-        self._window = Window
+        self._window, self._read_error = Window, rasterio.errors.RasterioIOError
         self.path = path
         # GDAL's block cache may grow to 5% of RAM by default; reading strips needs little.
         self._env = rasterio.Env(GDAL_CACHEMAX=64)
@@ -272,8 +272,6 @@ class RasterReader(ImageReader):
             self.georeference = Georeference(dataset.crs, dataset.transform)
 
     def read(self, top: int, bottom: int) -> np.ndarray:
-        import rasterio
-
         try:
             if self._dataset.driver != "GTiff" and bottom - top == self.height > 1:
                 # GDAL's PNG driver reads a whole image by another path, which returns zeros
@@ -282,7 +280,7 @@ class RasterReader(ImageReader):
                 pixels = np.concatenate([self._read(0, middle), self._read(middle, self.height)], axis=1)
             else:
                 pixels = self._read(top, bottom)
-        except rasterio.errors.RasterioIOError as error:
+        except self._read_error as error:
             raise UserError(
                 f"{self.path}: cannot read rows {top}-{bottom} ({error}); the file is truncated or corrupt"
             ) from None
