@@ -282,7 +282,8 @@ class RasterReader(ImageReader):
                 pixels = self._read(top, bottom)
         except self._read_error as error:
             raise UserError(
-                f"{self.path}: cannot read rows {top}-{bottom} ({error}); the file is truncated or corrupt: copy or export it again"
+                f"{self.path}: cannot read rows {top}-{bottom} ({error}); "
+                "the file is truncated or corrupt: copy or export it again"
             ) from None
         if self._palette is not None:
             return self._palette[pixels[0]]
