@@ -62,7 +62,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from osmseg import cli
+from osmseg import atomic
 from osmseg.classes import parse_classes
 from osmseg.errors import ClassesError, WeightsError
 
@@ -510,7 +510,7 @@ def save(model, path: str | os.PathLike, config: dict) -> None:
     names = [variable.path for variable in model.weights]
     if len(set(names)) != len(names):
         raise ValueError("save: the model's variable paths are not unique")
-    with cli.atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+    with atomic.atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         f.attrs["format"] = FORMAT
         f.attrs["format_version"] = FORMAT_VERSION
         f.attrs["config"] = json.dumps(config, sort_keys=True)

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from osmseg import cli
+from osmseg import atomic, cli
 from osmseg.errors import UserError
 
 # TensorFlow's C++ start-up chatter hides the output; warnings and errors still show.
@@ -109,7 +109,7 @@ def evaluate(predict, data_path, info, batch_size: int, predictions_path=None, a
     with h5py.File(info.path, "r") as source:
         tiles, sources = source["tiles"][()], source["sources"][()]
     output = None
-    destination = cli.atomic_path(predictions_path) if predictions_path else _nothing()
+    destination = atomic.atomic_path(predictions_path) if predictions_path else _nothing()
     with destination as tmp:
         if tmp is not None:
             output = h5py.File(tmp, "w")
@@ -204,8 +204,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "weights": str(args.weights),
         "data": str(args.data),
     }
-    cli.write_text_atomic(out_dir / "metrics.json", json.dumps(report, indent=1, allow_nan=False) + "\n")
-    cli.write_text_atomic(out_dir / "confusion.csv", confusion_csv_text(confusion, names))
+    atomic.write_text_atomic(out_dir / "metrics.json", json.dumps(report, indent=1, allow_nan=False) + "\n")
+    atomic.write_text_atomic(out_dir / "confusion.csv", confusion_csv_text(confusion, names))
     plots.confusion_picture(confusion, names, out_dir / "confusion.png")
 
     print(_summary_line("loss", loss))

@@ -55,7 +55,7 @@ import h5py
 import mercantile
 import numpy as np
 
-from osmseg import cli
+from osmseg import atomic
 from osmseg.classes import IGNORE, Classes, load_classes, parse_classes
 from osmseg.errors import CacheError, UserError
 from osmseg.imagery import find_image, tile_stem
@@ -220,7 +220,7 @@ def _stale_reason(out_path: Path, fingerprint: dict) -> str | None:
 
 def _needs_build(out_path: Path, fingerprint: dict, summary: BuildSummary, log: Log) -> bool:
     """Decide whether to build; delete a stale cache first so it can never be used."""
-    # A killed build (SIGKILL, power cut) leaves its temporary file (see cli.atomic_path):
+    # A killed build (SIGKILL, power cut) leaves its temporary file (see atomic.atomic_path):
     # as large as the cache, hidden, and of no use, since a build never resumes half-way.
     for leftover in out_path.parent.glob(f".{out_path.stem}.*.partial{out_path.suffix}"):
         log(f"{leftover}: removing what an interrupted build left")
@@ -516,7 +516,7 @@ def build_cache(
         unknown = _unknown_colors(rgb, labels) if ignored else Counter()
         return _Prepared([compress_tile(image, labels)], (tile.z, tile.x, tile.y), source, ignored, unknown)
 
-    with cli.atomic_path(out_path) as tmp, h5py.File(tmp, "w") as file:
+    with atomic.atomic_path(out_path) as tmp, h5py.File(tmp, "w") as file:
         writer = _Writer(file, tile_size, expected=len(resolved))
         with _progress(len(resolved), f"caching {out_path.name}") as bar:
             for prepared in _ordered_map(prepare, resolved, workers):
@@ -649,7 +649,7 @@ def run_cache(args) -> int:
     if header:
         test_text = f"{header}\n{test_text}"
     if not args.test_list.exists() or args.test_list.read_text() != test_text:
-        cli.write_text_atomic(args.test_list, test_text)
+        atomic.write_text_atomic(args.test_list, test_text)
     print(f"{args.test_list}: {len(test)} tiles held back for testing (seed {args.seed}), {len(train)} for training")
 
     params = {"seed": args.seed, "test_size": args.test_size, "sample": str(args.sample)}
@@ -783,7 +783,7 @@ def import_pairs(
         chunks = [compress_tile(*tile) for tile in cut_tiles(image, labels, tile_size, stride)]
         return _Prepared(chunks, (-1, -1, -1), stem, ignored, unknown)
 
-    with cli.atomic_path(out_path) as tmp, h5py.File(tmp, "w") as file:
+    with atomic.atomic_path(out_path) as tmp, h5py.File(tmp, "w") as file:
         writer = _Writer(file, tile_size)
         with _progress(len(pairs), f"importing {out_path.name}", "image") as bar:
             # A window of one image per thread: each result holds a whole image's tiles.

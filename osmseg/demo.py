@@ -47,7 +47,7 @@ import shapely
 import shapely.affinity
 from shapely.geometry import LineString, Point, Polygon, box
 
-from osmseg import cli
+from osmseg import atomic
 from osmseg.errors import SourceError
 
 # lon/lat ±0.0275° is ±3061 m in EPSG:3857 at the equator: 22 × 22 = 484 z17 tiles, and the
@@ -714,7 +714,7 @@ def write_qa_tiles(world: World, path: str | Path, progress: bool = False) -> in
         "demo_generator": GENERATOR_VERSION,
     }
     written = 0
-    with cli.atomic_path(path) as tmp:
+    with atomic.atomic_path(path) as tmp:
         connection = sqlite3.connect(tmp)
         try:
             connection.execute("CREATE TABLE metadata (name TEXT, value TEXT)")

@@ -44,7 +44,7 @@ from typing import Callable, Iterable, Sequence
 import mercantile
 import numpy as np
 
-from osmseg import cli
+from osmseg import atomic
 from osmseg.errors import SourceError, UserError
 from osmseg.tiles import read_tile_list
 
@@ -734,7 +734,6 @@ class _Downloader:
         self.summary = DownloadSummary()
         self.any_response = False
         self.finished: set[str] = set()
-        self.file_mode = file_mode()
         self.session = None
         if source.kind == "http":
             self.session = session or new_session(workers)
@@ -762,13 +761,13 @@ class _Downloader:
         if reason is not None:
             self.keep_rejected(tile, data, kind)
             return "rejected", reason
-        write_bytes_atomic(self.out_dir / f"{tile_stem(tile)}.{kind}", data, self.file_mode)
+        atomic.write_bytes_atomic(self.out_dir / f"{tile_stem(tile)}.{kind}", data)
         with self.lock:
             self.summary.bytes += len(data)
         return "downloaded", ""
 
     def keep_rejected(self, tile: mercantile.Tile, data: bytes, kind: str | None) -> None:
-        write_bytes_atomic(self.out_dir / "rejected" / f"{tile_stem(tile)}.{kind or 'bin'}", data, self.file_mode)
+        atomic.write_bytes_atomic(self.out_dir / "rejected" / f"{tile_stem(tile)}.{kind or 'bin'}", data)
 
     def fetch(self, tile: mercantile.Tile) -> tuple[bytes | None, str]:
         if self.source.kind == "file":
@@ -857,25 +856,8 @@ class _Downloader:
             self.stop.wait(delay / 2 + random.uniform(0, delay / 2))
 
 
-def file_mode() -> int:
-    """The mode a newly created file gets under this process's umask (usually 0o644).
-
-    Temporary files are created 0o600 (tempfile.mkstemp); images are not secret.
-    """
-    umask = os.umask(0o022)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def write_bytes_atomic(path: Path, data: bytes, mode: int) -> None:
-    """Write bytes under a temporary name, give them `mode`, then rename onto `path`."""
-    with cli.atomic_path(path) as tmp:
-        tmp.write_bytes(data)
-        os.chmod(tmp, mode)
-
-
 def _clean_partials(out_dir: Path) -> None:
-    """Remove temporary files a killed run left behind (see osmseg.cli.atomic_path)."""
+    """Remove temporary files a killed run left behind (see osmseg.atomic.atomic_path)."""
     for folder in (out_dir, out_dir / "rejected"):
         if folder.is_dir():
             for path in folder.glob(".*.partial*"):
@@ -991,7 +973,7 @@ def download_tiles(tiles: Iterable[mercantile.Tile], source: TileSource, out_dir
                     on_tile(tile, outcome)
     finally:
         # On Ctrl-C or a fatal error: no new tiles; tiles in flight finish or stop between
-        # retries, and their temporary files are removed (cli.atomic_path).
+        # retries, and their temporary files are removed (atomic.atomic_path).
         run.stop.set()
         pool.shutdown(wait=True, cancel_futures=True)
         bar.close()
@@ -999,12 +981,12 @@ def download_tiles(tiles: Iterable[mercantile.Tile], source: TileSource, out_dir
         # Tiles finished this run replace what an earlier run said about them.
         missing = {s: r for s, r in read_tile_log(missing_path).items() if s not in run.finished}
         missing.update(summary.missing)
-        cli.write_text_atomic(missing_path, "".join(f"{s}\t{r}\n" for s, r in sorted(missing.items())))
+        atomic.write_text_atomic(missing_path, "".join(f"{s}\t{r}\n" for s, r in sorted(missing.items())))
         # A tile rejected before and accepted now (--retry-rejected) leaves the rejected list.
         rejected = read_tile_log(rejected_path)
         accepted = {s for s in rejected if s in run.finished and s not in summary.rejected}
         if accepted:
-            cli.write_text_atomic(rejected_path, "".join(f"{s}\t{r}\n" for s, r in rejected.items() if s not in accepted))
+            atomic.write_text_atomic(rejected_path, "".join(f"{s}\t{r}\n" for s, r in rejected.items() if s not in accepted))
         summary.seconds = time.perf_counter() - started
         if run.session is not None and session is None:
             run.session.close()

@@ -45,7 +45,7 @@ from xml.sax.saxutils import escape, quoteattr
 import mercantile
 import numpy as np
 
-from osmseg import cli
+from osmseg import atomic
 from osmseg.classes import Classes, load_classes
 from osmseg.errors import ClassesError, UserError
 
@@ -374,7 +374,7 @@ def write_label(path: str | os.PathLike, rgb: np.ndarray) -> None:
     """Write an RGB uint8 label as a PNG, atomically (temporary name, then rename)."""
     import cv2
 
-    with cli.atomic_path(path) as tmp:
+    with atomic.atomic_path(path) as tmp:
         # OpenCV writes BGR. Labels are flat runs of colour: the "up" filter with run-length
         # deflate encodes them about 4x faster than libpng's adaptive default, and smaller.
         params = [
@@ -786,7 +786,7 @@ def run_filter(args) -> int:
             file=sys.stderr,
         )
     lines = [header(classes)] + [format_line(source, tile, counts) for source, tile, counts in kept]
-    cli.write_text_atomic(args.out, "\n".join(lines) + "\n")
-    cli.write_text_atomic(args.stats, stats_csv(label_stats([counts for _, _, counts in kept], classes)))
+    atomic.write_text_atomic(args.out, "\n".join(lines) + "\n")
+    atomic.write_text_atomic(args.stats, stats_csv(label_stats([counts for _, _, counts in kept], classes)))
     print(f"filter: kept {len(kept)} of {considered} tiles looked at, in {args.out}", file=sys.stderr)
     return 0

@@ -48,6 +48,7 @@ from typing import NamedTuple
 
 import mercantile
 
+from osmseg import atomic
 from osmseg.errors import SourceError
 
 KINDS = ("qa-tiles", "file", "overpass")
@@ -1176,9 +1177,8 @@ def overpass_source(
         if path.exists():
             print(f"{path}: saved for another box or classes; asking Overpass again", file=sys.stderr)
         _fetch_overpass(endpoint, query, path, timeout)
-        from osmseg import cli
 
-        cli.write_text_atomic(saved_query, query)
+        atomic.write_text_atomic(saved_query, query)
     else:
         path = location / f"overpass-{hashlib.sha1(query.encode()).hexdigest()[:12]}.osm"
         if not path.exists():
@@ -1190,7 +1190,6 @@ def _fetch_overpass(endpoint: str, query: str, path: Path, timeout: int) -> None
     """POST one query and save the OSM XML answer at path (atomically), or raise SourceError."""
     import requests
 
-    from osmseg import cli
 
     print(f"asking the Overpass API at {endpoint} (up to {timeout} s)", file=sys.stderr)
     try:
@@ -1217,7 +1216,7 @@ def _fetch_overpass(endpoint: str, query: str, path: Path, timeout: int) -> None
                 f"Overpass API at {endpoint}: HTTP {response.status_code} {response.reason}; check the endpoint "
                 "and the bounding box"
             )
-        with cli.atomic_path(path) as tmp:
+        with atomic.atomic_path(path) as tmp:
             try:
                 with open(tmp, "wb") as out:
                     out.writelines(response.iter_content(1 << 16))
@@ -1306,7 +1305,6 @@ def _download_resumably(url: str, partial: Path, record: Path, name: str, timeou
     import urllib3
     from tqdm import tqdm
 
-    from osmseg import cli
 
     kept, previous = _kept_download(url, partial, record)
     # identity: ranges then count the bytes as stored, not those of a compression made on the fly.
@@ -1347,7 +1345,7 @@ def _download_resumably(url: str, partial: Path, record: Path, name: str, timeou
                     ) as progress,
                 ):
                     if action == "fresh":  # once the old bytes are gone, so that it never describes them
-                        cli.write_text_atomic(
+                        atomic.write_text_atomic(
                             record, json.dumps({"url": url, **_validators(response.headers), "size": size})
                         )
                     # The bytes as served: some hosts label .gz files Content-Encoding: gzip,

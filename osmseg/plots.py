@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from osmseg.cli import atomic_path
+from osmseg.atomic import atomic_path
 
 
 def _integer_epochs(axis) -> None:

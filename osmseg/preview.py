@@ -31,9 +31,10 @@ from pathlib import Path
 
 import mercantile
 
+from osmseg.atomic import write_bytes_atomic
 from osmseg.classes import Classes, load_classes
 from osmseg.errors import UserError
-from osmseg.imagery import IMAGE_SUFFIXES, file_mode, find_image, read_tile_log, tile_stem, write_bytes_atomic
+from osmseg.imagery import IMAGE_SUFFIXES, find_image, read_tile_log, tile_stem
 from osmseg.tiles import read_tile_list
 from osmseg.visualise import display_palette
 
@@ -190,7 +191,7 @@ def write_preview(data_dir: Path, sample: Path, classes_path: Path, out: Path, p
     data = collect(data_dir, sample, classes, out.resolve().parent)
     tables = channel_tables(classes, display_colours(classes))
     page = render_page(data, tables, page_size, f"osmseg preview: {sample.name}")
-    write_bytes_atomic(out, page.encode(), file_mode())
+    write_bytes_atomic(out, page.encode())
     return data
 
 

@@ -63,8 +63,8 @@ from pathlib import Path
 import numpy as np
 
 from osmseg import visualise
+from osmseg.atomic import atomic_path, write_text_atomic
 from osmseg.classes import Classes
-from osmseg.cli import atomic_path, write_text_atomic
 from osmseg.errors import UserError
 
 Predict = Callable[[np.ndarray], np.ndarray]

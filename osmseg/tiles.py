@@ -28,7 +28,7 @@ from pathlib import Path
 import mercantile
 import numpy as np
 
-from osmseg import cli
+from osmseg import atomic
 from osmseg.errors import BBoxError, SourceError, UserError
 
 MAX_LATITUDE = 85.0511287798066  # Web Mercator's limit: arctan(sinh(pi)) in degrees
@@ -152,7 +152,7 @@ def format_tile_list(entries: Iterable[tuple[str, mercantile.Tile]]) -> str:
 
 def write_tile_list(path, entries: Iterable[tuple[str, mercantile.Tile]]) -> None:
     """Write `source z x y` lines atomically (a temporary name, then a rename)."""
-    cli.write_text_atomic(path, format_tile_list(entries))
+    atomic.write_text_atomic(path, format_tile_list(entries))
 
 
 # ---- the random sample ------------------------------------------------------------------------

@@ -42,8 +42,8 @@ from pathlib import Path
 
 import numpy as np
 
+from osmseg.atomic import atomic_path, write_text_atomic
 from osmseg.classes import IGNORE
-from osmseg.cli import atomic_path, write_text_atomic
 from osmseg.errors import UserError
 from osmseg.metrics import median_frequency_weights
 
