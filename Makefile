@@ -152,8 +152,8 @@ demo: | $(INSTALLED)
 	$(MAKE) --no-print-directory $(DEMO_VARS) data/osm/demo.mbtiles data/sample-filtered.txt \
 		data/training.hdf5 train validate
 	$(MAKE) --no-print-directory $(DEMO_VARS) predict OUT=output/demo \
-		IMG=$$($(PY) -m osmseg.report held-out-image)
-	@$(PY) -m osmseg.report summary --predict-out output/demo
+		IMG=$$($(PY) -m osmseg.commands.report held-out-image)
+	@$(PY) -m osmseg.commands.report summary --predict-out output/demo
 
 test: | $(INSTALLED)
 	@bash .ci/test-deps

@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from osmseg import cli, segment
+from osmseg.commands import options
 from osmseg.errors import UserError
 
 # Chosen with bench/bench_feed_forward.py's seam check: see the README's feed_forward section.
@@ -116,7 +117,7 @@ def _print_counts(name: str, width: int, height: int, counts: dict[str, int], no
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = cli.parser(prog="feed_forward.py", description=__doc__)
+    parser = options.parser(prog="feed_forward.py", description=__doc__)
     configure(parser)
     args = parser.parse_args(argv)
     _check_args(args)

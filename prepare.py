@@ -7,32 +7,47 @@ Each subcommand is one stage of the pipeline and reads and writes files under da
 
 from __future__ import annotations
 
-import importlib
 import sys
 from typing import Sequence
 
 from osmseg import cli
+from osmseg.commands import (
+    all_tiles,
+    cache,
+    demo_world,
+    download_osm,
+    filter_tiles,
+    images,
+    import_masks,
+    labels,
+    options,
+    preview,
+    sample,
+    serve_demo,
+)
 
-# name: (module, help). A module implementing command `foo-bar` defines
-# configure_foo_bar(parser) and run_foo_bar(args) -> exit status or None.
+# In pipeline order. Each module has NAME, HELP, add_arguments(parser) and main(args).
 COMMANDS = {
-    "demo-world": ("osmseg.demo", "write the offline demo world's OSM QA tiles (MBTiles)"),
-    "serve-demo": ("osmseg.tileserver", "serve the demo world's imagery on 127.0.0.1"),
-    "download-osm": ("osmseg.osm", "download OSM QA tiles for a country or the planet"),
-    "all-tiles": ("osmseg.tiles", "list the OSM source tiles that intersect a bounding box"),
-    "sample": ("osmseg.tiles", "draw a reproducible random sample of tiles in a bounding box"),
-    "labels": ("osmseg.labels", "render one label PNG per sampled tile with mapnik"),
-    "filter": ("osmseg.labels", "count label pixels per class and keep tiles above a ratio"),
-    "images": ("osmseg.imagery", "download the imagery tiles of the filtered sample"),
-    "preview": ("osmseg.preview", "write data/preview.html and serve data/ on 127.0.0.1"),
-    "cache": ("osmseg.cache", "hold back a test set and cache images and labels to HDF5"),
-    "import": ("osmseg.cache", "cache your own image/mask pairs to HDF5"),
+    module.NAME: module
+    for module in (
+        demo_world,
+        serve_demo,
+        download_osm,
+        all_tiles,
+        sample,
+        labels,
+        filter_tiles,
+        images,
+        preview,
+        cache,
+        import_masks,
+    )
 }
 
 
 def _usage() -> str:
     width = max(map(len, COMMANDS))
-    lines = [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines = [f"  {name:<{width}}  {module.HELP}" for name, module in COMMANDS.items()]
     return (
         f"usage: prepare.py COMMAND [options]\n\n{__doc__}\ncommands:\n"
         + "\n".join(lines)
@@ -49,13 +64,10 @@ def main(argv: Sequence[str] | None = None) -> int | None:
     if name not in COMMANDS:
         print(f"error: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    module_name, help_ = COMMANDS[name]
-    module = importlib.import_module(module_name)
-    function = name.replace("-", "_")
-    parser = cli.parser(prog=f"prepare.py {name}", description=help_)
-    getattr(module, f"configure_{function}")(parser)
-    args = parser.parse_args(rest)
-    return getattr(module, f"run_{function}")(args)
+    command = COMMANDS[name]
+    parser = options.parser(prog=f"prepare.py {name}", description=command.__doc__)
+    command.add_arguments(parser)
+    return command.main(parser.parse_args(rest))
 
 
 if __name__ == "__main__":

@@ -19,13 +19,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import math
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from osmseg import cli
+from osmseg.commands import options
 from osmseg.errors import UserError
 
 # TensorFlow's C++ start-up chatter hides the progress bars; warnings and errors still show.
@@ -43,48 +43,12 @@ def _multi_worker_fit_broken(keras_version: str) -> bool:
 SGD_MOMENTUM = 0.9  # the seed's optimizer
 
 
-def _positive_int(text: str) -> int:
-    import argparse
-
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    import argparse
-
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"{text} must be a positive number")
-    return value
-
-
-def _fraction(text: str) -> float:
-    import argparse
-
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"{text} must be at least 0 and below 1")
-    return value
-
-
 def build_parser():
     import argparse
 
     from model import MODELS
 
-    parser = cli.parser(prog="train.py", description=__doc__)
+    parser = options.parser(prog="train.py", description=__doc__)
     parser.add_argument("--data", default="data/training.hdf5", help="the training cache (prepare.py cache or import)")
     parser.add_argument(
         "--weights", default="weights.hdf5", help="where to write the best weights (the resume state goes beside it)"
@@ -93,18 +57,18 @@ def build_parser():
         "--log", default="training_log.csv", help="the per-epoch CSV log (its curves go beside it as .png)"
     )
     parser.add_argument("--model", default="segnet", choices=MODELS, help="architecture")
-    parser.add_argument("--width", type=_positive_float, default=1.0, help="width multiplier of every layer's filters")
+    parser.add_argument("--width", type=options.positive_float, default=1.0, help="width multiplier of every layer's filters")
     parser.add_argument(
         "--epochs",
-        type=_positive_int,
+        type=options.positive_int,
         default=10,
         help="epochs to train in total (a resumed run counts the finished ones)",
     )
-    parser.add_argument("--batch-size", type=_positive_int, default=16, help="tiles per batch (across all devices)")
-    parser.add_argument("--learning-rate", type=_positive_float, default=0.001, help="the optimizer's learning rate")
+    parser.add_argument("--batch-size", type=options.positive_int, default=16, help="tiles per batch (across all devices)")
+    parser.add_argument("--learning-rate", type=options.positive_float, default=0.001, help="the optimizer's learning rate")
     parser.add_argument("--optimizer", default="sgd", choices=OPTIMIZERS, help=f"sgd (momentum {SGD_MOMENTUM}) or adam")
     parser.add_argument(
-        "--validation", type=_fraction, default=0.2, help="share of the cache held back for validation (0: none)"
+        "--validation", type=options.fraction, default=0.2, help="share of the cache held back for validation (0: none)"
     )
     parser.add_argument(
         "--class-weights",
@@ -147,7 +111,7 @@ def build_parser():
         action="store_true",
         help="train on all local GPUs (tf.distribute.MirroredStrategy), or across machines when TF_CONFIG is set",
     )
-    parser.add_argument("--workers", type=_positive_int, default=1, help="threads loading batches from the cache")
+    parser.add_argument("--workers", type=options.positive_int, default=1, help="threads loading batches from the cache")
     return parser
 
 

@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from osmseg import atomic, cli
+from osmseg.commands import options
 from osmseg.errors import UserError
 
 # TensorFlow's C++ start-up chatter hides the output; warnings and errors still show.
@@ -44,7 +45,7 @@ EPSILON = 1e-7  # probabilities are clipped here before the log, as Keras's cros
 
 
 def build_parser():
-    parser = cli.parser(prog="validate.py", description=__doc__)
+    parser = options.parser(prog="validate.py", description=__doc__)
     parser.add_argument("--weights", default="weights.hdf5", help="the weights to evaluate (train.py's output)")
     parser.add_argument("--data", default="data/testing.hdf5", help="the cache to evaluate on")
     parser.add_argument("--batch-size", type=int, default=16, help="tiles per batch")

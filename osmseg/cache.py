@@ -56,7 +56,7 @@ import mercantile
 import numpy as np
 
 from osmseg import atomic
-from osmseg.classes import IGNORE, Classes, load_classes, parse_classes
+from osmseg.classes import IGNORE, Classes, parse_classes
 from osmseg.errors import CacheError, UserError
 from osmseg.imagery import find_image, tile_stem
 
@@ -592,76 +592,6 @@ def read_sample(path: str | os.PathLike) -> tuple[str | None, list[tuple[Entry, 
     return header, rows
 
 
-def configure_cache(parser) -> None:
-    parser.add_argument("--sample", type=Path, default=Path("data/sample-filtered.txt"), help="the filtered tile list")
-    parser.add_argument("--images", type=Path, default=Path("data/images"), help="imagery tiles {z}-{x}-{y}.jpg|png|webp")
-    parser.add_argument("--labels", type=Path, default=Path("data/labels/color"), help="colour label tiles {z}-{x}-{y}.png")
-    parser.add_argument("--classes", type=Path, default=Path("classes/mine.json"), help="the classes file the labels use")
-    parser.add_argument("--tile-size", type=int, default=256, help="width and height of every tile, in pixels")
-    parser.add_argument(
-        "--test-size", type=float, default=0.1,
-        help="tiles held back for testing: a fraction (< 1, at least one tile) or a count (>= 1)",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="random seed of the test draw")
-    parser.add_argument("--test-list", type=Path, default=Path("data/test-sample-filtered.txt"), help="where the held-back tiles are listed")
-    parser.add_argument("--workers", type=int, default=default_workers(), help="threads that decode and compress")
-    parser.add_argument("--out", type=Path, default=Path("data/training.hdf5"), help="the training cache")
-    parser.add_argument("--test-out", type=Path, default=Path("data/testing.hdf5"), help="the test cache")
-
-
-def _check_distinct(paths: dict[str, Path]) -> None:
-    """Refuse two options that name one file (the second write would clobber the first)."""
-    seen: dict[Path, str] = {}
-    for option, path in paths.items():
-        resolved = Path(path).resolve()
-        if resolved in seen:
-            raise UserError(f"{seen[resolved]} and {option} are both {path}; give each its own file")
-        seen[resolved] = option
-
-
-def run_cache(args) -> int:
-    classes = load_classes(args.classes, require_filters=False)
-    if args.test_size <= 0:
-        raise UserError(f"--test-size {args.test_size}: must be positive; validate.py measures on the held-back test set")
-    _check_distinct({"--sample": args.sample, "--test-list": args.test_list, "--out": args.out, "--test-out": args.test_out})
-    header, rows = read_sample(args.sample)
-    kept, missing = [], BuildSummary(args.out)
-    for (source, tile), line in rows:
-        if find_image(args.images, tile) is None:
-            missing.skip(
-                f"no image in {args.images} (not downloaded yet, or rejected: see rejected.txt and missing.txt there)",
-                tile_stem(tile),
-            )
-        elif not (args.labels / f"{tile_stem(tile)}.png").is_file():
-            missing.skip(f"no label in {args.labels} (run `make data/labels/color`)", tile_stem(tile))
-        else:
-            kept.append(((source, tile), line))
-    if missing.skipped:
-        print(f"{args.sample}: {len(kept)} of {len(rows)} tiles have an image and a label{_skipped_text(missing)}")
-    if len(kept) < 2:
-        raise UserError(
-            f"{args.sample}: {len(kept)} tile(s) have both an image and a label; need at least 2 "
-            "(one to train on, one to test on): run `make data/images` or sample more tiles"
-        )
-    train, test = split_indices(len(kept), args.test_size, args.seed)
-    # Written only when it changes, so that make sees an unchanged file as up to date.
-    test_text = "".join(f"{kept[i][1]}\n" for i in test)
-    if header:
-        test_text = f"{header}\n{test_text}"
-    if not args.test_list.exists() or args.test_list.read_text() != test_text:
-        atomic.write_text_atomic(args.test_list, test_text)
-    print(f"{args.test_list}: {len(test)} tiles held back for testing (seed {args.seed}), {len(train)} for training")
-
-    params = {"seed": args.seed, "test_size": args.test_size, "sample": str(args.sample)}
-    for role, indices, out in (("training", train, args.out), ("testing", test, args.test_out)):
-        summary = build_cache(
-            [kept[i][0] for i in indices], args.images, args.labels, classes, out, args.tile_size,
-            params=dict(params, role=role), workers=args.workers,
-        )
-        report(summary)
-    return 0
-
-
 # --- Writer 2: `prepare.py import` your own image/mask pairs ------------------------------
 
 
@@ -796,70 +726,6 @@ def import_pairs(
         record.update(written=summary.written, skipped=summary.skipped_count, ignored_pixels=summary.ignored_pixels)
         _write_attrs(file, classes, tile_size, dict(record, fingerprint=fingerprint))
     return summary
-
-
-def testing_path_for(out: Path) -> Path:
-    """The test file written beside an import's --out: training → testing, else <stem>-test."""
-    if "training" in out.stem:
-        return out.with_name(out.stem.replace("training", "testing") + out.suffix)
-    return out.with_name(f"{out.stem}-test{out.suffix}")
-
-
-def configure_import(parser) -> None:
-    parser.add_argument("images", type=Path, metavar="IMAGES", help="folder of images (jpg, png, webp, tif, bmp), any size")
-    parser.add_argument(
-        "masks", type=Path, metavar="MASKS",
-        help="folder of colour masks (png, palette PNGs too) paired with the images by file-name stem",
-    )
-    parser.add_argument(
-        "--classes", type=Path, required=True,
-        help="classes file: names and colours (#000000 is background; unlisted colours become ignore)",
-    )
-    parser.add_argument("--out", type=Path, default=Path("data/training.hdf5"), help="the cache to write")
-    parser.add_argument("--tile-size", type=int, default=256, help="width and height of the tiles, in pixels")
-    parser.add_argument("--stride", type=int, default=None, help="pixels between tile starts; None: the tile size (no overlap)")
-    parser.add_argument(
-        "--test-size", type=float, default=0,
-        help="whole images held back for a test file beside --out (training→testing in its name, "
-        "else <stem>-test.hdf5): a fraction (< 1) or a count (>= 1); 0 holds back none",
-    )
-    parser.add_argument("--test-out", type=Path, default=None, help="the test file; None: beside --out (see --test-size)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed of the test draw")
-    parser.add_argument("--workers", type=int, default=min(4, default_workers()), help="threads that decode, cut and compress; each holds one image (lower it for huge images)")
-
-
-def run_import(args) -> int:
-    classes = load_classes(args.classes, require_filters=False)
-    stride = args.tile_size if args.stride is None else args.stride
-    if args.tile_size < 1:
-        raise UserError(f"--tile-size {args.tile_size}: must be a positive number of pixels")
-    if not 1 <= stride <= args.tile_size:
-        raise UserError(f"--stride {stride}: must be between 1 and the tile size ({args.tile_size}) so no pixel is left out")
-    pairs, unpaired = pair_files(args.images, args.masks)
-    if unpaired.skipped:
-        print(f"{len(pairs)} image/mask pairs{_skipped_text(unpaired)}")
-    if not pairs:
-        raise UserError(
-            f"no image in {args.images} has a mask of the same file-name stem in {args.masks}; "
-            "name each mask like its image (a.jpg ↔ a.png)"
-        )
-    params = {"seed": args.seed, "test_size": args.test_size, "images": str(args.images), "masks": str(args.masks)}
-    # Whole images are held back, never single tiles: neighbouring (or, with a stride below
-    # the tile size, overlapping) tiles of one image would otherwise leak into training.
-    if args.test_size:
-        keep, test = split_indices(len(pairs), args.test_size, args.seed, what="images")
-        test_out = args.test_out or testing_path_for(args.out)
-        _check_distinct({"--out": args.out, "--test-out": test_out})
-        jobs = [("training", [pairs[i] for i in keep], args.out), ("testing", [pairs[i] for i in test], test_out)]
-        print(f"{len(test)} of {len(pairs)} images held back for {test_out}: {', '.join(pairs[i][0] for i in test)}")
-    else:
-        jobs = [("training", pairs, args.out)]
-    for role, chosen, out in jobs:
-        summary = import_pairs(
-            chosen, classes, out, args.tile_size, stride, params=dict(params, role=role), workers=args.workers
-        )
-        report(summary)
-    return 0
 
 
 # --- Readers -------------------------------------------------------------------------------

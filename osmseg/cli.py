@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import sys
@@ -12,15 +11,6 @@ from typing import Callable, Sequence
 from osmseg.errors import UserError
 
 EXIT_USAGE = 2
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Shows defaults in --help and keeps the description's line breaks."""
-
-
-def parser(prog: str | None = None, description: str | None = None) -> argparse.ArgumentParser:
-    """An ArgumentParser that shows every default in --help."""
-    return argparse.ArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter)
 
 
 def run(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:

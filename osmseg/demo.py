@@ -48,7 +48,6 @@ import shapely.affinity
 from shapely.geometry import LineString, Point, Polygon, box
 
 from osmseg import atomic
-from osmseg.errors import SourceError
 
 # lon/lat ±0.0275° is ±3061 m in EPSG:3857 at the equator: 22 × 22 = 484 z17 tiles, and the
 # z12 borders at lon 0 and lat 0 cross the middle of the town.
@@ -759,30 +758,3 @@ def read_metadata(path: str | Path) -> dict[str, str]:
 # --------------------------------------------------------------------------- prepare.py demo-world
 
 
-def configure_demo_world(parser) -> None:
-    parser.add_argument("--out", default="data/osm/demo.mbtiles", help="the MBTiles file to write")
-    parser.add_argument("--seed", type=int, default=0, help="the demo world's random seed")
-
-
-def run_demo_world(args) -> int:
-    out = Path(args.out)
-    if out.is_dir():
-        raise SourceError(f"{out} is a directory; pass a file name for --out (e.g. data/osm/demo.mbtiles)")
-    if out.exists():
-        metadata = read_metadata(out)
-        if "demo_generator" not in metadata:
-            # Someone else's file (real QA tiles, say): never clobber it.
-            raise SourceError(f"{out} exists and is not a demo world; move it away or pass another --out")
-        if metadata.get("demo_seed") == str(args.seed) and metadata.get("demo_generator") == GENERATOR_VERSION:
-            print(f"{out}: demo world (seed {args.seed}) already written; skipping", file=sys.stderr)
-            return 0
-        print(f"{out}: made from another seed or generator version; rebuilding", file=sys.stderr)
-    world = build_world(args.seed)
-    count = write_qa_tiles(world, out, progress=True)
-    mapped = sum(f.mapped for f in world.features)
-    print(
-        f"{out}: {count} z{QA_ZOOM} QA tiles, {mapped} mapped features "
-        f"({len(world.features) - mapped} more only in the imagery), seed {args.seed}",
-        file=sys.stderr,
-    )
-    return 0

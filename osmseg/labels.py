@@ -46,7 +46,7 @@ import mercantile
 import numpy as np
 
 from osmseg import atomic
-from osmseg.classes import Classes, load_classes
+from osmseg.classes import Classes
 from osmseg.errors import ClassesError, UserError
 
 # A pixel takes a shape's colour when the shape covers at least this share of it
@@ -540,74 +540,6 @@ def render_labels(
 # --- prepare.py labels ---------------------------------------------------------------------
 
 
-def _add_source_arguments(parser) -> None:
-    from osmseg import osm
-
-    parser.add_argument("--osm-source", default="qa-tiles", choices=osm.KINDS, help="the kind of OSM source")
-    parser.add_argument(
-        "--osm",
-        default="data/osm/demo.mbtiles",
-        help="qa-tiles: the .mbtiles; file: the .osm/.osm.pbf/.geojson; overpass: the folder of saved answers",
-    )
-    parser.add_argument("--overpass-url", default=osm.OVERPASS_URL, help="overpass only: the API endpoint")
-    parser.add_argument("--timeout", type=int, default=180, help="overpass only: seconds to wait for the answer")
-
-
-def _open_source(args):
-    """The OSM source named by --osm-source/--osm, opened as `prepare.py all-tiles` opens it."""
-    from osmseg import tiles
-
-    return tiles.open_from_args(args, tiles.parse_bbox(args.bbox))
-
-
-def _check_tile_size(tile_size: int) -> None:
-    if tile_size <= 0:
-        raise UserError(f"--tile-size {tile_size}: must be a positive number of pixels (e.g. 256)")
-
-
-def configure_labels(parser) -> None:
-    parser.add_argument("--sample", default="data/sample.txt", help="tiles to label (lines `source z x y`)")
-    parser.add_argument("--classes", default="classes/mine.json", help="classes file (names, colours, filters)")
-    _add_source_arguments(parser)
-    parser.add_argument("--bbox", default=DEFAULT_BBOX, help="overpass only: the box the sample was drawn in")
-    parser.add_argument("--tile-size", type=int, default=DEFAULT_TILE_SIZE, help="label size in pixels")
-    parser.add_argument("--out", default="data/labels/color", help="folder of label PNGs {z}-{x}-{y}.png")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes to render with")
-
-
-def _read_sample(path: str | os.PathLike) -> list[tuple[str, mercantile.Tile]]:
-    from osmseg import tiles
-
-    if not Path(path).exists():
-        raise UserError(f"{path}: no such tile list; run `make data/sample.txt` (prepare.py sample) first")
-    return tiles.read_tile_list(path)
-
-
-def _check_source_names(entries, source, sample_path) -> None:
-    """Refuse a sample drawn from another OSM source than --osm (a stale data/sample.txt)."""
-    others = sorted({name for name, _ in entries} - {source.name})
-    if others:
-        raise UserError(
-            f"{sample_path}: lists tiles of OSM source(s) {', '.join(map(repr, others))}, but --osm is "
-            f"{source.name!r}; remake the sample for this source (make clean, then make data/sample.txt)"
-        )
-
-
-def run_labels(args) -> int:
-    _check_tile_size(args.tile_size)
-    classes = load_classes(args.classes)
-    LabelRenderer(classes, args.tile_size, origin=str(args.classes))  # checks every filter up front
-    entries = _read_sample(args.sample)
-    with _open_source(args) as source:
-        _check_source_names(entries, source, args.sample)
-        summary = render_labels([t for _, t in entries], source, classes, args.out, args.tile_size, args.workers)
-    print(
-        f"labels: {summary['rendered']} rendered, {summary['skipped']} already there, in {args.out}",
-        file=sys.stderr,
-    )
-    return 0
-
-
 # --- prepare.py filter ---------------------------------------------------------------------
 
 
@@ -647,41 +579,6 @@ def stats_csv(rows: Sequence[tuple[str, float, int]]) -> str:
     for name, frequency, tiles_ in rows:
         writer.writerow([name, f"{frequency:.8g}", tiles_])
     return buffer.getvalue()
-
-
-def configure_filter(parser) -> None:
-    parser.add_argument("--sample", default="data/sample.txt", help="sampled tiles (lines `source z x y`)")
-    parser.add_argument("--labels", default="data/labels/color", help="folder of label PNGs")
-    parser.add_argument("--classes", default="classes/mine.json", help="classes file the labels were drawn with")
-    parser.add_argument(
-        "--label-ratio", type=float, default=0.0, help="keep tiles whose labelled share of pixels exceeds this"
-    )
-    parser.add_argument("--count", type=int, default=10000, help="tiles to keep (TRAIN_SIZE)")
-    parser.add_argument("--bbox", default=DEFAULT_BBOX, help="west,south,east,north of the sample (to draw more tiles)")
-    parser.add_argument("--zoom", type=int, default=17, help="zoom of the sampled tiles")
-    parser.add_argument("--seed", type=int, default=0, help="the sample's random seed")
-    parser.add_argument("--all-tiles", default="data/all_tiles.txt", help="OSM source tiles in the box")
-    _add_source_arguments(parser)
-    parser.add_argument("--tile-size", type=int, default=DEFAULT_TILE_SIZE, help="label size in pixels")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes to render more labels with")
-    parser.add_argument("--out", default="data/sample-filtered.txt", help="kept tiles with their pixel counts")
-    parser.add_argument("--stats", default="data/labels/label-stats.csv", help="per-class statistics (CSV)")
-
-
-def _counts_of(path: Path, classes: Classes, classes_path: str, tile_size: int) -> np.ndarray:
-    label = read_label(path)
-    if label.shape[:2] != (tile_size, tile_size):
-        raise UserError(
-            f"{path}: a {label.shape[1]}x{label.shape[0]} label, not --tile-size {tile_size}; "
-            "delete data/labels/color and re-run `make data/labels/color` with this TILE_SIZE"
-        )
-    try:
-        return count_labels(label, classes)
-    except ValueError as error:
-        raise UserError(
-            f"{path}: {error}; it was drawn with another classes file than {classes_path}: "
-            "delete data/labels/color and re-run `make data/labels/color`"
-        ) from None
 
 
 def filter_tiles(entries, counts_of, label_ratio: float, count: int, more=None, render=None):
@@ -734,59 +631,3 @@ def filter_tiles(entries, counts_of, label_ratio: float, count: int, more=None, 
     return kept, considered
 
 
-def run_filter(args) -> int:
-    from osmseg import tiles
-
-    _check_tile_size(args.tile_size)
-    if args.count <= 0:
-        raise UserError(f"--count {args.count}: must be a positive number of tiles (TRAIN_SIZE)")
-    if not 0 <= args.label_ratio < 1:
-        raise UserError(f"--label-ratio {args.label_ratio}: must be at least 0 and below 1 (LABEL_RATIO)")
-    bbox = tiles.parse_bbox(args.bbox)
-    zoom = tiles.check_zoom(args.zoom, "--zoom")
-    classes = load_classes(args.classes)
-    check_filters(classes, str(args.classes))
-    entries = _read_sample(args.sample)
-    labels_dir = Path(args.labels)
-
-    def counts_of(tile):
-        return _counts_of(label_path(labels_dir, tile), classes, str(args.classes), args.tile_size)
-
-    in_sample = {tile for _, tile in entries}
-
-    def more():
-        # The same stream that drew data/sample.txt (same box, zoom, seed, source tiles),
-        # read on past the tiles the sample already holds.
-        within = tiles.read_tile_list(args.all_tiles)
-        for entry in tiles.sample_entries(bbox, zoom, args.seed, within):
-            if entry[1] not in in_sample:
-                yield entry
-
-    sources = []  # opened once, at the first batch that needs labels
-
-    def render(batch):
-        if not sources:
-            sources.append(_open_source(args))
-        render_labels(batch, sources[0], classes, labels_dir, args.tile_size, args.workers)
-
-    try:
-        kept, considered = filter_tiles(entries, counts_of, args.label_ratio, args.count, more(), render)
-    finally:
-        for source in sources:
-            source.close()
-    if not kept:
-        raise UserError(
-            f"no tile in --bbox {args.bbox} has a labelled share above {args.label_ratio} "
-            f"({considered} tiles looked at); lower LABEL_RATIO, or pick a BBOX or classes with data"
-        )
-    if len(kept) < args.count:
-        print(
-            f"filter: the box holds only {len(kept)} tiles whose labelled share exceeds {args.label_ratio} "
-            f"(of {considered} tiles at z{args.zoom}), fewer than --count {args.count}; keeping all {len(kept)}",
-            file=sys.stderr,
-        )
-    lines = [header(classes)] + [format_line(source, tile, counts) for source, tile, counts in kept]
-    atomic.write_text_atomic(args.out, "\n".join(lines) + "\n")
-    atomic.write_text_atomic(args.stats, stats_csv(label_stats([counts for _, _, counts in kept], classes)))
-    print(f"filter: kept {len(kept)} of {considered} tiles looked at, in {args.out}", file=sys.stderr)
-    return 0

@@ -1506,14 +1506,3 @@ def _gunzip_qa_tiles(url: str, compressed: Path, record: Path, path: Path) -> No
         partial.unlink(missing_ok=True)
 
 
-def configure_download_osm(parser) -> None:
-    parser.add_argument(
-        "--name", default="united_kingdom", help="QA_TILES: a country in lower case with underscores, or 'planet'"
-    )
-    parser.add_argument("--base-url", default=QA_TILES_URL, help="where <name>.mbtiles.gz files live")
-    parser.add_argument("--out-dir", default="data/osm", help="the folder for <name>.mbtiles")
-
-
-def run_download_osm(args) -> int:
-    download_qa_tiles(args.name, args.out_dir, args.base_url)
-    return 0

@@ -21,7 +21,6 @@ every candidate has been drawn.
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -29,7 +28,7 @@ import mercantile
 import numpy as np
 
 from osmseg import atomic
-from osmseg.errors import BBoxError, SourceError, UserError
+from osmseg.errors import BBoxError, UserError
 
 MAX_LATITUDE = 85.0511287798066  # Web Mercator's limit: arctan(sinh(pi)) in degrees
 MAX_ZOOM = 22
@@ -324,96 +323,6 @@ def sample_entries(
 # ---- prepare.py all-tiles ---------------------------------------------------------------------
 
 
-def configure_all_tiles(parser) -> None:
-    from osmseg import osm
-
-    parser.add_argument("--osm-source", default="qa-tiles", choices=osm.KINDS, help="the kind of OSM source")
-    parser.add_argument(
-        "--osm",
-        default="data/osm/united_kingdom.mbtiles",
-        help="qa-tiles: the .mbtiles; file: the .osm/.osm.pbf/.geojson; overpass: where to save the answer "
-        "(data/osm/overpass.osm, or a folder)",
-    )
-    parser.add_argument(
-        "--bbox",
-        default=DEFAULT_BBOX,
-        help=f"the area: {BBOX_FORMAT}; write --bbox=-3.38,... (with =) when it starts with -",
-    )
-    parser.add_argument(
-        "--classes", default="classes/mine.json", help="overpass only: the classes file whose tag keys to query"
-    )
-    parser.add_argument("--overpass-url", default=osm.OVERPASS_URL, help="overpass only: the API endpoint")
-    parser.add_argument("--timeout", type=int, default=180, help="overpass only: seconds to wait for the answer")
-    parser.add_argument("--out", default="data/all_tiles.txt", help="the tile list to write (source z x y)")
-
-
-def open_from_args(args, bbox: mercantile.LngLatBbox):
-    """The OSM source named by --osm-source/--osm (and the overpass options)."""
-    from osmseg import osm
-    from osmseg.classes import load_classes
-
-    if args.osm_source == "overpass":
-        return osm.open_source(
-            "overpass",
-            args.osm,
-            bbox=bbox,
-            classes=load_classes(args.classes),
-            endpoint=args.overpass_url,
-            timeout=args.timeout,
-        )
-    return osm.open_source(args.osm_source, args.osm)
-
-
-def run_all_tiles(args) -> int:
-    bbox = parse_bbox(args.bbox)
-    with open_from_args(args, bbox) as source:
-        tiles = source.source_tiles(bbox)
-        name = source.name
-    if not tiles:
-        raise SourceError(
-            f"{args.osm}: no OSM data inside the bounding box {args.bbox}; pick a box inside the file's area "
-            "or another OSM file"
-        )
-    write_tile_list(args.out, [(name, tile) for tile in tiles])
-    print(f"{args.out}: {len(tiles)} z{tiles[0].z} source tiles of {name!r} inside {args.bbox}", file=sys.stderr)
-    return 0
-
-
 # ---- prepare.py sample ------------------------------------------------------------------------
 
 
-def configure_sample(parser) -> None:
-    parser.add_argument("--all-tiles", default="data/all_tiles.txt", help="the source tiles to sample inside")
-    parser.add_argument(
-        "--bbox",
-        default=DEFAULT_BBOX,
-        help=f"the area: {BBOX_FORMAT}; write --bbox=-3.38,... (with =) when it starts with -",
-    )
-    parser.add_argument("--zoom", type=int, default=17, help="the zoom level of the sampled tiles (ZOOM_LEVEL)")
-    parser.add_argument("--count", type=int, default=10000, help="how many tiles to draw (TRAIN_SIZE)")
-    parser.add_argument("--seed", type=int, default=0, help="the random seed: the same seed draws the same tiles")
-    parser.add_argument("--out", default="data/sample.txt", help="the sample to write (source z x y)")
-
-
-def run_sample(args) -> int:
-    bbox = parse_bbox(args.bbox)
-    zoom = check_zoom(args.zoom, "--zoom")
-    if args.count <= 0:
-        raise UserError(f"--count (TRAIN_SIZE) {args.count} must be positive; ask for at least one tile")
-    entries = read_tile_list(args.all_tiles)
-    if not entries:
-        raise UserError(f"{args.all_tiles}: lists no source tiles; remake it (make {args.all_tiles}) with another BBOX")
-    stream = SampleStream(bbox, zoom, args.seed, entries)
-    sample = []
-    for _ in range(min(args.count, stream.total)):
-        region, tile = stream.next_entry()
-        sample.append((stream.source_name(region), tile))
-    if stream.total < args.count:
-        print(
-            f"note: the bounding box holds only {stream.total} tiles at z{zoom} inside {args.all_tiles} "
-            f"(asked for {args.count}); keeping them all",
-            file=sys.stderr,
-        )
-    write_tile_list(args.out, sample)
-    print(f"{args.out}: {len(sample)} z{zoom} tiles drawn with seed {args.seed}", file=sys.stderr)
-    return 0

@@ -21,6 +21,7 @@ from PIL import Image
 import prepare
 from osmseg import cache, cli
 from osmseg.classes import IGNORE, parse_classes
+from osmseg.commands import import_masks
 from osmseg.errors import CacheError, UserError
 
 SIZE = 32  # tiny tiles keep every test fast
@@ -580,7 +581,7 @@ def test_import_with_stride_and_test_size(pairs):
     expected = {"alpha": 3 * 4, "beta": 1 * 2}
     assert train.length + test.length == sum(expected.values())
     assert test.length == expected[test_stems.pop()]
-    assert cache.testing_path_for(pairs["root"] / "mine.hdf5").name == "mine-test.hdf5"
+    assert import_masks.testing_path_for(pairs["root"] / "mine.hdf5").name == "mine-test.hdf5"
 
 
 def test_import_skips_16_bit_images_rather_than_darken_them(pairs, capsys):

@@ -225,13 +225,8 @@ def test_every_seed_gives_valid_simple_geometries(seed):
     assert len({f.id for f in seeded.features}) == len(seeded.features)
 
 
-def test_build_world_is_fast_and_query_finds_by_area(world):
-    import time
-
-    # CPU time, not wall time: the test machine is shared.
-    start = time.process_time()
-    demo.build_world(3)
-    assert time.process_time() - start < 2.0
+def test_query_finds_by_area(world):
+    # How fast build_world is, is measured in bench/bench_demo_world.py, not here.
     square = mercantile.Bbox(-10, -10, 10, 10)
     assert any(f.tags.get("building") == "townhall" for f in world.query(square))
     assert all(f.mapped for f in world.query(mercantile.Bbox(-500, -500, 500, 500), mapped_only=True))

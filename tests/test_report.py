@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from osmseg import cli, report
+from osmseg import cli
+from osmseg.commands import report
 
 
 def test_held_out_image_is_the_first_test_tile_with_an_image(tmp_path):

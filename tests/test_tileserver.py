@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 import prepare
 from osmseg import cli, tileserver
+from osmseg.commands import serve_demo
 from osmseg.demo import DEMO_BBOX
 from osmseg.errors import SourceError
 from osmseg.tileserver import DemoTileServer, draw_tile
@@ -250,7 +251,7 @@ def test_serve_demo_command_serves_until_interrupted(monkeypatch, capsys):
         seen["status"] = requests.get(server.tilejson_url, timeout=10).status_code
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(tileserver, "_wait_forever", wait)
+    monkeypatch.setattr(serve_demo, "_wait_forever", wait)
     assert cli.run(prepare.main, ["serve-demo", "--port", "0", "--token", "abc"]) == 0
     assert seen["status"] == 401
     out, err = capsys.readouterr()

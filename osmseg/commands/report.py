@@ -1,7 +1,7 @@
 """The end of `make demo`: pick a held-out image to segment, and say what the run produced.
 
-    python -m osmseg.report held-out-image [--test-list F] [--images D]
-    python -m osmseg.report summary [--metrics metrics.json] [--predict-out DIR]
+    python -m osmseg.commands.report held-out-image [--test-list F] [--images D]
+    python -m osmseg.commands.report summary [--metrics metrics.json] [--predict-out DIR]
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Sequence
 import mercantile
 
 from osmseg import cli
+from osmseg.commands import options
 from osmseg.errors import UserError
 
 IMAGE_SUFFIXES = (".jpg", ".png", ".webp")
@@ -75,7 +76,7 @@ def summary(metrics: Path, predict_out: Path | None) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = cli.parser(prog="python -m osmseg.report", description=__doc__)
+    parser = options.parser(prog="python -m osmseg.commands.report", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     pick = commands.add_parser("held-out-image", help="print the path of a held-out test image")
     pick.add_argument("--test-list", type=Path, default=Path("data/test-sample-filtered.txt"))

@@ -1,0 +1,97 @@
+"""prepare.py cache: hold back a test set and cache images and labels to HDF5.
+
+Writes data/test-sample-filtered.txt (the held-back tiles, a tile list like
+data/sample-filtered.txt), data/training.hdf5 and data/testing.hdf5 (schema in osmseg.cache).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from osmseg import atomic
+from osmseg.cache import (
+    BuildSummary,
+    _skipped_text,
+    build_cache,
+    default_workers,
+    find_image,
+    read_sample,
+    report,
+    split_indices,
+    tile_stem,
+)
+from osmseg.classes import load_classes
+from osmseg.errors import UserError
+
+NAME = "cache"
+HELP = "hold back a test set and cache images and labels to HDF5"
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--sample", type=Path, default=Path("data/sample-filtered.txt"), help="the filtered tile list")
+    parser.add_argument("--images", type=Path, default=Path("data/images"), help="imagery tiles {z}-{x}-{y}.jpg|png|webp")
+    parser.add_argument("--labels", type=Path, default=Path("data/labels/color"), help="colour label tiles {z}-{x}-{y}.png")
+    parser.add_argument("--classes", type=Path, default=Path("classes/mine.json"), help="the classes file the labels use")
+    parser.add_argument("--tile-size", type=int, default=256, help="width and height of every tile, in pixels")
+    parser.add_argument(
+        "--test-size", type=float, default=0.1,
+        help="tiles held back for testing: a fraction (< 1, at least one tile) or a count (>= 1)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the test draw")
+    parser.add_argument("--test-list", type=Path, default=Path("data/test-sample-filtered.txt"), help="where the held-back tiles are listed")
+    parser.add_argument("--workers", type=int, default=default_workers(), help="threads that decode and compress")
+    parser.add_argument("--out", type=Path, default=Path("data/training.hdf5"), help="the training cache")
+    parser.add_argument("--test-out", type=Path, default=Path("data/testing.hdf5"), help="the test cache")
+
+
+def check_distinct(paths: dict[str, Path]) -> None:
+    """Refuse two options that name one file (the second write would clobber the first)."""
+    seen: dict[Path, str] = {}
+    for option, path in paths.items():
+        resolved = Path(path).resolve()
+        if resolved in seen:
+            raise UserError(f"{seen[resolved]} and {option} are both {path}; give each its own file")
+        seen[resolved] = option
+
+
+def main(args) -> int:
+    classes = load_classes(args.classes, require_filters=False)
+    if args.test_size <= 0:
+        raise UserError(f"--test-size {args.test_size}: must be positive; validate.py measures on the held-back test set")
+    check_distinct({"--sample": args.sample, "--test-list": args.test_list, "--out": args.out, "--test-out": args.test_out})
+    header, rows = read_sample(args.sample)
+    kept, missing = [], BuildSummary(args.out)
+    for (source, tile), line in rows:
+        if find_image(args.images, tile) is None:
+            missing.skip(
+                f"no image in {args.images} (not downloaded yet, or rejected: see rejected.txt and missing.txt there)",
+                tile_stem(tile),
+            )
+        elif not (args.labels / f"{tile_stem(tile)}.png").is_file():
+            missing.skip(f"no label in {args.labels} (run `make data/labels/color`)", tile_stem(tile))
+        else:
+            kept.append(((source, tile), line))
+    if missing.skipped:
+        print(f"{args.sample}: {len(kept)} of {len(rows)} tiles have an image and a label{_skipped_text(missing)}")
+    if len(kept) < 2:
+        raise UserError(
+            f"{args.sample}: {len(kept)} tile(s) have both an image and a label; need at least 2 "
+            "(one to train on, one to test on): run `make data/images` or sample more tiles"
+        )
+    train, test = split_indices(len(kept), args.test_size, args.seed)
+    # Written only when it changes, so that make sees an unchanged file as up to date.
+    test_text = "".join(f"{kept[i][1]}\n" for i in test)
+    if header:
+        test_text = f"{header}\n{test_text}"
+    if not args.test_list.exists() or args.test_list.read_text() != test_text:
+        atomic.write_text_atomic(args.test_list, test_text)
+    print(f"{args.test_list}: {len(test)} tiles held back for testing (seed {args.seed}), {len(train)} for training")
+
+    params = {"seed": args.seed, "test_size": args.test_size, "sample": str(args.sample)}
+    for role, indices, out in (("training", train, args.out), ("testing", test, args.test_out)):
+        summary = build_cache(
+            [kept[i][0] for i in indices], args.images, args.labels, classes, out, args.tile_size,
+            params=dict(params, role=role), workers=args.workers,
+        )
+        report(summary)
+    return 0

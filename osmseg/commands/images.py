@@ -1,0 +1,142 @@
+"""prepare.py images: download the imagery tiles of the filtered sample.
+
+Writes data/images/{z}-{x}-{y}.{jpg,png,webp}, rejected.txt and missing.txt (formats in
+osmseg.imagery.download), resumably, and ends with a summary and how many tiles have both a
+label and an image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import mercantile
+
+from osmseg.errors import SourceError, UserError
+from osmseg.imagery import (
+    TOKEN_ENV,
+    DownloadSummary,
+    download_tiles,
+    find_image,
+    open_tile_source,
+    read_tile_log,
+    tile_stem,
+)
+from osmseg.tiles import read_tile_list
+
+NAME = "images"
+HELP = "download the imagery tiles of the filtered sample"
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--sample", type=Path, default=Path("data/sample-filtered.txt"),
+                        help="tiles to download (`source z x y ...` lines)")
+    parser.add_argument("--image-tiles", default="demo",
+                        help="IMAGE_TILES: tilejson+https://.../name.json?access_token=$(MapboxAccessToken), "
+                             "a TileJSON URL, an XYZ template with {z} {x} {y} ({s} {-y} {q} too), "
+                             "file:///dir/{z}-{x}-{y}.jpg, a directory, or demo")
+    parser.add_argument("--token", default=argparse.SUPPRESS,
+                        help=f"access token put where IMAGE_TILES says $(MapboxAccessToken) or {{token}} "
+                             f"(default: the {TOKEN_ENV} environment variable; never printed)")
+    parser.add_argument("--out", type=Path, default=Path("data/images"), help="images directory")
+    parser.add_argument("--labels", type=Path, default=Path("data/labels/color"),
+                        help="label PNGs, to report how many tiles have both a label and an image")
+    parser.add_argument("--workers", type=int, default=8, help="concurrent downloads")
+    parser.add_argument("--rps", type=_rps, default=None, help="at most this many requests per second (none: no limit)")
+    parser.add_argument("--tile-size", type=int, default=256, help="every image must be this many pixels wide and high")
+    parser.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for a server before retrying")
+    parser.add_argument("--retries", type=int, default=5, help="retries per tile (timeouts, 5xx, cut transfers)")
+    parser.add_argument("--retry-rejected", action="store_true",
+                        help="ask again for tiles an earlier run rejected (listed in rejected.txt)")
+
+
+def _rps(text: str) -> float | None:
+    if text.strip().lower() in ("none", "", "0"):
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of requests per second (or none)") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a positive number, or none")
+    return value
+
+
+def training_set_report(entries: Sequence[tuple[str, mercantile.Tile]], images: Path, labels: Path,
+                        summary: DownloadSummary | None = None) -> str:
+    """Say how many sampled tiles have both a label and an accepted image, and why others lack one."""
+    tiles = list(dict.fromkeys(tile for _, tile in entries))
+    with_label = {t for t in tiles if (labels / f"{tile_stem(t)}.png").is_file()}
+    with_image = {t for t in tiles if find_image(images, t) is not None}
+    both = with_label & with_image
+    short = len(tiles) - len(both)
+    text = f"training set: {len(both)} of {len(tiles)} sampled tiles have both a label and an accepted image"
+    if short:
+        reasons = []
+        rejected = read_tile_log(images / "rejected.txt")
+        missing = read_tile_log(images / "missing.txt")
+        failed = summary.failed if summary else {}
+        no_image = [t for t in tiles if t not in with_image]
+        counts = {
+            "rejected": sum(tile_stem(t) in rejected for t in no_image),
+            "missing imagery": sum(tile_stem(t) in missing for t in no_image),
+            "failed": sum(tile_stem(t) in failed for t in no_image),
+        }
+        counts["no image for another reason"] = len(no_image) - sum(counts.values())
+        counts["without a label"] = len(with_image - with_label)
+        reasons = [f"{n} {what}" for what, n in counts.items() if n]
+        text += f" ({short} short: {', '.join(reasons)})"
+    return text
+
+
+def main(args) -> int:
+    token = getattr(args, "token", None) or os.environ.get(TOKEN_ENV) or None
+    entries = read_tile_list(args.sample)
+    if args.tile_size < 1:
+        raise UserError(f"--tile-size {args.tile_size}: give a positive number of pixels")
+    if args.retries < 0:
+        raise UserError(f"--retries {args.retries}: give zero or more")
+    # Every tile already there (or rejected before)? Then do not even open the source: a
+    # TileJSON request is a billed API call, and the demo server takes seconds to start.
+    rejected = {} if args.retry_rejected else read_tile_log(args.out / "rejected.txt")
+    pending = [t for _, t in entries if find_image(args.out, t) is None and tile_stem(t) not in rejected]
+    if not pending:
+        print(f"images: all {len(entries)} tiles are in {args.out} already (or were rejected); nothing to download")
+        print(training_set_report(entries, args.out, args.labels))
+        return 0
+    source = open_tile_source(args.image_tiles, token, timeout=args.timeout)
+    with source:
+        print(f"imagery: {len(entries)} tiles from {source.description} into {args.out}", file=sys.stderr)
+        try:
+            summary = download_tiles((tile for _, tile in entries), source, args.out, workers=args.workers,
+                                     rps=args.rps, tile_size=args.tile_size, timeout=args.timeout,
+                                     retries=args.retries, retry_rejected=args.retry_rejected)
+        except SourceError as error:
+            if getattr(error, "summary", None) is not None:
+                print(error.summary.line())
+            raise
+    print(summary.line())
+    if summary.missing and len(summary.missing) == summary.requested - summary.rejected_before:
+        zooms = sorted({t.z for _, t in entries})
+        raise SourceError(
+            f"{source.description} has none of the {len(summary.missing)} tiles "
+            f"({next(iter(summary.missing.values()))}): does it serve zoom {', '.join(map(str, zooms))} "
+            "in this area? Check ZOOM_LEVEL, BBOX and the template in IMAGE_TILES"
+        )
+    for title, entries_ in (("failed", summary.failed), ("rejected", summary.rejected), ("missing", summary.missing)):
+        for stem, reason in list(entries_.items())[:5]:
+            print(f"  {title} {stem}: {source.redact(reason)}")
+        if len(entries_) > 5:
+            print(f"  ... {len(entries_) - 5} more {title}" + (f" (see {args.out / (title + '.txt')})"
+                                                              if title != "failed" else ""))
+    if summary.rejected or summary.rejected_before:
+        print(f"rejected tiles are listed in {args.out / 'rejected.txt'} and not asked for again; "
+              "pass --retry-rejected to ask anyway")
+    print(training_set_report(entries, args.out, args.labels, summary))
+    if summary.failed:
+        print(f"{len(summary.failed)} tiles failed; re-run to retry them (finished tiles are kept)", file=sys.stderr)
+        return 1
+    return 0

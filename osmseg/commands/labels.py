@@ -1,0 +1,62 @@
+"""prepare.py labels: render one label PNG per sampled tile with mapnik.
+
+Writes data/labels/color/{z}-{x}-{y}.png (format in osmseg.labels) for every tile of
+data/sample.txt that has no label yet, so a re-run resumes; the work uses every core.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from osmseg import labels, tiles
+from osmseg.classes import load_classes
+from osmseg.commands import options
+from osmseg.errors import UserError
+
+NAME = "labels"
+HELP = "render one label PNG per sampled tile with mapnik"
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--sample", default="data/sample.txt", help="tiles to label (lines `source z x y`)")
+    options.add_classes(parser)
+    options.add_osm_source(parser)
+    options.add_bbox(parser, "overpass only: the box the sample was drawn in")
+    options.add_tile_size(parser)
+    parser.add_argument("--out", default="data/labels/color", help="folder of label PNGs {z}-{x}-{y}.png")
+    options.add_workers(parser, "processes to render with")
+
+
+def read_sample(path) -> list:
+    """The sample's (source, Tile) entries, or a UserError saying how to make it."""
+    if not Path(path).exists():
+        raise UserError(f"{path}: no such tile list; run `make data/sample.txt` (prepare.py sample) first")
+    return tiles.read_tile_list(path)
+
+
+def check_source_names(entries, source, sample_path) -> None:
+    """Refuse a sample drawn from another OSM source than --osm (a stale data/sample.txt)."""
+    others = sorted({name for name, _ in entries} - {source.name})
+    if others:
+        raise UserError(
+            f"{sample_path}: lists tiles of OSM source(s) {', '.join(map(repr, others))}, but --osm is "
+            f"{source.name!r}; remake the sample for this source (make clean, then make data/sample.txt)"
+        )
+
+
+def main(args) -> int:
+    options.check_tile_size(args.tile_size)
+    classes = load_classes(args.classes)
+    labels.LabelRenderer(classes, args.tile_size, origin=str(args.classes))  # checks every filter up front
+    entries = read_sample(args.sample)
+    with options.open_osm_source(args, tiles.parse_bbox(args.bbox)) as source:
+        check_source_names(entries, source, args.sample)
+        summary = labels.render_labels(
+            [t for _, t in entries], source, classes, args.out, args.tile_size, args.workers
+        )
+    print(
+        f"labels: {summary['rendered']} rendered, {summary['skipped']} already there, in {args.out}",
+        file=sys.stderr,
+    )
+    return 0

@@ -1,0 +1,139 @@
+"""Command-line options shared by the commands: one definition, one default, one help text each.
+
+Every command's parser is made by `parser` (defaults shown in --help). The `add_*` functions
+add the options several stages take, so that a default cannot drift between them; the
+argument types turn bad values into argparse's usual usage error (exit status 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+
+from osmseg import tiles
+from osmseg.errors import UserError
+
+DEFAULT_BBOX = "-3.3843,51.2437,-2.3923,51.848"  # the seed's (skynet-data's) default: around Bristol
+DEFAULT_OSM = "data/osm/united_kingdom.mbtiles"  # the Makefile's default QA_TILES
+DEFAULT_CLASSES = "classes/mine.json"
+DEFAULT_TILE_SIZE = 256
+OSM_KINDS = ("qa-tiles", "file", "overpass")
+OVERPASS_URL = "https://overpass-api.de/api/interpreter"
+FROM_LIST = "(default: as recorded in the tile list)"
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows defaults in --help and keeps the description's line breaks."""
+
+
+def parser(prog: str | None = None, description: str | None = None) -> argparse.ArgumentParser:
+    """An ArgumentParser that shows every default in --help."""
+    return argparse.ArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter)
+
+
+# --- Argument types --------------------------------------------------------------------------
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"{text} must be a positive number")
+    return value
+
+
+def fraction(text: str) -> float:
+    """A number in [0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"{text} must be at least 0 and below 1")
+    return value
+
+
+# --- Options several stages share -----------------------------------------------------------
+
+
+def add_bbox(parser, help_: str = "the area", default: str | None = DEFAULT_BBOX) -> None:
+    parser.add_argument(
+        "--bbox",
+        default=default,
+        help=f"{help_}: {tiles.BBOX_FORMAT}; write --bbox=-3.38,... (with =) when it starts with -",
+    )
+
+
+def add_osm_source(parser, default_osm: str | None = DEFAULT_OSM, from_list: bool = False) -> None:
+    """--osm-source, --osm and the Overpass options (from_list: defaults come from the tile list)."""
+    note = f" {FROM_LIST}" if from_list else ""
+    parser.add_argument(
+        "--osm-source", default=None if from_list else "qa-tiles", choices=OSM_KINDS, help=f"the kind of OSM source{note}"
+    )
+    parser.add_argument(
+        "--osm",
+        default=default_osm,
+        help="qa-tiles: the .mbtiles; file: the .osm/.osm.pbf/.geojson; overpass: where the answer is saved "
+        f"(data/osm/overpass.osm, or a folder){note}",
+    )
+    parser.add_argument(
+        "--overpass-url", default=None if from_list else OVERPASS_URL, help=f"overpass only: the API endpoint{note}"
+    )
+    parser.add_argument(
+        "--timeout",
+        type=int,
+        default=None if from_list else 180,
+        help=f"overpass only: seconds to wait for the answer{note}",
+    )
+
+
+def add_classes(parser, help_: str = "classes file (names, colours, filters)", default=DEFAULT_CLASSES) -> None:
+    parser.add_argument("--classes", default=default, help=help_)
+
+
+def add_tile_size(parser, help_: str = "label size in pixels", default=DEFAULT_TILE_SIZE) -> None:
+    parser.add_argument("--tile-size", type=int, default=default, help=help_)
+
+
+def add_workers(parser, help_: str, default: int | None = None) -> None:
+    parser.add_argument("--workers", type=int, default=default or os.cpu_count() or 1, help=help_)
+
+
+def open_osm_source(args, bbox):
+    """The OSM source --osm-source and --osm name (with the Overpass options), opened.
+
+    Args:
+        args: parsed options from add_osm_source (and --classes, for Overpass's keys).
+        bbox: the mercantile.LngLatBbox that Overpass is asked about.
+    """
+    from osmseg import osm
+    from osmseg.classes import load_classes
+
+    if args.osm_source == "overpass":
+        return osm.open_source(
+            "overpass",
+            args.osm,
+            bbox=bbox,
+            classes=load_classes(args.classes),
+            endpoint=args.overpass_url,
+            timeout=args.timeout,
+        )
+    return osm.open_source(args.osm_source, args.osm)
+
+
+def check_tile_size(tile_size: int) -> None:
+    if tile_size <= 0:
+        raise UserError(f"--tile-size {tile_size}: must be a positive number of pixels (e.g. 256)")
