@@ -57,8 +57,8 @@ import numpy as np
 
 from osmseg import atomic
 from osmseg.classes import IGNORE, Classes, parse_classes
+from osmseg.datafiles import find_image, label_path, tile_stem
 from osmseg.errors import CacheError, UserError
-from osmseg.imagery import find_image, tile_stem
 
 SCHEMA_VERSION = 1
 COMPRESSION = "gzip"
@@ -478,8 +478,8 @@ def build_cache(
     resolved = []
     for source, tile in entries:
         tile = mercantile.Tile(*tile)
-        label_path = labels_dir / f"{tile_stem(tile)}.png"
-        resolved.append((source, tile, find_image(images_dir, tile), label_path if label_path.is_file() else None))
+        label = label_path(labels_dir, tile)
+        resolved.append((source, tile, find_image(images_dir, tile), label if label.is_file() else None))
     fingerprint = {
         "classes": _digest([classes.to_json()]),
         "tile_size": int(tile_size),
@@ -494,19 +494,19 @@ def build_cache(
 
     def prepare(item) -> _Prepared:
         # Runs in a worker thread: decoding, colour lookup and compression release the GIL.
-        source, tile, image_path, label_path = item
+        source, tile, image_path, label_file = item
         stem = tile_stem(tile)
         if image_path is None:
             return _Prepared(skip=("no image (run `prepare.py images`)", stem))
-        if label_path is None:
+        if label_file is None:
             return _Prepared(skip=("no label (run `prepare.py labels`)", stem))
-        image, rgb, problem = _read_pair(image_path, label_path)
+        image, rgb, problem = _read_pair(image_path, label_file)
         if problem:
             return _Prepared(skip=problem)
         if image is None:
             return _Prepared(skip=("corrupt image (delete it and re-download)", image_path.name))
         if rgb is None:
-            return _Prepared(skip=("corrupt label (delete it and re-render)", label_path.name))
+            return _Prepared(skip=("corrupt label (delete it and re-render)", label_file.name))
         if image.shape != rgb.shape:
             return _Prepared(skip=("image and label sizes differ", f"{stem} ({_size(image)} vs {_size(rgb)})"))
         if image.shape[:2] != (tile_size, tile_size):
@@ -558,38 +558,6 @@ def report(summary: BuildSummary, log: Log = print) -> None:
 
 
 # --- `prepare.py cache` -------------------------------------------------------------------
-
-
-def read_sample(path: str | os.PathLike) -> tuple[str | None, list[tuple[Entry, str]]]:
-    """Read a sample-filtered file: its '#' header and (entry, original line) pairs.
-
-    Raises:
-        UserError: a missing file or a malformed line (naming the line).
-    """
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such tile list; run `make data/sample-filtered.txt` first") from None
-    header, rows = None, []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        if line.startswith("#"):
-            header = header or line
-            continue
-        fields = line.split()
-        try:
-            z, x, y = (int(value) for value in fields[1:4])
-            if len(fields) < 4 or min(z, x, y) < 0 or max(x, y) >= 2**z:
-                raise ValueError
-        except ValueError:
-            raise UserError(
-                f"{path}, line {number}: expected `source z x y [counts...]` with a valid tile, got {line!r}; "
-                "fix the line or rebuild the file"
-            ) from None
-        rows.append(((fields[0], mercantile.Tile(x, y, z)), line))
-    return header, rows
 
 
 # --- Writer 2: `prepare.py import` your own image/mask pairs ------------------------------

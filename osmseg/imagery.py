@@ -44,9 +44,9 @@ import mercantile
 import numpy as np
 
 from osmseg import atomic
+from osmseg.datafiles import MISSING, REJECTED, find_image, read_tile_log, tile_stem, write_tile_log
 from osmseg.errors import SourceError, UserError
 
-IMAGE_SUFFIXES = (".jpg", ".png", ".webp")
 DEFAULT_SUBDOMAINS = ("a", "b", "c")  # Leaflet's and OSM's convention for {s}
 TOKEN_ENV = "MapboxAccessToken"
 
@@ -569,30 +569,6 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
-def tile_stem(tile: mercantile.Tile) -> str:
-    return f"{tile.z}-{tile.x}-{tile.y}"
-
-
-def find_image(images_dir: str | os.PathLike, tile: mercantile.Tile) -> Path | None:
-    """The image file of a tile in a directory ({z}-{x}-{y}.jpg, .png or .webp), or None."""
-    for suffix in IMAGE_SUFFIXES:
-        path = Path(images_dir) / f"{tile_stem(tile)}{suffix}"
-        if path.is_file():
-            return path
-    return None
-
-
-def read_tile_log(path: Path) -> dict[str, str]:
-    """Read rejected.txt or missing.txt: {"z-x-y": reason}."""
-    entries: dict[str, str] = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            stem, _, reason = line.partition("\t")
-            if stem.strip():
-                entries[stem.strip()] = reason
-    return entries
-
-
 # --- Downloading -----------------------------------------------------------------------------
 
 
@@ -920,7 +896,7 @@ def download_tiles(tiles: Iterable[mercantile.Tile], source: TileSource, out_dir
             f"none of the {len(ordered)} tiles lies within {source.description}'s bounds "
             f"({b.west}, {b.south}, {b.east}, {b.north}); check BBOX or IMAGE_TILES"
         )
-    rejected_path, missing_path = out_dir / "rejected.txt", out_dir / "missing.txt"
+    rejected_path, missing_path = out_dir / REJECTED, out_dir / MISSING
     rejected_before = {} if retry_rejected else read_tile_log(rejected_path)
     run = _Downloader(source, out_dir, workers, rps, tile_size, timeout, retries, backoff,
                       max_backoff, max_retry_after, session)
@@ -979,12 +955,12 @@ def download_tiles(tiles: Iterable[mercantile.Tile], source: TileSource, out_dir
         # Tiles finished this run replace what an earlier run said about them.
         missing = {s: r for s, r in read_tile_log(missing_path).items() if s not in run.finished}
         missing.update(summary.missing)
-        atomic.write_text_atomic(missing_path, "".join(f"{s}\t{r}\n" for s, r in sorted(missing.items())))
+        write_tile_log(missing_path, dict(sorted(missing.items())))
         # A tile rejected before and accepted now (--retry-rejected) leaves the rejected list.
         rejected = read_tile_log(rejected_path)
         accepted = {s for s in rejected if s in run.finished and s not in summary.rejected}
         if accepted:
-            atomic.write_text_atomic(rejected_path, "".join(f"{s}\t{r}\n" for s, r in rejected.items() if s not in accepted))
+            write_tile_log(rejected_path, {s: r for s, r in rejected.items() if s not in accepted})
         summary.seconds = time.perf_counter() - started
         if run.session is not None and session is None:
             run.session.close()

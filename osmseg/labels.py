@@ -20,9 +20,9 @@ Files written (formats are the pipeline's contract):
   row 0 at the tile's north edge. Class i (1-based, in classes-file order) is its colour
   from the classes file (#0i0i0i in classes/mine.json); the background is #000000; no other
   colour occurs.
-- ``data/sample-filtered.txt``: a header ``#source z x y <class names...> Background``, then
-  one line per kept tile ``source z x y <pixels of class 1> ... <pixels of class N>
-  <background pixels>`` (integers that sum to TILE_SIZE squared).
+- ``data/sample-filtered.txt``: a tile list (osmseg.datafiles) whose columns are the pixel
+  counts of count_labels: ``<pixels of class 1> ... <pixels of class N> <background pixels>``
+  (integers that sum to TILE_SIZE squared).
 - ``data/labels/label-stats.csv``: columns ``class,pixel_frequency,tile_count``, one row per
   class and a last row ``Background``: the share of all kept pixels (0..1) and the number of
   kept tiles in which the class occurs.
@@ -45,7 +45,7 @@ from xml.sax.saxutils import escape, quoteattr
 import mercantile
 import numpy as np
 
-from osmseg import atomic
+from osmseg import atomic, datafiles
 from osmseg.classes import Classes
 from osmseg.errors import ClassesError, UserError
 
@@ -365,11 +365,6 @@ def render_tiles(
         yield from renderer.render(source.features(bounds), group)
 
 
-def label_path(out_dir: str | os.PathLike, tile: mercantile.Tile) -> Path:
-    """Where the label of `tile` lives: out_dir/{z}-{x}-{y}.png."""
-    return Path(out_dir) / f"{tile.z}-{tile.x}-{tile.y}.png"
-
-
 def write_label(path: str | os.PathLike, rgb: np.ndarray) -> None:
     """Write an RGB uint8 label as a PNG, atomically (temporary name, then rename)."""
     import cv2
@@ -447,7 +442,7 @@ def _worker_render(tiles: list[mercantile.Tile]) -> int:
     """Render and write one group's labels in a worker; returns how many were written."""
     written = 0
     for tile, rgb in render_tiles(_worker["source"], _worker["renderer"], tiles):
-        write_label(label_path(_worker["out_dir"], tile), rgb)
+        write_label(datafiles.label_path(_worker["out_dir"], tile), rgb)
         written += 1
     return written
 
@@ -497,7 +492,7 @@ def render_labels(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     unique = list(dict.fromkeys(tiles))
-    todo = [tile for tile in unique if not label_path(out_dir, tile).exists()]
+    todo = [tile for tile in unique if not datafiles.label_path(out_dir, tile).exists()]
     summary = {"rendered": 0, "skipped": len(unique) - len(todo)}
     if not todo:
         return summary
@@ -507,7 +502,7 @@ def render_labels(
         with tqdm(total=len(todo), desc="labels", unit="tile", disable=not progress, file=sys.stderr) as bar:
             for task in tasks:
                 for tile, rgb in render_tiles(source, renderer, task):
-                    write_label(label_path(out_dir, tile), rgb)
+                    write_label(datafiles.label_path(out_dir, tile), rgb)
                     summary["rendered"] += 1
                     bar.update()
         return summary
@@ -549,19 +544,14 @@ def labelled_share(counts: np.ndarray) -> float:
     return (total - int(counts[-1])) / total if total else 0.0
 
 
-def header(classes: Classes) -> str:
-    """The header line of sample-filtered.txt."""
-    return "#source z x y " + " ".join(classes.names[1:]) + " Background"
-
-
-def format_line(source: str, tile: mercantile.Tile, counts: np.ndarray) -> str:
-    """One line of sample-filtered.txt."""
-    return f"{source} {tile.z} {tile.x} {tile.y} " + " ".join(str(int(c)) for c in counts)
+def count_columns(classes: Classes) -> list[str]:
+    """The names of count_labels' values, the count columns of data/sample-filtered.txt."""
+    return classes.names[1:] + ["Background"]
 
 
 def label_stats(counts: Sequence[np.ndarray], classes: Classes) -> list[tuple[str, float, int]]:
     """(class, pixel frequency, tile count) per class and the background, over kept tiles."""
-    names = classes.names[1:] + ["Background"]
+    names = count_columns(classes)
     if not counts:
         return [(name, 0.0, 0) for name in names]
     stacked = np.stack(counts)

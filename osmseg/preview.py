@@ -30,11 +30,10 @@ from pathlib import Path
 
 import mercantile
 
+from osmseg import datafiles
 from osmseg.atomic import write_bytes_atomic
 from osmseg.classes import Classes, load_classes
 from osmseg.errors import UserError
-from osmseg.imagery import IMAGE_SUFFIXES, find_image, read_tile_log, tile_stem
-from osmseg.tiles import read_tile_list
 from osmseg.visualise import display_palette
 
 DARK = 64  # class colours whose channels are all below this are invisible on screen
@@ -67,41 +66,27 @@ def channel_tables(classes: Classes, shown: list[tuple[int, int, int]]) -> list[
     return tables
 
 
-def read_counts(path: Path, classes: Classes) -> dict[str, list[int]] | None:
-    """Per-tile pixel counts from sample-filtered.txt: {"z-x-y": [background, class 1, ...]}.
+def read_counts(sample: datafiles.TileList, path: Path, classes: Classes) -> dict[str, list[int]] | None:
+    """Per-tile pixel counts of a filtered tile list: {"z-x-y": [background, class 1, ...]}.
 
-    The file's columns are `source z x y <class 1> ... <class N> <background>`. Returns None
-    when the file carries no counts (a plain `source z x y` list).
+    The list's columns are `<class 1> ... <class N> Background` (osmseg.datafiles). Returns
+    None when it carries no counts (a plain `source z x y` list).
+
+    Raises:
+        UserError: the columns name other classes than the classes file.
     """
-    counts: dict[str, list[int]] = {}
-    width = 4 + classes.num_classes
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if line.startswith("#"):
-            names = line[1:].split()[4:]
-            expected = [c.name for c in classes.classes] + ["Background"]
-            if names and [n.lower() for n in names] != [n.lower() for n in expected]:
-                raise UserError(
-                    f"{path}: its header names the classes {names}, but the classes file has "
-                    f"{expected}; pass the --classes used by `prepare.py labels`"
-                )
-            continue
-        fields = line.split()
-        if not fields:
-            continue
-        if len(fields) == 4:
-            return None
-        if len(fields) != width:
-            raise UserError(
-                f"{path}:{number}: expected {width} columns (source z x y, {classes.num_classes} "
-                f"counts), found {len(fields)}; is --classes the file the labels were made with?"
-            )
-        try:
-            values = [int(v) for v in fields[4:]]
-        except ValueError:
-            raise UserError(f"{path}:{number}: counts must be whole numbers") from None
-        z, x, y = fields[1:4]
-        counts[f"{z}-{x}-{y}"] = [values[-1]] + values[:-1]
-    return counts
+    if sample.counts is None:
+        return None
+    expected = [c.name for c in classes.classes] + ["Background"]
+    if [n.lower() for n in sample.columns] != [n.lower() for n in expected]:
+        raise UserError(
+            f"{path}: its header names the classes {sample.columns}, but the classes file has "
+            f"{expected}; pass the --classes used by `prepare.py labels`"
+        )
+    return {
+        datafiles.tile_stem(tile): [int(row[-1])] + [int(v) for v in row[:-1]]
+        for (_, tile), row in zip(sample.entries, sample.counts)
+    }
 
 
 def _href(target: Path, page_dir: Path) -> str:
@@ -111,30 +96,29 @@ def _href(target: Path, page_dir: Path) -> str:
 
 def collect(data_dir: Path, sample: Path, classes: Classes, page_dir: Path) -> dict:
     """The page's data: classes, display colours and one record per sampled tile."""
-    entries = read_tile_list(sample)
-    counts = read_counts(sample, classes)
+    listed = datafiles.read_tile_list(sample, make_hint="run `make data/sample-filtered.txt`")
+    counts = read_counts(listed, sample, classes)
     images, labels = data_dir / "images", data_dir / "labels" / "color"
-    rejected = read_tile_log(images / "rejected.txt")
-    missing = read_tile_log(images / "missing.txt")
+    rejected = datafiles.read_tile_log(images / datafiles.REJECTED)
+    missing = datafiles.read_tile_log(images / datafiles.MISSING)
     shown = display_colours(classes)
     tiles = []
-    for source, tile in dict.fromkeys(entries):
-        stem = tile_stem(tile)
+    for source, tile in dict.fromkeys(listed.entries):
+        stem = datafiles.tile_stem(tile)
         record = {"stem": stem, "source": source}
-        image = find_image(images, tile)
+        image = datafiles.find_image(images, tile)
         if image is not None:
             record["image"], record["status"] = _href(image, page_dir), "ok"
         elif stem in rejected:
             record["status"], record["reason"] = "rejected", rejected[stem]
-            kept = next((images / "rejected" / f"{stem}{s}" for s in IMAGE_SUFFIXES
-                         if (images / "rejected" / f"{stem}{s}").is_file()), None)
+            kept = datafiles.find_image(images, tile, folder="rejected")
             if kept is not None:
                 record["image"] = _href(kept, page_dir)
         elif stem in missing:
             record["status"], record["reason"] = "missing", missing[stem]
         else:
             record["status"] = "not downloaded"
-        label = labels / f"{stem}.png"
+        label = datafiles.label_path(labels, tile)
         if label.is_file():
             record["label"] = _href(label, page_dir)
         if counts is not None and stem in counts:

@@ -1,12 +1,4 @@
-"""Bounding boxes, tile lists and reproducible random samples of tiles.
-
-Files written here (one tile per line, fields separated by one space, `#` starts a comment):
-
-- ``data/all_tiles.txt``: ``source z x y``: the OSM source tiles (z12 for OSM QA tiles) that
-  hold data inside BBOX; ``source`` is the OSM source's name (e.g. ``demo`` for
-  data/osm/demo.mbtiles). Sorted by x, then y. (`prepare.py all-tiles`)
-- ``data/sample.txt``: ``source z x y``: the first COUNT tiles at ZOOM_LEVEL of the random
-  sample stream (see sample_stream), in stream order. (`prepare.py sample`)
+"""Tiles and bounds: bounding boxes, zooms, tile ranges and reproducible random samples of tiles.
 
 Tiles are mercantile.Tile(x, y, z) in the XYZ (slippy map) scheme: y counts from the north.
 
@@ -21,13 +13,11 @@ every candidate has been drawn.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Sequence
-from pathlib import Path
+from collections.abc import Iterator, Sequence
 
 import mercantile
 import numpy as np
 
-from osmseg import atomic
 from osmseg.errors import BBoxError, UserError
 
 MAX_LATITUDE = 85.0511287798066  # Web Mercator's limit: arctan(sinh(pi)) in degrees
@@ -109,49 +99,6 @@ def source_tiles(bbox: mercantile.LngLatBbox, zoom: int) -> list[mercantile.Tile
     if (x1 - x0 + 1) * (y1 - y0 + 1) > 10_000_000:
         raise UserError(f"{(x1 - x0 + 1) * (y1 - y0 + 1)} tiles at z{zoom} is too many to list; use a smaller zoom")
     return [mercantile.Tile(x, y, zoom) for x in range(x0, x1 + 1) for y in range(y0, y1 + 1)]
-
-
-# ---- tile lists -------------------------------------------------------------------------------
-
-
-def read_tile_list(path) -> list[tuple[str, mercantile.Tile]]:
-    """Read `source z x y` lines (extra columns, blank lines and `#` comments ignored).
-
-    Raises:
-        UserError: a missing file, or a line that is not `source z x y` (naming the line).
-    """
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such tile list; make it first (e.g. `make {path}`)") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise UserError(f"{path}: cannot read the tile list ({error})") from None
-    entries = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        fields = line.split()
-        try:
-            z, x, y = (int(field) for field in fields[1:4])
-            if len(fields) < 4 or not 0 <= z <= MAX_ZOOM or not (0 <= x < 1 << z and 0 <= y < 1 << z):
-                raise ValueError
-        except ValueError:
-            raise UserError(
-                f"{path}:{number}: expected `source z x y` with a valid tile, got {line!r}; fix or remake the file"
-            ) from None
-        entries.append((fields[0], mercantile.Tile(x, y, z)))
-    return entries
-
-
-def format_tile_list(entries: Iterable[tuple[str, mercantile.Tile]]) -> str:
-    return "".join(f"{source} {tile.z} {tile.x} {tile.y}\n" for source, tile in entries)
-
-
-def write_tile_list(path, entries: Iterable[tuple[str, mercantile.Tile]]) -> None:
-    """Write `source z x y` lines atomically (a temporary name, then a rename)."""
-    atomic.write_text_atomic(path, format_tile_list(entries))
 
 
 # ---- the random sample ------------------------------------------------------------------------
@@ -298,7 +245,7 @@ def sample_stream(
         zoom: the tiles' zoom (0-22).
         seed: the same seed, box, zoom and source tiles always give the same stream.
         within: the source tiles the tiles must lie in: Tiles, or the (source, Tile) entries
-            of data/all_tiles.txt (read_tile_list); None: the whole box.
+            of data/all_tiles.txt (osmseg.datafiles.read_tile_list); None: the whole box.
 
     Returns:
         An iterator of Tiles, or of (source name, Tile) entries when `within` holds entries

@@ -323,7 +323,7 @@ def test_prepare_cache_lists_tiles_without_images(world, capsys):
     "edit, message",
     [
         ("no_sample", "run `make data/sample-filtered.txt`"),
-        ("bad_line", "line 2"),
+        ("bad_line", ".txt:2: expected `source z x y`"),
         ("no_images", "need at least 2"),
         ("bad_classes", "already used by"),
         ("test_size", "leaves none to train on"),

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import prepare
-from osmseg import cli, imagery
+from osmseg import cli, datafiles, imagery
 from osmseg.errors import SourceError
 
 TOKEN = "pk.SECRET-token-1234567890"
@@ -117,7 +117,7 @@ def fast(source, tiles, out, **options):
 
 
 def stems(directory: Path) -> set[str]:
-    return {p.stem for p in directory.glob("*") if p.suffix in imagery.IMAGE_SUFFIXES}
+    return {p.stem for p in directory.glob("*") if p.suffix in datafiles.IMAGE_SUFFIXES}
 
 
 # --- IMAGE_TILES forms ----------------------------------------------------------------------
@@ -189,7 +189,7 @@ def test_tilejson_spreads_requests_over_its_templates_and_respects_zooms_and_bou
         neighbours = [mercantile.Tile(inside.x + i, inside.y, 17) for i in range(4)]
         summary = fast(source, neighbours + [outside], out)
         assert summary.downloaded == 4
-        assert summary.missing == {imagery.tile_stem(outside): "outside the source's bounds"}
+        assert summary.missing == {datafiles.tile_stem(outside): "outside the source's bounds"}
     assert {p.split("/")[1] for p in server.paths() if not p.endswith(".json")} == {"one", "two"}
 
     with pytest.raises(SourceError, match="serves zooms 15-18.*zoom 19"):
@@ -228,7 +228,7 @@ def test_real_portugal_tiles_through_a_file_template(portugal_dir, tmp_path):
     assert summary.downloaded == len(on_disk) == 8
     assert len(summary.missing) == 1 and not summary.rejected
     for tile in tiles:
-        written = imagery.find_image(tmp_path, tile)
+        written = datafiles.find_image(tmp_path, tile)
         original = portugal_dir / "tiles" / f"{tile.x}-{tile.y}-{tile.z}.jpg"
         assert (written is None) == (not original.exists())
         if written:
@@ -317,7 +317,7 @@ def test_retries_give_up_and_report_failed(serve, tmp_path):
     server = serve(lambda path, query, count: (500, {}, b"down"))
     source = imagery.open_tile_source(server.url + "/{z}/{x}/{y}.jpg")
     summary = fast(source, Z17[:2], tmp_path, retries=2)
-    assert set(summary.failed) == {imagery.tile_stem(t) for t in Z17[:2]}
+    assert set(summary.failed) == {datafiles.tile_stem(t) for t in Z17[:2]}
     assert "HTTP 500" in next(iter(summary.failed.values()))
     assert len(server.requests) == 6 and not stems(tmp_path)
 
@@ -347,7 +347,7 @@ def test_404_is_missing_and_the_run_goes_on(serve, tmp_path):
     source = imagery.open_tile_source(server.url + "/{z}/{x}/{y}.jpg")
     summary = fast(source, Z17, tmp_path)
     assert len(summary.missing) == 4 and summary.downloaded == 8 and not summary.failed
-    assert set(imagery.read_tile_log(tmp_path / "missing.txt")) == set(summary.missing)
+    assert set(datafiles.read_tile_log(tmp_path / "missing.txt")) == set(summary.missing)
 
 
 def token_server(serve):
@@ -431,7 +431,7 @@ def test_resume_after_an_interruption_downloads_only_the_rest(serve, tmp_path):
     assert summary.skipped == len(first) and summary.downloaded == len(Z17) - len(first)
     assert len(server.requests) - asked_before == len(Z17) - len(first)
     assert (tmp_path / "rejected" / f"existing-{spoiled.name}").stat().st_size == 100  # set aside, not lost
-    assert stems(tmp_path) == {imagery.tile_stem(t) for t in Z17}
+    assert stems(tmp_path) == {datafiles.tile_stem(t) for t in Z17}
     assert not list(tmp_path.rglob(".*partial*"))
 
 
@@ -456,7 +456,7 @@ def test_blank_corrupt_and_wrong_size_images_are_rejected(serve, tmp_path):
     tiles = [mercantile.Tile(x, 65536, 17) for x in range(65536, 65541)]
     summary = fast(source, tiles, tmp_path)
     assert summary.downloaded == 1 and len(summary.rejected) == 4
-    reasons = imagery.read_tile_log(tmp_path / "rejected.txt")
+    reasons = datafiles.read_tile_log(tmp_path / "rejected.txt")
     assert "black pixels" in reasons["17-65536-65536"]
     assert "white pixels" in reasons["17-65537-65536"]
     assert "corrupt" in reasons["17-65538-65536"]
@@ -472,7 +472,7 @@ def test_blank_corrupt_and_wrong_size_images_are_rejected(serve, tmp_path):
     bodies[65536] = kept  # the provider fixed a tile: asked again on request, it leaves the list
     retried = fast(source, tiles, tmp_path, retry_rejected=True)
     assert retried.downloaded == 1 and len(retried.rejected) == 3
-    assert "17-65536-65536" not in imagery.read_tile_log(tmp_path / "rejected.txt")
+    assert "17-65536-65536" not in datafiles.read_tile_log(tmp_path / "rejected.txt")
     assert len((tmp_path / "rejected.txt").read_text().splitlines()) == 3  # rewritten: one line a tile
 
 
@@ -554,7 +554,7 @@ def test_images_command_reports_the_training_set(serve, tmp_path, capsys):
     labels = tmp_path / "labels"
     labels.mkdir()
     for tile in Z17[:10]:
-        (labels / f"{imagery.tile_stem(tile)}.png").write_bytes(b"")
+        (labels / f"{datafiles.tile_stem(tile)}.png").write_bytes(b"")
     out = tmp_path / "images"
     args = ["images", "--sample", str(sample), "--image-tiles", server.url + "/{z}/{x}/{y}.jpg",
             "--out", str(out), "--labels", str(labels)]
@@ -625,7 +625,7 @@ def demo(demo_server):
 
 def assert_served_bytes(server, directory: Path):
     for tile in server.demo_tiles:
-        assert (directory / f"{imagery.tile_stem(tile)}.jpg").read_bytes() == server.tile_bytes(tile)
+        assert (directory / f"{datafiles.tile_stem(tile)}.jpg").read_bytes() == server.tile_bytes(tile)
 
 
 def test_demo_form_starts_and_stops_its_own_server(tmp_path, demo_server):
@@ -695,7 +695,7 @@ def test_demo_form_takes_the_seed_of_the_world_it_serves(tmp_path):
     tile = mercantile.tile(0.001, 0.001, 17)
     with imagery.open_tile_source("demo:3") as source:
         fast(source, [tile], tmp_path)
-    served = (tmp_path / f"{imagery.tile_stem(tile)}.jpg").read_bytes()
+    served = (tmp_path / f"{datafiles.tile_stem(tile)}.jpg").read_bytes()
     with tileserver.DemoTileServer(seed=3) as same, tileserver.DemoTileServer(seed=0) as other:
         assert served == same.tile_bytes(tile) != other.tile_bytes(tile)
     with pytest.raises(SourceError, match="demo:<whole number>"):

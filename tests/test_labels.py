@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from shapely.geometry import LineString, Point, box
 
-from osmseg import cli, labels
+from osmseg import cli, datafiles, labels
 from osmseg.classes import parse_classes
 from osmseg.errors import ClassesError, UserError
 from osmseg.osm import Feature
@@ -406,11 +406,10 @@ def test_filter_tiles_draws_more_until_the_count_passes():
     assert len(rendered) == len(set(rendered)) and rendered[0].x == 4 and len(rendered) < 100
 
 
-def test_stats_and_lines_formats():
+def test_stats_and_count_columns():
     classes = classes_of(("water", "#010101", 1, "[a] = 'b'"), ("road", "#020202", 1, "[a] = 'c'"))
     counts = [np.array([3, 0, 13]), np.array([1, 2, 13])]
-    assert labels.header(classes) == "#source z x y water road Background"
-    assert labels.format_line("demo", mercantile.Tile(5, 6, 17), counts[0]) == "demo 17 5 6 3 0 13"
+    assert labels.count_columns(classes) == ["water", "road", "Background"]
     rows = labels.label_stats(counts, classes)
     assert rows == [("water", 4 / 32, 2), ("road", 2 / 32, 1), ("Background", 26 / 32, 2)]
     assert labels.stats_csv(rows).splitlines()[0] == "class,pixel_frequency,tile_count"
@@ -419,7 +418,6 @@ def test_stats_and_lines_formats():
 @pytest.fixture
 def little_world(tmp_path):
     """A z12 source holding buildings in exactly 6 of the 16 z17 tiles of a 4x4 box."""
-    from osmseg import tiles
 
     corner = mercantile.Tile(TILE.x, TILE.y - 3, 17)
     box_tiles = [mercantile.Tile(corner.x + i, corner.y + j, 17) for i in range(4) for j in range(4)]
@@ -433,7 +431,7 @@ def little_world(tmp_path):
     classes_path = tmp_path / "classes.json"
     classes_path.write_text(CLASSES.to_json())
     all_tiles = tmp_path / "all_tiles.txt"
-    tiles.write_tile_list(all_tiles, [("little", mercantile.parent(TILE, zoom=12))])
+    datafiles.write_tile_list(all_tiles, [("little", mercantile.parent(TILE, zoom=12))])
     return {
         "path": path,
         "bbox": bbox,
@@ -452,9 +450,9 @@ def run_stage(world, stage, sample_count, count, capsys):
 
     d = world["dir"]
     bbox = tiles.parse_bbox(world["bbox"])
-    stream = tiles.sample_entries(bbox, 17, 0, tiles.read_tile_list(world["all_tiles"]))
+    stream = tiles.sample_entries(bbox, 17, 0, datafiles.read_tile_list(world["all_tiles"]).entries)
     sample = [entry for _, entry in zip(range(sample_count), stream)]
-    tiles.write_tile_list(d / "sample.txt", sample)
+    datafiles.write_tile_list(d / "sample.txt", sample)
     common = [
         "--classes",
         str(world["classes"]),

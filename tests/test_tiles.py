@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import prepare
-from osmseg import tiles
+from osmseg import datafiles, tiles
 from osmseg.errors import BBoxError, UserError
 
 UK = "-8.65,49.86,1.77,60.86"
@@ -176,43 +176,6 @@ def test_sample_entries_name_the_source():
 # ---- tile lists -------------------------------------------------------------------------------
 
 
-@given(
-    st.lists(
-        st.tuples(
-            st.sampled_from(["demo", "monaco"]),
-            st.integers(0, 22),
-            st.integers(0, 2**22 - 1),
-            st.integers(0, 2**22 - 1),
-        ),
-        max_size=20,
-    )
-)
-def test_tile_lists_round_trip(tmp_path_factory, rows):
-    entries = [(s, mercantile.Tile(x % (1 << z), y % (1 << z), z)) for s, z, x, y in rows]
-    path = tmp_path_factory.mktemp("lists") / "list.txt"
-    tiles.write_tile_list(path, entries)
-    assert tiles.read_tile_list(path) == entries
-
-
-def test_read_tile_list_skips_headers_and_extra_columns(tmp_path):
-    path = tmp_path / "sample-filtered.txt"
-    path.write_text("#source z x y building Background\ndemo 17 5 6 10 65526\n\n")
-    assert tiles.read_tile_list(path) == [("demo", mercantile.Tile(5, 6, 17))]
-
-
-@pytest.mark.parametrize("line", ["demo 17 5", "demo 17 x 6", "demo 17 131072 0", "demo 23 0 0"])
-def test_read_tile_list_names_a_bad_line(tmp_path, line):
-    path = tmp_path / "list.txt"
-    path.write_text(f"demo 12 1 1\n{line}\n")
-    with pytest.raises(UserError, match=r"list.txt:2: expected `source z x y`"):
-        tiles.read_tile_list(path)
-
-
-def test_read_missing_tile_list(tmp_path):
-    with pytest.raises(UserError, match="no such tile list"):
-        tiles.read_tile_list(tmp_path / "absent.txt")
-
-
 # ---- prepare.py all-tiles and sample ----------------------------------------------------------
 
 
@@ -226,7 +189,7 @@ def test_all_tiles_and_sample_on_monaco(monaco_mbtiles, tmp_path, capsys):
     bbox = "7.3,43.5,7.6,43.8"
     status, _ = _prepare(["all-tiles", "--osm", str(monaco_mbtiles), "--bbox", bbox, "--out", str(all_tiles)], capsys)
     assert status == 0
-    entries = tiles.read_tile_list(all_tiles)
+    entries = datafiles.read_tile_list(all_tiles).entries
     assert len(entries) == 7 and {s for s, _ in entries} == {"monaco"}
     status, _ = _prepare(
         [
@@ -245,7 +208,7 @@ def test_all_tiles_and_sample_on_monaco(monaco_mbtiles, tmp_path, capsys):
         capsys,
     )
     assert status == 0
-    drawn = tiles.read_tile_list(sample)
+    drawn = datafiles.read_tile_list(sample).entries
     assert len(drawn) == 100 and len(set(drawn)) == 100
     # The file is the stream's first 100 tiles.
     stream = tiles.sample_entries(tiles.parse_bbox(bbox), 17, 3, entries)
@@ -254,13 +217,13 @@ def test_all_tiles_and_sample_on_monaco(monaco_mbtiles, tmp_path, capsys):
 
 def test_sample_keeps_all_when_the_box_is_small(tmp_path, capsys):
     all_tiles, sample = tmp_path / "all_tiles.txt", tmp_path / "sample.txt"
-    tiles.write_tile_list(all_tiles, [("demo", mercantile.Tile(2132, 1493, 12))])
+    datafiles.write_tile_list(all_tiles, [("demo", mercantile.Tile(2132, 1493, 12))])
     bbox = "7.4200,43.7300,7.4250,43.7330"
     status, err = _prepare(
         ["sample", "--all-tiles", str(all_tiles), "--bbox", bbox, "--count", "1000", "--out", str(sample)], capsys
     )
     assert status == 0
-    drawn = tiles.read_tile_list(sample)
+    drawn = datafiles.read_tile_list(sample).entries
     assert 1 <= len(drawn) < 20 and f"holds only {len(drawn)} tiles" in err and "keeping them all" in err
 
 
@@ -274,7 +237,7 @@ def test_sample_keeps_all_when_the_box_is_small(tmp_path, capsys):
 )
 def test_sample_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, argv, message):
     all_tiles, sample = tmp_path / "all_tiles.txt", tmp_path / "sample.txt"
-    tiles.write_tile_list(all_tiles, [("demo", mercantile.Tile(2132, 1493, 12))])
+    datafiles.write_tile_list(all_tiles, [("demo", mercantile.Tile(2132, 1493, 12))])
     status, err = _prepare(["sample", "--all-tiles", str(all_tiles), "--out", str(sample)] + argv, capsys)
     assert status == 2 and message in err and not sample.exists()
 
@@ -291,7 +254,7 @@ def test_all_tiles_from_a_geojson_file(portugal_dir, tmp_path, capsys):
     geojson = str(portugal_dir / "labels.geojson")
     argv = ["all-tiles", "--osm-source", "file", "--osm", geojson, "--bbox=-9.5,38.8,-9.4,38.9", "--out", str(out)]
     status, _ = _prepare(argv, capsys)
-    assert status == 0 and out.read_text() == "labels 12 1940 1567\n"
+    assert status == 0 and datafiles.read_tile_list(out).entries == [("labels", mercantile.Tile(1940, 1567, 12))]
 
 
 def test_all_tiles_missing_mbtiles_exits_2(tmp_path, capsys):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from osmseg import tiles
+from osmseg import datafiles, tiles
 from osmseg.commands import options
 from osmseg.errors import SourceError
 
@@ -33,6 +33,6 @@ def main(args) -> int:
             f"{args.osm}: no OSM data inside the bounding box {args.bbox}; pick a box inside the file's area "
             "or another OSM file"
         )
-    tiles.write_tile_list(args.out, [(name, tile) for tile in found])
+    datafiles.write_tile_list(args.out, [(name, tile) for tile in found])
     print(f"{args.out}: {len(found)} z{found[0].z} source tiles of {name!r} inside {args.bbox}", file=sys.stderr)
     return 0

@@ -8,17 +8,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from osmseg import atomic
+from osmseg import atomic, datafiles
 from osmseg.cache import (
     BuildSummary,
     _skipped_text,
     build_cache,
     default_workers,
-    find_image,
-    read_sample,
     report,
     split_indices,
-    tile_stem,
 )
 from osmseg.classes import load_classes
 from osmseg.errors import UserError
@@ -59,20 +56,20 @@ def main(args) -> int:
     if args.test_size <= 0:
         raise UserError(f"--test-size {args.test_size}: must be positive; validate.py measures on the held-back test set")
     check_distinct({"--sample": args.sample, "--test-list": args.test_list, "--out": args.out, "--test-out": args.test_out})
-    header, rows = read_sample(args.sample)
+    sample = datafiles.read_tile_list(args.sample, make_hint="run `make data/sample-filtered.txt`")
     kept, missing = [], BuildSummary(args.out)
-    for (source, tile), line in rows:
-        if find_image(args.images, tile) is None:
+    for row, (source, tile) in enumerate(sample.entries):
+        if datafiles.find_image(args.images, tile) is None:
             missing.skip(
                 f"no image in {args.images} (not downloaded yet, or rejected: see rejected.txt and missing.txt there)",
-                tile_stem(tile),
+                datafiles.tile_stem(tile),
             )
-        elif not (args.labels / f"{tile_stem(tile)}.png").is_file():
-            missing.skip(f"no label in {args.labels} (run `make data/labels/color`)", tile_stem(tile))
+        elif not datafiles.label_path(args.labels, tile).is_file():
+            missing.skip(f"no label in {args.labels} (run `make data/labels/color`)", datafiles.tile_stem(tile))
         else:
-            kept.append(((source, tile), line))
+            kept.append(row)
     if missing.skipped:
-        print(f"{args.sample}: {len(kept)} of {len(rows)} tiles have an image and a label{_skipped_text(missing)}")
+        print(f"{args.sample}: {len(kept)} of {len(sample)} tiles have an image and a label{_skipped_text(missing)}")
     if len(kept) < 2:
         raise UserError(
             f"{args.sample}: {len(kept)} tile(s) have both an image and a label; need at least 2 "
@@ -80,9 +77,12 @@ def main(args) -> int:
         )
     train, test = split_indices(len(kept), args.test_size, args.seed)
     # Written only when it changes, so that make sees an unchanged file as up to date.
-    test_text = "".join(f"{kept[i][1]}\n" for i in test)
-    if header:
-        test_text = f"{header}\n{test_text}"
+    held_back = [kept[i] for i in test]
+    test_text = datafiles.format_tile_list(
+        [sample.entries[row] for row in held_back],
+        columns=sample.columns,
+        counts=None if sample.counts is None else sample.counts[held_back],
+    )
     if not args.test_list.exists() or args.test_list.read_text() != test_text:
         atomic.write_text_atomic(args.test_list, test_text)
     print(f"{args.test_list}: {len(test)} tiles held back for testing (seed {args.seed}), {len(train)} for training")
@@ -90,7 +90,7 @@ def main(args) -> int:
     params = {"seed": args.seed, "test_size": args.test_size, "sample": str(args.sample)}
     for role, indices, out in (("training", train, args.out), ("testing", test, args.test_out)):
         summary = build_cache(
-            [kept[i][0] for i in indices], args.images, args.labels, classes, out, args.tile_size,
+            [sample.entries[kept[i]] for i in indices], args.images, args.labels, classes, out, args.tile_size,
             params=dict(params, role=role), workers=args.workers,
         )
         report(summary)

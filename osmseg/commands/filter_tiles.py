@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from osmseg import atomic, labels, tiles
+from osmseg import atomic, datafiles, labels, tiles
 from osmseg.classes import Classes, load_classes
 from osmseg.commands import options
 from osmseg.commands.labels import read_sample
@@ -68,18 +68,18 @@ def main(args) -> int:
     zoom = tiles.check_zoom(args.zoom, "--zoom")
     classes = load_classes(args.classes)
     labels.check_filters(classes, str(args.classes))
-    entries = read_sample(args.sample)
+    entries = read_sample(args.sample).entries
     labels_dir = Path(args.labels)
 
     def counts_of(tile):
-        return _counts_of(labels.label_path(labels_dir, tile), classes, str(args.classes), args.tile_size)
+        return _counts_of(datafiles.label_path(labels_dir, tile), classes, str(args.classes), args.tile_size)
 
     in_sample = {tile for _, tile in entries}
 
     def more():
         # The same stream that drew data/sample.txt (same box, zoom, seed, source tiles),
         # read on past the tiles the sample already holds.
-        within = tiles.read_tile_list(args.all_tiles)
+        within = datafiles.read_tile_list(args.all_tiles).entries
         for entry in tiles.sample_entries(bbox, zoom, args.seed, within):
             if entry[1] not in in_sample:
                 yield entry
@@ -107,8 +107,12 @@ def main(args) -> int:
             f"(of {considered} tiles at z{args.zoom}), fewer than --count {args.count}; keeping all {len(kept)}",
             file=sys.stderr,
         )
-    lines = [labels.header(classes)] + [labels.format_line(source, tile, counts) for source, tile, counts in kept]
-    atomic.write_text_atomic(args.out, "\n".join(lines) + "\n")
+    datafiles.write_tile_list(
+        args.out,
+        [(source, tile) for source, tile, _ in kept],
+        columns=labels.count_columns(classes),
+        counts=[counts for _, _, counts in kept],
+    )
     atomic.write_text_atomic(args.stats, labels.stats_csv(labels.label_stats([counts for _, _, counts in kept], classes)))
     print(f"filter: kept {len(kept)} of {considered} tiles looked at, in {args.out}", file=sys.stderr)
     return 0

@@ -15,17 +15,9 @@ from pathlib import Path
 
 import mercantile
 
+from osmseg.datafiles import MISSING, REJECTED, find_image, label_path, read_tile_list, read_tile_log, tile_stem
 from osmseg.errors import SourceError, UserError
-from osmseg.imagery import (
-    TOKEN_ENV,
-    DownloadSummary,
-    download_tiles,
-    find_image,
-    open_tile_source,
-    read_tile_log,
-    tile_stem,
-)
-from osmseg.tiles import read_tile_list
+from osmseg.imagery import TOKEN_ENV, DownloadSummary, download_tiles, open_tile_source
 
 NAME = "images"
 HELP = "download the imagery tiles of the filtered sample"
@@ -69,15 +61,15 @@ def training_set_report(entries: Sequence[tuple[str, mercantile.Tile]], images: 
                         summary: DownloadSummary | None = None) -> str:
     """Say how many sampled tiles have both a label and an accepted image, and why others lack one."""
     tiles = list(dict.fromkeys(tile for _, tile in entries))
-    with_label = {t for t in tiles if (labels / f"{tile_stem(t)}.png").is_file()}
+    with_label = {t for t in tiles if label_path(labels, t).is_file()}
     with_image = {t for t in tiles if find_image(images, t) is not None}
     both = with_label & with_image
     short = len(tiles) - len(both)
     text = f"training set: {len(both)} of {len(tiles)} sampled tiles have both a label and an accepted image"
     if short:
         reasons = []
-        rejected = read_tile_log(images / "rejected.txt")
-        missing = read_tile_log(images / "missing.txt")
+        rejected = read_tile_log(images / REJECTED)
+        missing = read_tile_log(images / MISSING)
         failed = summary.failed if summary else {}
         no_image = [t for t in tiles if t not in with_image]
         counts = {
@@ -94,14 +86,14 @@ def training_set_report(entries: Sequence[tuple[str, mercantile.Tile]], images: 
 
 def main(args) -> int:
     token = getattr(args, "token", None) or os.environ.get(TOKEN_ENV) or None
-    entries = read_tile_list(args.sample)
+    entries = read_tile_list(args.sample).entries
     if args.tile_size < 1:
         raise UserError(f"--tile-size {args.tile_size}: give a positive number of pixels")
     if args.retries < 0:
         raise UserError(f"--retries {args.retries}: give zero or more")
     # Every tile already there (or rejected before)? Then do not even open the source: a
     # TileJSON request is a billed API call, and the demo server takes seconds to start.
-    rejected = {} if args.retry_rejected else read_tile_log(args.out / "rejected.txt")
+    rejected = {} if args.retry_rejected else read_tile_log(args.out / REJECTED)
     pending = [t for _, t in entries if find_image(args.out, t) is None and tile_stem(t) not in rejected]
     if not pending:
         print(f"images: all {len(entries)} tiles are in {args.out} already (or were rejected); nothing to download")

@@ -7,9 +7,8 @@ data/sample.txt that has no label yet, so a re-run resumes; the work uses every 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-from osmseg import labels, tiles
+from osmseg import datafiles, labels, tiles
 from osmseg.classes import load_classes
 from osmseg.commands import options
 from osmseg.errors import UserError
@@ -28,11 +27,9 @@ def add_arguments(parser) -> None:
     options.add_workers(parser, "processes to render with")
 
 
-def read_sample(path) -> list:
-    """The sample's (source, Tile) entries, or a UserError saying how to make it."""
-    if not Path(path).exists():
-        raise UserError(f"{path}: no such tile list; run `make data/sample.txt` (prepare.py sample) first")
-    return tiles.read_tile_list(path)
+def read_sample(path) -> datafiles.TileList:
+    """The sample, or a UserError saying how to make it."""
+    return datafiles.read_tile_list(path, make_hint="run `make data/sample.txt` (prepare.py sample)")
 
 
 def check_source_names(entries, source, sample_path) -> None:
@@ -49,7 +46,7 @@ def main(args) -> int:
     options.check_tile_size(args.tile_size)
     classes = load_classes(args.classes)
     labels.LabelRenderer(classes, args.tile_size, origin=str(args.classes))  # checks every filter up front
-    entries = read_sample(args.sample)
+    entries = read_sample(args.sample).entries
     with options.open_osm_source(args, tiles.parse_bbox(args.bbox)) as source:
         check_source_names(entries, source, args.sample)
         summary = labels.render_labels(

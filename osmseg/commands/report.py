@@ -11,13 +11,9 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-import mercantile
-
-from osmseg import cli
+from osmseg import cli, datafiles
 from osmseg.commands import options
 from osmseg.errors import UserError
-
-IMAGE_SUFFIXES = (".jpg", ".png", ".webp")
 
 # Every output of a full run, in pipeline order: (path, what it holds).
 OUTPUTS = (
@@ -40,17 +36,11 @@ OUTPUTS = (
 
 def held_out_image(test_list: Path, images: Path) -> Path:
     """The image of the first held-back test tile that has one."""
-    if not test_list.exists():
-        raise UserError(f"{test_list}: no test list; run `make data/training.hdf5` first")
-    for line in test_list.read_text().splitlines():
-        if not line.strip() or line.startswith("#"):
-            continue
-        _, z, x, y = line.split()[:4]
-        tile = mercantile.Tile(int(x), int(y), int(z))
-        for suffix in IMAGE_SUFFIXES:
-            path = images / f"{tile.z}-{tile.x}-{tile.y}{suffix}"
-            if path.exists():
-                return path
+    listed = datafiles.read_tile_list(test_list, make_hint="run `make data/training.hdf5`")
+    for tile in listed.tiles:
+        path = datafiles.find_image(images, tile)
+        if path is not None:
+            return path
     raise UserError(f"{test_list}: none of its tiles has an image in {images}")
 
 

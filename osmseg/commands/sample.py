@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from osmseg import tiles
+from osmseg import datafiles, tiles
 from osmseg.commands import options
 from osmseg.errors import UserError
 
@@ -31,7 +31,7 @@ def main(args) -> int:
     zoom = tiles.check_zoom(args.zoom, "--zoom")
     if args.count <= 0:
         raise UserError(f"--count (TRAIN_SIZE) {args.count} must be positive; ask for at least one tile")
-    entries = tiles.read_tile_list(args.all_tiles)
+    entries = datafiles.read_tile_list(args.all_tiles).entries
     if not entries:
         raise UserError(f"{args.all_tiles}: lists no source tiles; remake it (make {args.all_tiles}) with another BBOX")
     stream = tiles.SampleStream(bbox, zoom, args.seed, entries)
@@ -45,6 +45,6 @@ def main(args) -> int:
             f"(asked for {args.count}); keeping them all",
             file=sys.stderr,
         )
-    tiles.write_tile_list(args.out, sample)
+    datafiles.write_tile_list(args.out, sample)
     print(f"{args.out}: {len(sample)} z{zoom} tiles drawn with seed {args.seed}", file=sys.stderr)
     return 0
