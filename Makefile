@@ -86,33 +86,30 @@ data/all_tiles.txt: $(OSM_PREREQ) | $(INSTALLED)
 	$(PY) prepare.py all-tiles --osm-source $(OSM_SOURCE) --osm $(OSM) --bbox=$(BBOX) \
 		--classes $(CLASSES) --overpass-url $(OVERPASS_URL) --out $@
 
+# Each tile list records how it was made (its #made-by line: OSM source, box, zoom, seed...),
+# so later stages take those from the list rather than from more flags.
 data/sample.txt: data/all_tiles.txt
-	$(PY) prepare.py sample --all-tiles $< --bbox=$(BBOX) --zoom $(ZOOM_LEVEL) \
-		--count $(TRAIN_SIZE) --seed $(SEED) --out $@
+	$(PY) prepare.py sample --all-tiles $< --zoom $(ZOOM_LEVEL) --count $(TRAIN_SIZE) --seed $(SEED) --out $@
 
 data/labels/color: data/sample.txt $(CLASSES)
-	$(PY) prepare.py labels --sample $< --classes $(CLASSES) --osm-source $(OSM_SOURCE) \
-		--osm $(OSM) --bbox=$(BBOX) --tile-size $(TILE_SIZE) --out $@
+	$(PY) prepare.py labels --sample $< --classes $(CLASSES) --tile-size $(TILE_SIZE) --out $@
 	touch $@
 
 data/sample-filtered.txt: data/labels/color
 	$(PY) prepare.py filter --sample data/sample.txt --labels $< --classes $(CLASSES) \
-		--label-ratio $(LABEL_RATIO) --count $(TRAIN_SIZE) --bbox=$(BBOX) --zoom $(ZOOM_LEVEL) \
-		--seed $(SEED) --all-tiles data/all_tiles.txt --osm-source $(OSM_SOURCE) --osm $(OSM) \
-		--tile-size $(TILE_SIZE) --out $@ --stats data/labels/label-stats.csv
+		--label-ratio $(LABEL_RATIO) --tile-size $(TILE_SIZE) --out $@ --stats data/labels/label-stats.csv
 
 # --- Imagery ------------------------------------------------------------------------
 
 data/images: data/sample-filtered.txt
 	@echo "$(PY) prepare.py images --sample $< --out $@ (IMAGE_TILES not echoed: it may hold a token)"
 	@$(PY) prepare.py images --sample $< --image-tiles '$(IMAGE_TILES)' --out $@ \
-		--labels data/labels/color --workers $(WORKERS) --tile-size $(TILE_SIZE)
+		--labels data/labels/color --workers $(WORKERS)
 	touch $@
 
 # Needs only the labels, so you can look before paying for imagery; images show as they arrive.
 preview: data/sample-filtered.txt
-	$(PY) prepare.py preview --data data --sample data/sample-filtered.txt --classes $(CLASSES) \
-		--out data/preview.html
+	$(PY) prepare.py preview --data data --sample data/sample-filtered.txt --out data/preview.html
 
 serve-demo: | $(INSTALLED)
 	$(PY) prepare.py serve-demo --port 8765 --seed $(DEMO_SEED)
@@ -121,8 +118,7 @@ serve-demo: | $(INSTALLED)
 
 data/training.hdf5 data/testing.hdf5 &: data/images
 	$(PY) prepare.py cache --sample data/sample-filtered.txt --images data/images \
-		--labels data/labels/color --classes $(CLASSES) --tile-size $(TILE_SIZE) \
-		--test-size $(TEST_SIZE) --seed $(SEED) --test-list data/test-sample-filtered.txt \
+		--labels data/labels/color --test-size $(TEST_SIZE) --test-list data/test-sample-filtered.txt \
 		--out data/training.hdf5 --test-out data/testing.hdf5
 
 # Bring your own labelled imagery: make import IMAGES=dir MASKS=dir, then

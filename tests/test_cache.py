@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 import prepare
-from osmseg import cache, cli
+from osmseg import cache, cli, datafiles
 from osmseg.classes import IGNORE, parse_classes
 from osmseg.commands import import_masks
 from osmseg.errors import CacheError, UserError
@@ -296,7 +296,9 @@ def test_prepare_cache_holds_back_the_test_set(world, capsys):
     root = world["root"]
     test_lines = (root / "test-sample-filtered.txt").read_text().splitlines()
     assert test_lines[0].startswith("#source z x y")
-    held = {tuple(map(int, line.split()[1:4])) for line in test_lines[1:]}
+    test_list = datafiles.read_tile_list(root / "test-sample-filtered.txt")
+    assert test_list.made_by["command"] == "cache" and test_list.made_by["test_seed"] == 7
+    held = {(tile.z, tile.x, tile.y) for tile in test_list.tiles}
     assert len(held) == 3
     with h5py.File(root / "training.hdf5", "r") as train, h5py.File(root / "testing.hdf5", "r") as test:
         trained = {tuple(t) for t in train["tiles"][:]}

@@ -492,9 +492,9 @@ def run_stage(world, stage, sample_count, count, capsys):
 
 
 def read_filtered(path):
-    lines = path.read_text().splitlines()
-    rows = [line.split() for line in lines[1:]]
-    return lines[0], [(mercantile.Tile(int(r[2]), int(r[3]), int(r[1])), [int(c) for c in r[4:]]) for r in rows]
+    listed = datafiles.read_tile_list(path)
+    header = path.read_text().splitlines()[0]
+    return header, [(tile, counts.tolist()) for tile, counts in zip(listed.tiles, listed.counts)]
 
 
 def test_filter_keeps_exactly_count_tiles_drawing_past_the_sample(little_world, capsys):
@@ -534,6 +534,34 @@ def test_filter_bad_input_exits_2(little_world, capsys, tmp_path):
         status = cli.run(prepare.main, ["filter", "--bbox=0,0,1,1", "--classes", str(little_world["classes"]), *args])
         assert status == 2
         assert words in capsys.readouterr().err
+
+
+def test_filter_takes_the_stream_from_the_sample_and_refuses_another(little_world, capsys):
+    import prepare
+
+    d = little_world["dir"]
+    common = ["--classes", str(little_world["classes"]), "--tile-size", str(SIZE), "--workers", "1"]
+    little_world["all_tiles"].write_text(
+        little_world["all_tiles"].read_text().replace("#source z x y\n", "#source z x y\n#made-by "
+        + json.dumps({"command": "all-tiles", "osm_source": "qa-tiles", "osm": str(little_world["path"]),
+                      "bbox": little_world["bbox"]}) + "\n")
+    )
+    sample = ["sample", "--all-tiles", str(little_world["all_tiles"]), "--zoom", "17", "--count", "3"]
+    assert cli.run(prepare.main, [*sample, "--seed", "0", "--out", str(d / "sample.txt")]) == 0
+    made_by = datafiles.read_tile_list(d / "sample.txt").made_by
+    assert made_by["bbox"] == little_world["bbox"] and made_by["seed"] == 0 and made_by["osm"] == str(little_world["path"])
+    # No --osm, --bbox, --seed or --count: all come from the sample's record.
+    assert cli.run(prepare.main, ["labels", "--sample", str(d / "sample.txt"), "--out", str(d / "color"), *common]) == 0
+    filtered = ["filter", "--sample", str(d / "sample.txt"), "--labels", str(d / "color"), "--label-ratio", "0.001",
+                "--out", str(d / "kept.txt"), "--stats", str(d / "stats.csv"), *common]
+    assert cli.run(prepare.main, filtered) == 0
+    kept = datafiles.read_tile_list(d / "kept.txt")
+    assert set(kept.tiles) <= little_world["with_buildings"] and len(kept) == 3  # drew past the sample
+    assert kept.made_by["command"] == "filter" and kept.made_by["label_ratio"] == 0.001
+    capsys.readouterr()
+    assert cli.run(prepare.main, [*filtered, "--seed", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "--seed 1: " in err and "was made with --seed 0" in err
 
 
 def test_portugal_labels_agree_between_qa_tiles_and_geojson(portugal_dir, classes_file):

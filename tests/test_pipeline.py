@@ -17,7 +17,7 @@ import feed_forward
 import prepare
 import train
 import validate
-from osmseg import cli
+from osmseg import cli, datafiles
 from osmseg.classes import load_classes
 
 # A corner of the demo world that straddles the z12 tile border at 0°E, 0°N.
@@ -36,29 +36,30 @@ def test_whole_pipeline_on_a_tiny_demo_world(tmp_path, classes_file):
     _ok(prepare.main, ["demo-world", "--out", osm])
     _ok(prepare.main, ["all-tiles", "--osm-source", "qa-tiles", "--osm", osm, f"--bbox={BBOX}",
                        "--out", d / "all_tiles.txt"])
-    _ok(prepare.main, ["sample", "--all-tiles", d / "all_tiles.txt", f"--bbox={BBOX}", "--zoom", 17,
-                       "--count", TILES, "--seed", 0, "--out", d / "sample.txt"])
+    # Later stages take the OSM source, box, zoom and seed from the lists' #made-by records.
+    _ok(prepare.main, ["sample", "--all-tiles", d / "all_tiles.txt", "--zoom", 17, "--count", TILES,
+                       "--seed", 0, "--out", d / "sample.txt"])
     _ok(prepare.main, ["labels", "--sample", d / "sample.txt", "--classes", classes_file,
-                       "--osm-source", "qa-tiles", "--osm", osm, "--out", d / "labels" / "color",
-                       "--workers", 1])
+                       "--out", d / "labels" / "color", "--workers", 1])
     _ok(prepare.main, ["filter", "--sample", d / "sample.txt", "--labels", d / "labels" / "color",
-                       "--classes", classes_file, "--count", TILES, f"--bbox={BBOX}", "--zoom", 17,
-                       "--seed", 0, "--all-tiles", d / "all_tiles.txt", "--osm-source", "qa-tiles",
-                       "--osm", osm, "--out", d / "sample-filtered.txt",
+                       "--classes", classes_file, "--out", d / "sample-filtered.txt",
                        "--stats", d / "labels" / "label-stats.csv"])
     _ok(prepare.main, ["images", "--sample", d / "sample-filtered.txt", "--image-tiles", "demo",
                        "--out", d / "images", "--labels", d / "labels" / "color"])
     _ok(prepare.main, ["cache", "--sample", d / "sample-filtered.txt", "--images", d / "images",
-                       "--labels", d / "labels" / "color", "--classes", classes_file,
-                       "--test-size", 2, "--test-list", d / "test-sample-filtered.txt",
+                       "--labels", d / "labels" / "color", "--test-size", 2,
+                       "--test-list", d / "test-sample-filtered.txt",
                        "--out", d / "training.hdf5", "--test-out", d / "testing.hdf5"])
+    made_by = datafiles.read_tile_list(d / "sample-filtered.txt").made_by
+    assert made_by["command"] == "filter" and made_by["osm"] == str(osm) and made_by["bbox"] == BBOX
+    assert (made_by["zoom"], made_by["seed"], made_by["count"]) == (17, 0, TILES)
 
     # Every sampled tile has a label of exactly class colours, and an image.
     classes = load_classes(classes_file)
     lines = [l.split() for l in (d / "sample-filtered.txt").read_text().splitlines()]
     assert lines[0][0] == "#source" and lines[0][4:] == classes.names[1:] + ["Background"]
-    assert len(lines) == TILES + 1
-    for source, z, x, y, *counts in lines[1:]:
+    assert lines[1][0] == "#made-by" and len(lines) == TILES + 2
+    for source, z, x, y, *counts in lines[2:]:
         label = cv2.imread(str(d / "labels" / "color" / f"{z}-{x}-{y}.png"))[..., ::-1]
         colours = {tuple(c) for c in label.reshape(-1, 3)}
         assert colours <= {tuple(c) for c in classes.palette}

@@ -1,7 +1,8 @@
 """prepare.py all-tiles: list the OSM source tiles that intersect a bounding box.
 
 Writes data/all_tiles.txt (osmseg.datafiles): the source tiles (z12 for OSM QA tiles) of the
-OSM source that hold data inside BBOX, sorted by x, then y.
+OSM source that hold data inside BBOX, sorted by x, then y. Its #made-by record holds the OSM
+source and the box, so later stages need not be told them again.
 """
 
 from __future__ import annotations
@@ -33,6 +34,10 @@ def main(args) -> int:
             f"{args.osm}: no OSM data inside the bounding box {args.bbox}; pick a box inside the file's area "
             "or another OSM file"
         )
-    datafiles.write_tile_list(args.out, [(name, tile) for tile in found])
+    recorded = ["osm_source", "osm", "bbox"]
+    if args.osm_source == "overpass":
+        recorded += ["classes", "overpass_url", "timeout"]
+    made_by = options.record({}, NAME, args, recorded)
+    datafiles.write_tile_list(args.out, [(name, tile) for tile in found], made_by)
     print(f"{args.out}: {len(found)} z{found[0].z} source tiles of {name!r} inside {args.bbox}", file=sys.stderr)
     return 0

@@ -18,6 +18,7 @@ from osmseg.cache import (
     split_indices,
 )
 from osmseg.classes import load_classes
+from osmseg.commands import options
 from osmseg.errors import UserError
 
 NAME = "cache"
@@ -28,13 +29,13 @@ def add_arguments(parser) -> None:
     parser.add_argument("--sample", type=Path, default=Path("data/sample-filtered.txt"), help="the filtered tile list")
     parser.add_argument("--images", type=Path, default=Path("data/images"), help="imagery tiles {z}-{x}-{y}.jpg|png|webp")
     parser.add_argument("--labels", type=Path, default=Path("data/labels/color"), help="colour label tiles {z}-{x}-{y}.png")
-    parser.add_argument("--classes", type=Path, default=Path("classes/mine.json"), help="the classes file the labels use")
-    parser.add_argument("--tile-size", type=int, default=256, help="width and height of every tile, in pixels")
+    options.add_classes(parser, f"the classes file the labels use {options.FROM_LIST}, else {options.DEFAULT_CLASSES}", None)
+    options.add_tile_size(parser, f"width and height of every tile, in pixels {options.FROM_LIST}, else 256", None)
     parser.add_argument(
         "--test-size", type=float, default=0.1,
         help="tiles held back for testing: a fraction (< 1, at least one tile) or a count (>= 1)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="random seed of the test draw")
+    parser.add_argument("--seed", type=int, default=None, help=f"random seed of the test draw {options.FROM_LIST}, else 0")
     parser.add_argument("--test-list", type=Path, default=Path("data/test-sample-filtered.txt"), help="where the held-back tiles are listed")
     parser.add_argument("--workers", type=int, default=default_workers(), help="threads that decode and compress")
     parser.add_argument("--out", type=Path, default=Path("data/training.hdf5"), help="the training cache")
@@ -52,11 +53,14 @@ def check_distinct(paths: dict[str, Path]) -> None:
 
 
 def main(args) -> int:
+    sample = datafiles.read_tile_list(args.sample, make_hint="run `make data/sample-filtered.txt`")
+    options.fill_from_record(
+        args, sample.made_by, classes=options.DEFAULT_CLASSES, tile_size=options.DEFAULT_TILE_SIZE, seed=0
+    )
     classes = load_classes(args.classes, require_filters=False)
     if args.test_size <= 0:
         raise UserError(f"--test-size {args.test_size}: must be positive; validate.py measures on the held-back test set")
     check_distinct({"--sample": args.sample, "--test-list": args.test_list, "--out": args.out, "--test-out": args.test_out})
-    sample = datafiles.read_tile_list(args.sample, make_hint="run `make data/sample-filtered.txt`")
     kept, missing = [], BuildSummary(args.out)
     for row, (source, tile) in enumerate(sample.entries):
         if datafiles.find_image(args.images, tile) is None:
@@ -78,8 +82,10 @@ def main(args) -> int:
     train, test = split_indices(len(kept), args.test_size, args.seed)
     # Written only when it changes, so that make sees an unchanged file as up to date.
     held_back = [kept[i] for i in test]
+    made_by = dict(sample.made_by, command=NAME, test_size=args.test_size, test_seed=args.seed)
     test_text = datafiles.format_tile_list(
         [sample.entries[row] for row in held_back],
+        made_by,
         columns=sample.columns,
         counts=None if sample.counts is None else sample.counts[held_back],
     )

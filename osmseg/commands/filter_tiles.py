@@ -16,7 +16,7 @@ import numpy as np
 from osmseg import atomic, datafiles, labels, tiles
 from osmseg.classes import Classes, load_classes
 from osmseg.commands import options
-from osmseg.commands.labels import read_sample
+from osmseg.commands.labels import fill_osm_source, read_sample
 from osmseg.errors import UserError
 
 NAME = "filter"
@@ -30,12 +30,13 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--label-ratio", type=float, default=0.0, help="keep tiles whose labelled share of pixels exceeds this"
     )
-    parser.add_argument("--count", type=int, default=10000, help="tiles to keep (TRAIN_SIZE)")
-    options.add_bbox(parser, "the box the sample was drawn in (to draw more tiles)")
-    parser.add_argument("--zoom", type=int, default=17, help="zoom of the sampled tiles")
-    parser.add_argument("--seed", type=int, default=0, help="the sample's random seed")
-    parser.add_argument("--all-tiles", default="data/all_tiles.txt", help="OSM source tiles in the box")
-    options.add_osm_source(parser)
+    parser.add_argument("--count", type=int, default=None, help=f"tiles to keep (TRAIN_SIZE) {options.FROM_LIST}")
+    # The stream the sample was drawn from, to draw more tiles from: as recorded in the sample.
+    options.add_bbox(parser, f"the box the sample was drawn in {options.FROM_LIST}", default=None)
+    parser.add_argument("--zoom", type=int, default=None, help=f"zoom of the sampled tiles {options.FROM_LIST}")
+    parser.add_argument("--seed", type=int, default=None, help=f"the sample's random seed {options.FROM_LIST}")
+    parser.add_argument("--all-tiles", default=None, help=f"OSM source tiles in the box {options.FROM_LIST}")
+    options.add_osm_source(parser, default_osm=None, from_list=True)
     options.add_tile_size(parser)
     options.add_workers(parser, "processes to render more labels with")
     parser.add_argument("--out", default="data/sample-filtered.txt", help="kept tiles with their pixel counts")
@@ -60,15 +61,22 @@ def _counts_of(path: Path, classes: Classes, classes_path: str, tile_size: int) 
 
 def main(args) -> int:
     options.check_tile_size(args.tile_size)
-    if args.count <= 0:
+    if args.count is not None and args.count <= 0:
         raise UserError(f"--count {args.count}: must be a positive number of tiles (TRAIN_SIZE)")
     if not 0 <= args.label_ratio < 1:
         raise UserError(f"--label-ratio {args.label_ratio}: must be at least 0 and below 1 (LABEL_RATIO)")
+    sample = read_sample(args.sample)
+    # Drawing more tiles needs the very stream the sample came from.
+    options.check_record(args, sample.made_by, args.sample, ["bbox", "zoom", "seed", "all_tiles"])
+    options.fill_from_record(
+        args, sample.made_by, bbox=options.DEFAULT_BBOX, zoom=17, seed=0, all_tiles="data/all_tiles.txt", count=10000
+    )
+    fill_osm_source(args, sample.made_by)
     bbox = tiles.parse_bbox(args.bbox)
     zoom = tiles.check_zoom(args.zoom, "--zoom")
     classes = load_classes(args.classes)
     labels.check_filters(classes, str(args.classes))
-    entries = read_sample(args.sample).entries
+    entries = sample.entries
     labels_dir = Path(args.labels)
 
     def counts_of(tile):
@@ -107,9 +115,11 @@ def main(args) -> int:
             f"(of {considered} tiles at z{args.zoom}), fewer than --count {args.count}; keeping all {len(kept)}",
             file=sys.stderr,
         )
+    recorded = ["sample", "labels", "classes", "label_ratio", "count", "tile_size", "bbox", "zoom", "seed", "all_tiles"]
     datafiles.write_tile_list(
         args.out,
         [(source, tile) for source, tile, _ in kept],
+        options.record(sample.made_by, NAME, args, recorded),
         columns=labels.count_columns(classes),
         counts=[counts for _, _, counts in kept],
     )

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import mercantile
 
+from osmseg.commands import options
 from osmseg.datafiles import MISSING, REJECTED, find_image, label_path, read_tile_list, read_tile_log, tile_stem
 from osmseg.errors import SourceError, UserError
 from osmseg.imagery import TOKEN_ENV, DownloadSummary, download_tiles, open_tile_source
@@ -38,7 +39,8 @@ def add_arguments(parser) -> None:
                         help="label PNGs, to report how many tiles have both a label and an image")
     parser.add_argument("--workers", type=int, default=8, help="concurrent downloads")
     parser.add_argument("--rps", type=_rps, default=None, help="at most this many requests per second (none: no limit)")
-    parser.add_argument("--tile-size", type=int, default=256, help="every image must be this many pixels wide and high")
+    parser.add_argument("--tile-size", type=int, default=None,
+                        help=f"every image must be this many pixels wide and high {options.FROM_LIST}, else 256")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for a server before retrying")
     parser.add_argument("--retries", type=int, default=5, help="retries per tile (timeouts, 5xx, cut transfers)")
     parser.add_argument("--retry-rejected", action="store_true",
@@ -86,7 +88,9 @@ def training_set_report(entries: Sequence[tuple[str, mercantile.Tile]], images: 
 
 def main(args) -> int:
     token = getattr(args, "token", None) or os.environ.get(TOKEN_ENV) or None
-    entries = read_tile_list(args.sample).entries
+    listed = read_tile_list(args.sample, make_hint="run `make data/sample-filtered.txt`")
+    options.fill_from_record(args, listed.made_by, tile_size=options.DEFAULT_TILE_SIZE)
+    entries = listed.entries
     if args.tile_size < 1:
         raise UserError(f"--tile-size {args.tile_size}: give a positive number of pixels")
     if args.retries < 0:

@@ -20,8 +20,8 @@ HELP = "render one label PNG per sampled tile with mapnik"
 def add_arguments(parser) -> None:
     parser.add_argument("--sample", default="data/sample.txt", help="tiles to label (lines `source z x y`)")
     options.add_classes(parser)
-    options.add_osm_source(parser)
-    options.add_bbox(parser, "overpass only: the box the sample was drawn in")
+    options.add_osm_source(parser, default_osm=None, from_list=True)
+    options.add_bbox(parser, f"overpass only: the box the sample was drawn in {options.FROM_LIST}", default=None)
     options.add_tile_size(parser)
     parser.add_argument("--out", default="data/labels/color", help="folder of label PNGs {z}-{x}-{y}.png")
     options.add_workers(parser, "processes to render with")
@@ -30,6 +30,19 @@ def add_arguments(parser) -> None:
 def read_sample(path) -> datafiles.TileList:
     """The sample, or a UserError saying how to make it."""
     return datafiles.read_tile_list(path, make_hint="run `make data/sample.txt` (prepare.py sample)")
+
+
+def fill_osm_source(args, made_by: dict) -> None:
+    """The OSM source options the tile list was made with, where not given."""
+    options.fill_from_record(
+        args,
+        made_by,
+        osm_source="qa-tiles",
+        osm=options.DEFAULT_OSM,
+        overpass_url=options.OVERPASS_URL,
+        timeout=180,
+        bbox=options.DEFAULT_BBOX,
+    )
 
 
 def check_source_names(entries, source, sample_path) -> None:
@@ -46,7 +59,9 @@ def main(args) -> int:
     options.check_tile_size(args.tile_size)
     classes = load_classes(args.classes)
     labels.LabelRenderer(classes, args.tile_size, origin=str(args.classes))  # checks every filter up front
-    entries = read_sample(args.sample).entries
+    sample = read_sample(args.sample)
+    fill_osm_source(args, sample.made_by)
+    entries = sample.entries
     with options.open_osm_source(args, tiles.parse_bbox(args.bbox)) as source:
         check_source_names(entries, source, args.sample)
         summary = labels.render_labels(

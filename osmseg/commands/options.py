@@ -137,3 +137,53 @@ def open_osm_source(args, bbox):
 def check_tile_size(tile_size: int) -> None:
     if tile_size <= 0:
         raise UserError(f"--tile-size {tile_size}: must be a positive number of pixels (e.g. 256)")
+
+
+# --- Settings recorded in tile lists -----------------------------------------------------------
+# A tile list's #made-by record (osmseg.datafiles) holds the settings it was made with, keyed
+# by option name (dest). Options that default to None take the recorded value, else their
+# usual default; options that decide which tiles a stage sees must agree with the record.
+
+
+def fill_from_record(args, made_by: dict, **defaults) -> None:
+    """Set every option named in `defaults` that was left at None: the record's value, else the default."""
+    for name, default in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, made_by.get(name, default))
+
+
+def _same(name: str, given, recorded) -> bool:
+    if name == "bbox":
+        return tuple(tiles.parse_bbox(given)) == tuple(tiles.parse_bbox(recorded))
+    if name in ("all_tiles", "sample", "osm", "labels", "classes"):
+        return os.path.normpath(str(given)) == os.path.normpath(str(recorded))
+    return given == recorded
+
+
+def check_record(args, made_by: dict, path, names) -> None:
+    """Refuse options given on the command line that differ from what the tile list was made with.
+
+    Raises:
+        UserError: naming the option, both values and the fix.
+    """
+    for name in names:
+        given, recorded = getattr(args, name), made_by.get(name)
+        if given is None or recorded is None or _same(name, given, recorded):
+            continue
+        flag = "--" + name.replace("_", "-")
+        raise UserError(
+            f"{flag} {given}: {path} was made with {flag} {recorded}; leave {flag} out to use that, "
+            f"or remake {path} with the new value"
+        )
+
+
+def record(made_by: dict, command: str, args, names) -> dict:
+    """The #made-by record of a new tile list: what it was made from, updated with this stage's options."""
+    updated = dict(made_by)
+    updated.update({name: _plain(getattr(args, name)) for name in names})
+    updated["command"] = command
+    return updated
+
+
+def _plain(value):
+    return str(value) if isinstance(value, os.PathLike) else value

@@ -11,6 +11,8 @@ import os
 import sys
 from pathlib import Path
 
+from osmseg.commands import options
+from osmseg.datafiles import read_tile_list
 from osmseg.preview import serve, write_preview
 
 NAME = "preview"
@@ -22,7 +24,8 @@ def add_arguments(parser) -> None:
                         help="the data directory (images/, labels/color/)")
     parser.add_argument("--sample", type=Path, default=Path("data/sample-filtered.txt"),
                         help="tiles to show, with their per-class pixel counts")
-    parser.add_argument("--classes", type=Path, default=Path("classes/mine.json"), help="the classes file")
+    parser.add_argument("--classes", type=Path, default=None,
+                        help=f"the classes file {options.FROM_LIST}, else {options.DEFAULT_CLASSES}")
     parser.add_argument("--out", type=Path, default=Path("data/preview.html"), help="the page to write")
     parser.add_argument("--serve", action=argparse.BooleanOptionalAction, default=None,
                         help="serve the page on 127.0.0.1 until Ctrl-C (default: when stdout is a terminal)")
@@ -31,6 +34,9 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> int:
+    if args.classes is None and args.sample.exists():
+        options.fill_from_record(args, read_tile_list(args.sample).made_by, classes=options.DEFAULT_CLASSES)
+    args.classes = Path(args.classes or options.DEFAULT_CLASSES)
     data = write_preview(args.data, args.sample, args.classes, args.out, args.page_size)
     statuses: dict[str, int] = {}
     for tile in data["tiles"]:
