@@ -138,12 +138,13 @@ def _reference(source, classes, tiles):
     import shapely
 
     from osmseg import labels
+    from osmseg.tiles import metres_per_pixel, tiles_bounds
 
     predicates = list(PREDICATES.values())
     shift = 4  # cv2 takes fixed-point vertices: 4 fractional bits
     out = {}
     for group in labels.group_tiles(tiles, source.zoom).values():
-        features = source.features(labels.group_bounds(group, 5 * labels.metres_per_pixel(ZOOM, SIZE)))
+        features = source.features(tiles_bounds(group, 5 * metres_per_pixel(ZOOM, SIZE)))
         drawn = []  # (class index, geometry) in class order
         for index, (class_, predicate) in enumerate(zip(classes.classes, predicates)):
             drawn.extend((index, class_, f.geometry) for f in features if predicate(f.tags))

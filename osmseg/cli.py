@@ -8,7 +8,7 @@ import sys
 import tempfile
 from typing import Callable, Sequence
 
-from osmseg.errors import UserError
+from osmseg.errors import USER_ERRORS
 
 EXIT_USAGE = 2
 
@@ -25,7 +25,7 @@ def run(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] 
     """
     try:
         status = main(argv)
-    except UserError as error:
+    except USER_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

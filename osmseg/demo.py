@@ -47,7 +47,7 @@ import shapely
 import shapely.affinity
 from shapely.geometry import LineString, Point, Polygon, box
 
-from osmseg import atomic
+from osmseg import atomic, tiles
 
 # lon/lat ±0.0275° is ±3061 m in EPSG:3857 at the equator: 22 × 22 = 484 z17 tiles, and the
 # z12 borders at lon 0 and lat 0 cross the middle of the town.
@@ -132,9 +132,7 @@ class World:
     @property
     def bounds(self) -> mercantile.Bbox:
         """The world's extent in EPSG:3857 metres."""
-        left, bottom = mercantile.xy(self.bbox.west, self.bbox.south)
-        right, top = mercantile.xy(self.bbox.east, self.bbox.north)
-        return mercantile.Bbox(left, bottom, right, top)
+        return tiles.bbox_to_xy(self.bbox)
 
     @property
     def tree(self) -> shapely.STRtree:
@@ -151,9 +149,7 @@ class World:
 
     def crop(self, bbox: mercantile.LngLatBbox) -> World:
         """The features that reach into `bbox` (degrees), whole, as a World of that extent."""
-        west, south = mercantile.xy(bbox.west, bbox.south)
-        east, north = mercantile.xy(bbox.east, bbox.north)
-        inside = shapely.intersects([f.geometry for f in self.features], box(west, south, east, north))
+        inside = shapely.intersects([f.geometry for f in self.features], box(*tiles.bbox_to_xy(bbox)))
         return World(self.seed, bbox, [f for f, keep in zip(self.features, inside) if keep])
 
     def mapped(self) -> list[WorldFeature]:
@@ -497,8 +493,7 @@ def build_world(seed: int = 0, bbox: mercantile.LngLatBbox = DEMO_BBOX) -> World
     """
     rng = np.random.default_rng(seed)
     b = _Builder(rng)
-    left, bottom = mercantile.xy(DEMO_BBOX.west, DEMO_BBOX.south)
-    right, top = mercantile.xy(DEMO_BBOX.east, DEMO_BBOX.north)
+    left, bottom, right, top = tiles.bbox_to_xy(DEMO_BBOX)
     radius = min(right - left, top - bottom) / 2
 
     xs = _grid_lines(rng, left, right, 0.6 * radius)
@@ -688,7 +683,7 @@ def write_qa_tiles(world: World, path: str | Path, progress: bool = False) -> in
     Returns:
         The number of tiles written.
     """
-    tiles = qa_tiles_of(world)
+    qa_tiles = qa_tiles_of(world)
     fields = sorted({key for f in world.features if f.mapped for key in f.tags})
     vector_layer = {
         "id": LAYER,
@@ -722,11 +717,11 @@ def write_qa_tiles(world: World, path: str | Path, progress: bool = False) -> in
             )
             connection.execute("CREATE UNIQUE INDEX tile_index ON tiles (zoom_level, tile_column, tile_row)")
             connection.executemany("INSERT INTO metadata VALUES (?, ?)", metadata.items())
-            iterator = tiles
+            iterator = qa_tiles
             if progress:
                 from tqdm import tqdm
 
-                iterator = tqdm(tiles, desc="demo QA tiles", unit="tile", file=sys.stderr)
+                iterator = tqdm(qa_tiles, desc="demo QA tiles", unit="tile", file=sys.stderr)
             for tile in iterator:
                 data = encode_tile(world, tile)
                 if data is None:

@@ -1,5 +1,7 @@
 """The project's exceptions: what a user can cause, and what they should do about it."""
 
+from osmseg.tiles import BBoxError, TileError, ZoomError
+
 
 class UserError(Exception):
     """Bad input the user can fix.
@@ -13,10 +15,6 @@ class ClassesError(UserError):
     """A classes file that cannot be used (not JSON, missing keys, clashing colours...)."""
 
 
-class BBoxError(UserError):
-    """A bounding box that is malformed, inverted, out of range or empty."""
-
-
 class SourceError(UserError):
     """An OSM or imagery source that cannot be read or reached."""
 
@@ -27,3 +25,20 @@ class CacheError(UserError):
 
 class WeightsError(UserError):
     """A weights file that is missing, corrupt, or made for another model."""
+
+
+# Everything the command-line boundary (osmseg.cli.run) turns into one line and exit status 2:
+# our own errors, and those of osmseg.tiles, which imports no module of ours.
+USER_ERRORS = (UserError, TileError)
+
+__all__ = [
+    "USER_ERRORS",
+    "BBoxError",
+    "CacheError",
+    "ClassesError",
+    "SourceError",
+    "TileError",
+    "UserError",
+    "WeightsError",
+    "ZoomError",
+]

@@ -48,13 +48,11 @@ import numpy as np
 from osmseg import atomic, datafiles
 from osmseg.classes import Classes
 from osmseg.errors import ClassesError, UserError
+from osmseg.tiles import ancestor, metres_per_pixel, tiles_bounds
 
 # A pixel takes a shape's colour when the shape covers at least this share of it
 # (mapnik's "threshold" gamma method): no antialiasing, exact stroke widths.
 COVERAGE_THRESHOLD = 0.5
-
-# Web Mercator's circumference in metres (EPSG:3857), for metres per pixel at a zoom.
-_CIRCUMFERENCE = 2 * math.pi * 6378137.0
 
 EMPTY_COLLECTION = '{"type":"FeatureCollection","features":[]}'
 
@@ -62,12 +60,6 @@ EMPTY_COLLECTION = '{"type":"FeatureCollection","features":[]}'
 POINT_WIDTH = "osmseg_point_width"
 
 DEFAULT_TILE_SIZE = 256
-DEFAULT_BBOX = "-3.3843,51.2437,-2.3923,51.848"  # the seed's, as in osmseg.tiles and the Makefile
-
-
-def metres_per_pixel(zoom: int, tile_size: int = DEFAULT_TILE_SIZE) -> float:
-    """The size of one label pixel in EPSG:3857 metres at `zoom`."""
-    return _CIRCUMFERENCE / (tile_size * 2**zoom)
 
 
 # mapnik's package points these at its own PROJ and GDAL data when imported; rasterio
@@ -315,7 +307,7 @@ class LabelRenderer:
             return [set() for _ in tiles]
         tree = shapely.STRtree([feature.geometry for feature in features])
         margin = self.margin(tiles[0].z)
-        boxes = [shapely.box(*group_bounds([tile], margin)) for tile in tiles]
+        boxes = [shapely.box(*tiles_bounds([tile], margin)) for tile in tiles]
         tile_index, feature_index = tree.query(boxes, predicate="intersects")
         near: list[set[int]] = [set() for _ in tiles]
         for t, f in zip(tile_index.tolist(), feature_index.tolist()):
@@ -323,28 +315,12 @@ class LabelRenderer:
         return near
 
 
-def source_group(tile: mercantile.Tile, source_zoom: int) -> mercantile.Tile:
-    """The OSM source tile that holds `tile` (the tile itself when it is larger)."""
-    return mercantile.parent(tile, zoom=source_zoom) if tile.z > source_zoom else tile
-
-
 def group_tiles(tiles: Iterable[mercantile.Tile], source_zoom: int) -> dict[mercantile.Tile, list[mercantile.Tile]]:
     """Tiles grouped by their OSM source tile (and so by zoom), in first-seen order."""
     groups: dict[mercantile.Tile, list[mercantile.Tile]] = defaultdict(list)
     for tile in tiles:
-        groups[source_group(tile, source_zoom)].append(tile)
+        groups[ancestor(tile, source_zoom)].append(tile)
     return dict(groups)
-
-
-def group_bounds(tiles: Sequence[mercantile.Tile], margin: float) -> mercantile.Bbox:
-    """The EPSG:3857 bounds (metres) of `tiles` grown by `margin` metres on every side."""
-    boxes = [mercantile.xy_bounds(tile) for tile in tiles]
-    return mercantile.Bbox(
-        min(b.left for b in boxes) - margin,
-        min(b.bottom for b in boxes) - margin,
-        max(b.right for b in boxes) + margin,
-        max(b.top for b in boxes) + margin,
-    )
 
 
 def render_tiles(
@@ -361,7 +337,7 @@ def render_tiles(
         (tile, RGB uint8 label), grouped by source tile.
     """
     for group in group_tiles(tiles, source.zoom).values():
-        bounds = group_bounds(group, renderer.margin(group[0].z))
+        bounds = tiles_bounds(group, renderer.margin(group[0].z))
         yield from renderer.render(source.features(bounds), group)
 
 

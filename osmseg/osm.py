@@ -48,14 +48,12 @@ from typing import NamedTuple
 
 import mercantile
 
-from osmseg import atomic
+from osmseg import atomic, tiles
 from osmseg.errors import SourceError
 
 KINDS = ("qa-tiles", "file", "overpass")
 QA_ZOOM = 12  # OSM QA tiles are cut at z12 (https://osmlab.github.io/osm-qa-tiles/)
 LAYER = "osm"
-WEB_MERCATOR_HALF = 20037508.342789244  # metres from the origin to the edge of EPSG:3857
-EARTH_RADIUS = 6378137.0  # metres, WGS84's semi-major axis, which EPSG:3857 uses as a sphere
 OVERPASS_URL = "https://overpass-api.de/api/interpreter"
 QA_TILES_URL = "https://s3.amazonaws.com/mapbox/osm-qa-tiles-production/latest.country/"
 QA_TILES_LIST = "https://osmlab.github.io/osm-qa-tiles/country.html"
@@ -183,29 +181,6 @@ def open_source(kind: str, location, **options) -> OsmSource:
 
 # --------------------------------------------------------------------------------------
 # Geometry helpers shared by the sources.
-
-
-def _expand(bounds: mercantile.Bbox, margin: float) -> mercantile.Bbox:
-    width, height = bounds.right - bounds.left, bounds.top - bounds.bottom
-    dx, dy = width * margin, height * margin
-    return mercantile.Bbox(bounds.left - dx, bounds.bottom - dy, bounds.right + dx, bounds.top + dy)
-
-
-def _bounds_to_lnglat(bounds: mercantile.Bbox) -> mercantile.LngLatBbox:
-    west, south = mercantile.lnglat(max(bounds.left, -WEB_MERCATOR_HALF), max(bounds.bottom, -WEB_MERCATOR_HALF))
-    east, north = mercantile.lnglat(min(bounds.right, WEB_MERCATOR_HALF), min(bounds.top, WEB_MERCATOR_HALF))
-    return mercantile.LngLatBbox(west, south, east, north)
-
-
-def _tiles_touching(bounds: mercantile.Bbox, zoom: int) -> list[mercantile.Tile]:
-    """The tiles at zoom whose area overlaps EPSG:3857 bounds."""
-    lnglat = _bounds_to_lnglat(bounds)
-    # Shrink by a hair so that bounds ending exactly on a tile edge do not pull in the
-    # neighbour (mercantile.tiles counts edges as inside).
-    eps = 1e-9
-    return list(
-        mercantile.tiles(lnglat.west + eps, lnglat.south + eps, lnglat.east - eps, lnglat.north - eps, zooms=[zoom])
-    )
 
 
 def _join_lines(lines: list, tolerance: float) -> list:
@@ -433,9 +408,7 @@ class QaTilesSource(OsmSource):
         return sorted(mercantile.Tile(x, (1 << self.zoom) - 1 - row, self.zoom) for x, row in rows)
 
     def source_tiles(self, bbox: mercantile.LngLatBbox) -> list[mercantile.Tile]:
-        from osmseg.tiles import tile_range
-
-        x0, y0, x1, y1 = tile_range(bbox, self.zoom)
+        x0, y0, x1, y1 = tiles.tile_range(bbox, self.zoom)
         top = (1 << self.zoom) - 1
         # One range query instead of one query per tile (a country box has thousands).
         rows = self._query(
@@ -582,10 +555,10 @@ class QaTilesSource(OsmSource):
         """
         import shapely
 
-        query = _expand(bounds, margin)
+        query = tiles.grow(bounds, margin)
         query_box = shapely.box(*query)
         groups: dict[tuple, list[_Piece]] = collections.defaultdict(list)
-        for tile in _tiles_touching(query, self.zoom):
+        for tile in tiles.tiles_touching(query, self.zoom):
             pieces, tree = self._index(tile)
             if not pieces:
                 continue
@@ -607,7 +580,7 @@ class QaTilesSource(OsmSource):
     def _tolerance(self) -> float:
         # Two units of a 4096-extent tile: cut points of one edge computed in two tiles land
         # within one quantisation step of each other.
-        return 2 * (2 * WEB_MERCATOR_HALF / (1 << self.zoom)) / 4096
+        return 2 * tiles.tile_metres(self.zoom) / 4096
 
     def _merge(self, pieces: list[_Piece]):
         """One geometry for one OSM object from its pieces in the queried tiles."""
@@ -663,7 +636,7 @@ class QaTilesSource(OsmSource):
         polygons, open_lines = [], []
         for line in joined:
             ends = (line.coords[0], line.coords[-1])
-            if not line.is_closed and not all(_on_tile_edge(x, y, self.zoom, tolerance) for x, y in ends):
+            if not line.is_closed and not all(tiles.on_tile_edge(x, y, self.zoom, tolerance) for x, y in ends):
                 open_lines.append(line)  # it ends inside a tile: not a closed way in OSM
             else:
                 found, left_open = _polygons_from_rings([line], close_open=True)
@@ -674,13 +647,6 @@ class QaTilesSource(OsmSource):
         while len(self._areas) > 4096:
             self._areas.popitem(last=False)
         return geometry
-
-
-def _on_tile_edge(x: float, y: float, zoom: int, tolerance: float) -> bool:
-    """Whether EPSG:3857 point (x, y) lies within tolerance of an edge of the tiles at zoom."""
-    size = 2 * WEB_MERCATOR_HALF / (1 << zoom)
-    fx, fy = (x + WEB_MERCATOR_HALF) / size, (WEB_MERCATOR_HALF - y) / size
-    return min(abs(fx - round(fx)), abs(fy - round(fy))) * size <= tolerance
 
 
 def _kinds(geometries):
@@ -889,11 +855,7 @@ def to_mercator(geometry):
     import shapely
 
     def project(lonlat):
-        lon = lonlat[:, 0]
-        lat = np.clip(lonlat[:, 1], -85.0511287798066, 85.0511287798066)
-        x = np.radians(lon) * EARTH_RADIUS
-        y = np.log(np.tan(np.pi / 4 + np.radians(lat) / 2)) * EARTH_RADIUS
-        return np.column_stack([x, y])
+        return np.column_stack(tiles.lnglat_to_xy(lonlat[:, 0], lonlat[:, 1]))
 
     return shapely.transform(geometry, project)
 
@@ -948,21 +910,19 @@ class FileSource(OsmSource):
     def source_tiles(self, bbox: mercantile.LngLatBbox) -> list[mercantile.Tile]:
         import shapely
 
-        from osmseg.tiles import tile_range
-
-        x0, y0, x1, y1 = tile_range(bbox, self.zoom)
-        tiles = [mercantile.Tile(x, y, self.zoom) for x in range(x0, x1 + 1) for y in range(y0, y1 + 1)]
-        if not tiles or not self._features:
+        x0, y0, x1, y1 = tiles.tile_range(bbox, self.zoom)
+        candidates = [mercantile.Tile(x, y, self.zoom) for x in range(x0, x1 + 1) for y in range(y0, y1 + 1)]
+        if not candidates or not self._features:
             return []
         area = shapely.box(*to_mercator(shapely.box(*bbox)).bounds)
-        boxes = [shapely.box(*mercantile.xy_bounds(t)).intersection(area) for t in tiles]
+        boxes = [shapely.box(*mercantile.xy_bounds(t)).intersection(area) for t in candidates]
         hits = self._tree.query(boxes, predicate="intersects")
-        return sorted({tiles[i] for i in hits[0].tolist()})
+        return sorted({candidates[i] for i in hits[0].tolist()})
 
     def features(self, bounds: mercantile.Bbox, margin: float = 0.0) -> list[Feature]:
         import shapely
 
-        query = _expand(bounds, margin)
+        query = tiles.grow(bounds, margin)
         query_box = shapely.box(*query)
         found = []
         for index in sorted(self._tree.query(query_box, predicate="intersects").tolist()):
@@ -1153,7 +1113,6 @@ def overpass_source(
             other HTTP errors, network errors and answers that report a runtime error.
     """
     from osmseg.classes import load_classes
-    from osmseg.tiles import parse_bbox
 
     location = Path(location)
     name = name or "overpass"
@@ -1164,7 +1123,7 @@ def overpass_source(
             f"{location}: no saved Overpass answer; run `prepare.py all-tiles --osm-source overpass` "
             "(make data/all_tiles.txt) first, or pass the bounding box and the classes file"
         )
-    bbox = parse_bbox(bbox) if isinstance(bbox, str) else mercantile.LngLatBbox(*bbox)
+    bbox = tiles.parse_bbox(bbox) if isinstance(bbox, str) else mercantile.LngLatBbox(*bbox)
     classes = load_classes(classes) if isinstance(classes, (str, Path)) else classes
     keys = filter_keys(classes)
     if not keys:

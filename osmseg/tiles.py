@@ -1,4 +1,8 @@
-"""Tiles and bounds: bounding boxes, zooms, tile ranges and reproducible random samples of tiles.
+"""Tiles and bounds: boxes, zooms, Web Mercator (EPSG:3857) maths and random samples of tiles.
+
+The one home of tile and bounds maths in osmseg, on top of mercantile, and a leaf: it imports
+no other module of ours. Units are in every name or docstring: WGS84 degrees
+(mercantile.LngLatBbox), EPSG:3857 metres (mercantile.Bbox, x east, y north) and pixels.
 
 Tiles are mercantile.Tile(x, y, z) in the XYZ (slippy map) scheme: y counts from the north.
 
@@ -18,12 +22,27 @@ from collections.abc import Iterator, Sequence
 import mercantile
 import numpy as np
 
-from osmseg.errors import BBoxError, UserError
-
 MAX_LATITUDE = 85.0511287798066  # Web Mercator's limit: arctan(sinh(pi)) in degrees
 MAX_ZOOM = 22
+EARTH_RADIUS = 6378137.0  # metres: WGS84's semi-major axis, which EPSG:3857 uses as a sphere
+WEB_MERCATOR_HALF = math.pi * EARTH_RADIUS  # metres from the origin to the edge of EPSG:3857 (20037508.34)
 BBOX_FORMAT = "-lon,-lat,+lon,+lat (west,south,east,north in degrees), e.g. -3.3843,51.2437,-2.3923,51.848"
-DEFAULT_BBOX = "-3.3843,51.2437,-2.3923,51.848"  # the seed's (skynet-data's) default: around Bristol
+
+
+class TileError(ValueError):
+    """A box or zoom the user gave that cannot be used; the message says what to write instead.
+
+    Not an osmseg.errors.UserError (this module imports none of ours), but treated as one:
+    osmseg.errors.USER_ERRORS holds both.
+    """
+
+
+class BBoxError(TileError):
+    """A bounding box that is malformed, inverted, out of range or empty."""
+
+
+class ZoomError(TileError):
+    """A zoom level that is not a whole number in 0-22."""
 
 
 # ---- bounding boxes and zooms -----------------------------------------------------------------
@@ -68,15 +87,15 @@ def parse_bbox(text: str) -> mercantile.LngLatBbox:
 
 
 def check_zoom(zoom, name: str = "zoom") -> int:
-    """Return zoom as an int if it is a whole number in 0..22, else raise UserError."""
+    """Return zoom as an int if it is a whole number in 0..22, else raise ZoomError."""
     try:
         value = int(zoom.strip()) if isinstance(zoom, str) else int(zoom)
         if isinstance(zoom, bool) or value != zoom and not isinstance(zoom, str):
             raise ValueError
     except (TypeError, ValueError):
-        raise UserError(f"{name} {zoom!r} is not a whole number; pick a zoom level in 0-{MAX_ZOOM}") from None
+        raise ZoomError(f"{name} {zoom!r} is not a whole number; pick a zoom level in 0-{MAX_ZOOM}") from None
     if not 0 <= value <= MAX_ZOOM:
-        raise UserError(f"{name} {zoom!r} is outside 0-{MAX_ZOOM}; pick a zoom level in 0-{MAX_ZOOM} (17 for training)")
+        raise ZoomError(f"{name} {zoom!r} is outside 0-{MAX_ZOOM}; pick a zoom level in 0-{MAX_ZOOM} (17 for training)")
     return value
 
 
@@ -97,8 +116,83 @@ def source_tiles(bbox: mercantile.LngLatBbox, zoom: int) -> list[mercantile.Tile
     """Every tile at zoom that overlaps bbox, sorted by (x, y). For source tiles (z12), not z17."""
     x0, y0, x1, y1 = tile_range(bbox, zoom)
     if (x1 - x0 + 1) * (y1 - y0 + 1) > 10_000_000:
-        raise UserError(f"{(x1 - x0 + 1) * (y1 - y0 + 1)} tiles at z{zoom} is too many to list; use a smaller zoom")
+        raise TileError(f"{(x1 - x0 + 1) * (y1 - y0 + 1)} tiles at z{zoom} is too many to list; use a smaller zoom")
     return [mercantile.Tile(x, y, zoom) for x in range(x0, x1 + 1) for y in range(y0, y1 + 1)]
+
+
+# ---- EPSG:3857 metres --------------------------------------------------------------------------
+
+
+def tile_metres(zoom: int) -> float:
+    """The side of a tile at `zoom` in EPSG:3857 metres (true size at the equator only)."""
+    return 2 * WEB_MERCATOR_HALF / (1 << zoom)
+
+
+def metres_per_pixel(zoom: int, tile_size: int = 256) -> float:
+    """The size of one pixel of a `tile_size`-pixel tile at `zoom`, in EPSG:3857 metres."""
+    return tile_metres(zoom) / tile_size
+
+
+def lnglat_to_xy(lng: np.ndarray, lat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """WGS84 degrees -> EPSG:3857 metres, for arrays; latitudes are clamped to ±MAX_LATITUDE."""
+    lat = np.clip(np.asarray(lat, dtype=np.float64), -MAX_LATITUDE, MAX_LATITUDE)
+    x = np.radians(np.asarray(lng, dtype=np.float64)) * EARTH_RADIUS
+    y = np.log(np.tan(np.pi / 4 + np.radians(lat) / 2)) * EARTH_RADIUS
+    return x, y
+
+
+def bbox_to_xy(bbox: mercantile.LngLatBbox) -> mercantile.Bbox:
+    """The EPSG:3857 bounds (metres) of a WGS84 box."""
+    left, bottom = mercantile.xy(bbox.west, bbox.south)
+    right, top = mercantile.xy(bbox.east, bbox.north)
+    return mercantile.Bbox(left, bottom, right, top)
+
+
+def xy_to_bbox(bounds: mercantile.Bbox) -> mercantile.LngLatBbox:
+    """The WGS84 box (degrees) of EPSG:3857 bounds, clamped to the projection's square."""
+    west, south = mercantile.lnglat(max(bounds.left, -WEB_MERCATOR_HALF), max(bounds.bottom, -WEB_MERCATOR_HALF))
+    east, north = mercantile.lnglat(min(bounds.right, WEB_MERCATOR_HALF), min(bounds.top, WEB_MERCATOR_HALF))
+    return mercantile.LngLatBbox(west, south, east, north)
+
+
+def grow(bounds: mercantile.Bbox, fraction: float) -> mercantile.Bbox:
+    """EPSG:3857 bounds grown on every side by `fraction` of their width and height."""
+    dx, dy = (bounds.right - bounds.left) * fraction, (bounds.top - bounds.bottom) * fraction
+    return mercantile.Bbox(bounds.left - dx, bounds.bottom - dy, bounds.right + dx, bounds.top + dy)
+
+
+def tiles_bounds(tiles: Sequence[mercantile.Tile], margin: float = 0.0) -> mercantile.Bbox:
+    """The EPSG:3857 bounds (metres) of `tiles` together, grown by `margin` metres on every side."""
+    boxes = [mercantile.xy_bounds(tile) for tile in tiles]
+    return mercantile.Bbox(
+        min(b.left for b in boxes) - margin,
+        min(b.bottom for b in boxes) - margin,
+        max(b.right for b in boxes) + margin,
+        max(b.top for b in boxes) + margin,
+    )
+
+
+def tiles_touching(bounds: mercantile.Bbox, zoom: int) -> list[mercantile.Tile]:
+    """The tiles at zoom whose area overlaps EPSG:3857 bounds (not those that only touch an edge)."""
+    lnglat = xy_to_bbox(bounds)
+    # Shrink by a hair so that bounds ending exactly on a tile edge do not pull in the
+    # neighbour (mercantile.tiles counts edges as inside).
+    eps = 1e-9
+    return list(
+        mercantile.tiles(lnglat.west + eps, lnglat.south + eps, lnglat.east - eps, lnglat.north - eps, zooms=[zoom])
+    )
+
+
+def on_tile_edge(x: float, y: float, zoom: int, tolerance: float) -> bool:
+    """Whether EPSG:3857 point (x, y) lies within `tolerance` metres of an edge of the tiles at zoom."""
+    size = tile_metres(zoom)
+    fx, fy = (x + WEB_MERCATOR_HALF) / size, (WEB_MERCATOR_HALF - y) / size
+    return min(abs(fx - round(fx)), abs(fy - round(fy))) * size <= tolerance
+
+
+def ancestor(tile: mercantile.Tile, zoom: int) -> mercantile.Tile:
+    """The tile at `zoom` that holds `tile` (the tile itself when it is at or above that zoom)."""
+    return mercantile.parent(tile, zoom=zoom) if tile.z > zoom else tile
 
 
 # ---- the random sample ------------------------------------------------------------------------

@@ -42,6 +42,7 @@ import mercantile
 import numpy as np
 import shapely
 
+from osmseg import tiles
 from osmseg.errors import SourceError
 
 MIN_ZOOM = 15
@@ -85,7 +86,6 @@ _TEXTURE_IDS = {name: i for i, name in enumerate(_TEXTURES)}
 _AMPLITUDES = np.array(list(_TEXTURES.values()), dtype=np.float32)
 # Textures repeat every PERIOD pixels (4 tiles); the haze over them does not repeat.
 PERIOD = 1024
-EARTH_CIRCUMFERENCE = 40075016.68557849  # metres, EPSG:3857's equator
 
 GROUND = (148, 140, 104)
 
@@ -308,7 +308,7 @@ class _Painter:
         with self._lock:
             if zoom in self._textures:
                 return self._textures[zoom]
-            metres = EARTH_CIRCUMFERENCE / (TILE_SIZE * 2**zoom)  # per pixel at the equator
+            metres = tiles.metres_per_pixel(zoom, TILE_SIZE)  # per pixel at the equator
             salt = self.seed * 1000 + zoom * 10
             fields = np.zeros((_FIELDS, PERIOD, PERIOD), dtype=np.float32)
             fields[0] = _periodic_noise(PERIOD, 40 / metres, salt + 1)

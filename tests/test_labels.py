@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from shapely.geometry import LineString, Point, box
 
-from osmseg import cli, datafiles, labels
+from osmseg import cli, datafiles, labels, tiles
 from osmseg.classes import parse_classes
 from osmseg.errors import ClassesError, UserError
 from osmseg.osm import Feature
@@ -23,7 +23,7 @@ from osmseg.osm import Feature
 # A z17 tile near 0°N 0°E (the demo world's corner of the map) and its pixel size in metres.
 TILE = mercantile.Tile(65536, 65535, 17)
 SIZE = 64  # small labels keep the tests fast; the maths is the same at 256
-PIXEL = labels.metres_per_pixel(TILE.z, SIZE)
+PIXEL = tiles.metres_per_pixel(TILE.z, SIZE)
 
 
 def classes_of(*entries) -> labels.Classes:
@@ -446,8 +446,6 @@ def little_world(tmp_path):
 def run_stage(world, stage, sample_count, count, capsys):
     """Draw a sample of `sample_count` like prepare.py sample does, label it, then filter for `count`."""
     import prepare
-    from osmseg import tiles
-
     d = world["dir"]
     bbox = tiles.parse_bbox(world["bbox"])
     stream = tiles.sample_entries(bbox, 17, 0, datafiles.read_tile_list(world["all_tiles"]).entries)
@@ -628,18 +626,6 @@ def test_count_labels_matches_the_label_indices(values):
     for index in range(1, CLASSES.num_classes):
         assert counts[index - 1] == values.count(index)
     assert counts[-1] == values.count(0)
-
-
-@settings(max_examples=50, deadline=None)
-@given(st.integers(14, 20), st.integers(0, 2**14 - 1), st.integers(0, 2**14 - 1), st.floats(0, 100))
-def test_group_bounds_hold_every_tile_with_its_margin(zoom, x, y, margin):
-    tile = mercantile.Tile(x % 2**zoom, y % 2**zoom, zoom)
-    tiles = [tile, mercantile.Tile(tile.x, min(tile.y + 1, 2**zoom - 1), zoom)]
-    bounds = labels.group_bounds(tiles, margin)
-    for t in tiles:
-        b = mercantile.xy_bounds(t)
-        assert bounds.left <= b.left - margin + 1e-6 and bounds.right >= b.right + margin - 1e-6
-        assert bounds.bottom <= b.bottom - margin + 1e-6 and bounds.top >= b.top + margin - 1e-6
 
 
 def test_filters_on_qa_metadata_and_odd_keys_still_work():

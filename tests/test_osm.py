@@ -17,7 +17,7 @@ import shapely
 from shapely.geometry import LineString, Point, Polygon, box
 
 import prepare
-from osmseg import osm
+from osmseg import datafiles, osm, tiles
 from osmseg.classes import load_classes
 from osmseg.errors import SourceError
 
@@ -130,7 +130,7 @@ def test_monaco_source_tiles_and_z17_queries(monaco_source):
     bounds = mercantile.xy_bounds(z17)
     features = source.features(bounds)
     assert features
-    wide = shapely.box(*osm._expand(bounds, 0.125))
+    wide = shapely.box(*tiles.grow(bounds, 0.125))
     assert all(wide.covers(f.geometry) for f in features)
 
 
@@ -153,7 +153,7 @@ def test_area_split_across_z12_border_comes_back_whole(tmp_path, extent, buffer,
     left_bounds = mercantile.xy_bounds(LEFT)
     on_border = mercantile.tile(*mercantile.lnglat(left_bounds.right - 1, square.centroid.y), 17)
     inside_left = mercantile.tile(*mercantile.lnglat(left_bounds.right - 250, square.centroid.y), 17)
-    for bounds in (mercantile.xy_bounds(on_border), mercantile.xy_bounds(inside_left), osm._expand(left_bounds, 1)):
+    for bounds in (mercantile.xy_bounds(on_border), mercantile.xy_bounds(inside_left), tiles.grow(left_bounds, 1)):
         features = source.features(bounds, margin=0.0)
         assert len(features) == 1
         geometry = features[0].geometry
@@ -205,7 +205,7 @@ def test_2015_area_way_that_is_not_closed_stays_a_line(tmp_path):
         RIGHT: [(way, properties)],
     }
     source = osm.open_source("qa-tiles", write_mbtiles(tmp_path / "open.mbtiles", features))
-    found = {f.tags["@id"]: f.geometry for f in source.features(osm._expand(left_bounds, 1))}
+    found = {f.tags["@id"]: f.geometry for f in source.features(tiles.grow(left_bounds, 1))}
     assert found["4"].geom_type == "LineString" and found["4"].length == pytest.approx(way.length, rel=0.01)
     assert found["6"].geom_type == "Polygon"
 
@@ -229,7 +229,7 @@ def test_line_split_across_border_is_merged(tmp_path):
     properties = {"@id": 9, "@type": "way", "highway": "primary"}
     path = write_mbtiles(tmp_path / "road.mbtiles", {LEFT: [(road, properties)], RIGHT: [(road, properties)]})
     source = osm.open_source("qa-tiles", path)
-    features = source.features(osm._expand(left_bounds, 1), margin=0)
+    features = source.features(tiles.grow(left_bounds, 1), margin=0)
     assert len(features) == 1 and features[0].geometry.geom_type == "LineString"
     assert features[0].geometry.length == pytest.approx(road.length, rel=0.01)
 
@@ -627,7 +627,9 @@ def test_all_tiles_from_overpass(server, tmp_path, classes_file, capsys):
         ],
     )
     assert status == 0, capsys.readouterr().err
-    assert out.read_text() == "overpass 12 2132 1493\n"
+    listed = datafiles.read_tile_list(out)
+    assert listed.entries == [("overpass", mercantile.Tile(2132, 1493, 12))]
+    assert listed.made_by["osm_source"] == "overpass" and listed.made_by["overpass_url"].startswith("http://127.0.0.1")
 
 
 # ---- download-osm --------------------------------------------------------------------------------

@@ -6,13 +6,13 @@ import itertools
 import time
 
 import mercantile
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import prepare
 from osmseg import datafiles, tiles
-from osmseg.errors import BBoxError, UserError
 
 UK = "-8.65,49.86,1.77,60.86"
 MONACO = mercantile.LngLatBbox(7.40, 43.72, 7.44, 43.75)
@@ -62,7 +62,7 @@ def test_parse_bbox_round_trips(bbox):
     ],
 )
 def test_bad_bbox(text, message):
-    with pytest.raises(BBoxError, match=message) as error:
+    with pytest.raises(tiles.BBoxError, match=message) as error:
         tiles.parse_bbox(text)
     assert "-lon,-lat,+lon,+lat" in str(error.value)  # says how to write it
 
@@ -74,7 +74,7 @@ def test_good_zoom(zoom):
 
 @pytest.mark.parametrize("zoom", [-1, 23, 17.5, "x", None, True])
 def test_bad_zoom(zoom):
-    with pytest.raises(UserError, match="0-22"):
+    with pytest.raises(tiles.ZoomError, match="0-22"):
         tiles.check_zoom(zoom)
 
 
@@ -261,3 +261,41 @@ def test_all_tiles_missing_mbtiles_exits_2(tmp_path, capsys):
     out = tmp_path / "all_tiles.txt"
     status, err = _prepare(["all-tiles", "--osm", str(tmp_path / "absent.mbtiles"), "--out", str(out)], capsys)
     assert status == 2 and "no such MBTiles file" in err and not out.exists()
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(14, 20), st.integers(0, 2**14 - 1), st.integers(0, 2**14 - 1), st.floats(0, 100))
+def test_tiles_bounds_hold_every_tile_with_its_margin(zoom, x, y, margin):
+    tile = mercantile.Tile(x % 2**zoom, y % 2**zoom, zoom)
+    group = [tile, mercantile.Tile(tile.x, min(tile.y + 1, 2**zoom - 1), zoom)]
+    bounds = tiles.tiles_bounds(group, margin)
+    for t in group:
+        b = mercantile.xy_bounds(t)
+        assert bounds.left <= b.left - margin + 1e-6 and bounds.right >= b.right + margin - 1e-6
+        assert bounds.bottom <= b.bottom - margin + 1e-6 and bounds.top >= b.top + margin - 1e-6
+
+
+def test_lnglat_to_xy_agrees_with_mercantile():
+    lng = np.array([-180.0, -3.3843, 0.0, 7.42, 179.9])
+    lat = np.array([-85.0511, 51.2437, 0.0, 43.73, 89.0])  # 89 is clamped to the projection's edge
+    x, y = tiles.lnglat_to_xy(lng, lat)
+    expected = [mercantile.xy(a, min(b, tiles.MAX_LATITUDE)) for a, b in zip(lng, lat)]
+    assert np.allclose(np.column_stack([x, y]), expected, atol=1e-6)
+    assert np.isclose(y[-1], tiles.WEB_MERCATOR_HALF)
+
+
+def test_metres_per_pixel_and_tile_edges():
+    assert np.isclose(tiles.metres_per_pixel(17, 256), 2 * tiles.WEB_MERCATOR_HALF / 2**17 / 256)
+    assert np.isclose(tiles.metres_per_pixel(17, 256), 1.1943, atol=1e-4)  # about 1 m a pixel at z17
+    left, bottom, right, top = mercantile.xy_bounds(mercantile.Tile(2132, 1493, 12))
+    assert tiles.on_tile_edge(left, (top + bottom) / 2, 12, 0.01)
+    assert tiles.on_tile_edge((left + right) / 2, top + 0.005, 12, 0.01)
+    assert not tiles.on_tile_edge((left + right) / 2, (top + bottom) / 2, 12, 0.01)
+    inner = mercantile.Bbox(left + 1, bottom + 1, right - 1, top - 1)
+    assert tiles.tiles_touching(mercantile.Bbox(left, bottom, right, top), 12) == [mercantile.Tile(2132, 1493, 12)]
+    assert tiles.xy_to_bbox(tiles.bbox_to_xy(mercantile.bounds(2132, 1493, 12))) == pytest.approx(
+        tuple(mercantile.bounds(2132, 1493, 12))
+    )
+    assert tiles.grow(inner, 0.5).left == pytest.approx(inner.left - (inner.right - inner.left) / 2)
+    assert tiles.ancestor(mercantile.Tile(65536, 65536, 17), 12) == mercantile.Tile(2048, 2048, 12)
+    assert tiles.ancestor(mercantile.Tile(1, 1, 3), 12) == mercantile.Tile(1, 1, 3)
