@@ -27,6 +27,7 @@ IGNORE = 255  # label value for pixels that training and metrics skip
 _COLOR = re.compile(r"^#[0-9a-fA-F]{6}$")
 _KEYS = {"name", "color", "stroke-width", "filter", "sourceLayer"}
 _LABEL_KEYS = ("filter",)
+_ATTRIBUTE = re.compile(r"\[([^\[\]]+)\]")  # [name] in a mapnik expression
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,21 @@ class Classes:
     def to_json(self) -> str:
         """The canonical JSON text of these classes (what caches and weights store)."""
         return json.dumps([c.to_json() for c in self.classes], indent=1)
+
+    def filter_attributes(self) -> set[str]:
+        """The feature attributes ([name]s) the classes' filters read, mapnik's own left out.
+
+        A plain scan of the filters' attribute names, not a parser: mapnik evaluates the
+        filters when rendering (osmseg.labels); this only chooses what to hand it and what to
+        download. QA tiles' own attributes (@id, @user...) count when a filter reads them.
+        """
+        names = {name for c in self.classes for name in _ATTRIBUTE.findall(c.filter or "")}
+        return {name for name in names if not name.startswith("mapnik::")}
+
+    def tag_keys(self) -> list[str]:
+        """The OSM tag keys the filters read, sorted: filter_attributes without @id and friends."""
+        keys = {name.strip() for name in self.filter_attributes()}
+        return sorted(key for key in keys if key and not key.startswith(("mapnik::", "@")))
 
     def colors_to_labels(self, rgb: np.ndarray) -> tuple[np.ndarray, int]:
         """Turn an (H, W, 3) uint8 colour mask into (H, W) uint8 class indices.

@@ -35,7 +35,6 @@ import io
 import json
 import math
 import os
-import re
 import sys
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
@@ -145,20 +144,6 @@ def style_xml(classes: Classes, tile_size: int = DEFAULT_TILE_SIZE) -> str:
     )
 
 
-_ATTRIBUTE = re.compile(r"\[([^\[\]]+)\]")
-
-
-def filter_attributes(classes: Classes) -> set[str]:
-    """The feature attributes ([name]s) the classes' filters read.
-
-    Only these properties are handed to mapnik: parsing the rest (QA tiles carry @id,
-    @user, @timestamp... on every feature) took mapnik four times as long. This lists
-    names; evaluating the filters stays mapnik's job.
-    """
-    names = {name for c in classes.classes for name in _ATTRIBUTE.findall(c.filter or "")}
-    return {name for name in names if not name.startswith("mapnik::")}
-
-
 def features_geojson(
     features: Sequence, pixel: float, point_widths: Sequence[float] = (1.0,), keep: set[str] | None = None
 ) -> str:
@@ -233,7 +218,7 @@ class LabelRenderer:
         self.classes = classes
         self.tile_size = tile_size
         self.max_stroke_width = max(c.stroke_width for c in classes.classes)
-        self.attributes = filter_attributes(classes)
+        self.attributes = classes.filter_attributes()
         self._map = mapnik.Map(tile_size, tile_size)
         mapnik.load_map_from_string(self._map, style_xml(classes, tile_size))
 

@@ -37,3 +37,35 @@ def portugal_dir() -> Path:
 @pytest.fixture
 def classes_file() -> Path:
     return ROOT / "classes" / "mine.json"
+
+
+@pytest.fixture
+def server():
+    """Start loopback servers answering from {path: (status, bytes)}; all closed afterwards."""
+    from osm_fakes import RouteServer
+
+    servers = []
+
+    def start(routes):
+        servers.append(RouteServer(routes))
+        return servers[-1]
+
+    yield start
+    for s in servers:
+        s.close()
+
+
+@pytest.fixture
+def file_server():
+    """Start loopback servers serving one file as S3 does (osm_fakes.FileServer)."""
+    from osm_fakes import FileServer
+
+    servers = []
+
+    def start(data):
+        servers.append(FileServer(data))
+        return servers[-1]
+
+    yield start
+    for s in servers:
+        s.close()

@@ -633,7 +633,7 @@ def test_filters_on_qa_metadata_and_odd_keys_still_work():
         ("mine", "#010101", 1, "[@user] = 'me' and [addr:street] = 'Rue'"),
         ("relations", "#020202", 1, "[@type] = 'relation'"),
     )
-    assert labels.filter_attributes(classes) == {"@user", "addr:street", "@type"}
+    assert classes.filter_attributes() == {"@user", "addr:street", "@type"}
     rgb = render_one(
         [
             Feature(pixel_box(TILE, 0, 0, 4, 4), {"@user": "me", "addr:street": "Rue", "@id": "1"}),

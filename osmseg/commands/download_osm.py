@@ -6,7 +6,7 @@ partial files).
 
 from __future__ import annotations
 
-from osmseg.osm import QA_TILES_URL, download_qa_tiles
+from osmseg.osm.download import QA_TILES_URL, download_qa_tiles
 
 NAME = "download-osm"
 HELP = "download OSM QA tiles for a country or the planet"

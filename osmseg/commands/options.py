@@ -13,13 +13,13 @@ import os
 
 from osmseg import tiles
 from osmseg.errors import UserError
+from osmseg.osm import KINDS as OSM_KINDS
+from osmseg.osm.overpass import OVERPASS_URL
 
 DEFAULT_BBOX = "-3.3843,51.2437,-2.3923,51.848"  # the seed's (skynet-data's) default: around Bristol
 DEFAULT_OSM = "data/osm/united_kingdom.mbtiles"  # the Makefile's default QA_TILES
 DEFAULT_CLASSES = "classes/mine.json"
 DEFAULT_TILE_SIZE = 256
-OSM_KINDS = ("qa-tiles", "file", "overpass")
-OVERPASS_URL = "https://overpass-api.de/api/interpreter"
 FROM_LIST = "(default: as recorded in the tile list)"
 
 
