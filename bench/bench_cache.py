@@ -2,7 +2,7 @@
 """Benchmark of the HDF5 cache: build time and peak memory, bytes per tile, read throughput.
 
 What is measured, and how:
-- build: `osmseg.cache.build_cache` over 1,000 and 10,000 synthetic 256-pixel tiles, from
+- build: `osmseg.build.build_cache` over 1,000 and 10,000 synthetic 256-pixel tiles, from
   files on disk as the pipeline has them (JPEG imagery, colour PNG labels). Generating 10,000
   distinct JPEGs would take longer than the build, so 500 distinct tiles are generated and
   hard-linked under 10,000 tile names: every tile is still read, decoded, converted and
@@ -105,14 +105,14 @@ def make_world(folder: Path, count: int, classes) -> list:
 
 
 def child_build(folder: str, count: int, out: str) -> dict:
-    from osmseg import cache
+    from osmseg.cache import build
     from osmseg.classes import load_classes
 
     classes = load_classes(ROOT / "classes" / "mine.json")
     entries = make_world(Path(folder), count, classes)
     baseline = _peak_mb()
     started, cpu = time.perf_counter(), time.process_time()
-    summary = cache.build_cache(entries, Path(folder) / "images", Path(folder) / "labels", classes, out, TILE_SIZE,
+    summary = build.build_cache(entries, Path(folder) / "images", Path(folder) / "labels", classes, out, TILE_SIZE,
                                 log=lambda _: None)
     seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
     assert summary.written == count, summary.skipped
@@ -162,7 +162,8 @@ def real_imagery_bytes_per_tile() -> float | None:
     """gzip-1 bytes of the fixtures' real satellite tiles, decoded, per 256-pixel tile image."""
     import h5py
 
-    from osmseg.cache import COMPRESSION, COMPRESSION_LEVEL, read_rgb
+    from osmseg.cache.build import read_rgb
+    from osmseg.cache.schema import COMPRESSION, COMPRESSION_LEVEL
 
     folder = ROOT.parent / "shared" / "fixtures" / "portugal-z17" / "tiles"
     paths = sorted(folder.glob("*.jpg"))

@@ -20,6 +20,7 @@ from PIL import Image
 
 import prepare
 from osmseg import cache, cli, datafiles
+from osmseg.cache import build, imports, schema
 from osmseg.classes import IGNORE, parse_classes
 from osmseg.commands import import_masks
 from osmseg.errors import CacheError, UserError
@@ -93,7 +94,7 @@ def _build(world, out=None, **kwargs):
         "entries": world["tiles"], "images_dir": world["images"], "labels_dir": world["labels"],
         "classes": CLASSES, "out_path": out, "tile_size": SIZE, "log": lambda _: None,
     }
-    return cache.build_cache(**(arguments | kwargs)), out
+    return build.build_cache(**(arguments | kwargs)), out
 
 
 # --- build_cache -------------------------------------------------------------------------
@@ -254,7 +255,7 @@ def test_a_killed_builds_leftover_is_removed(world):
 
 def test_interrupted_build_leaves_no_file(world, monkeypatch):
     calls = {"n": 0}
-    real = cache.read_rgb
+    real = build.read_rgb
 
     def failing(path):
         calls["n"] += 1
@@ -262,7 +263,7 @@ def test_interrupted_build_leaves_no_file(world, monkeypatch):
             raise KeyboardInterrupt
         return real(path)
 
-    monkeypatch.setattr(cache, "read_rgb", failing)
+    monkeypatch.setattr(build, "read_rgb", failing)
     with pytest.raises(KeyboardInterrupt):
         _build(world)
     assert calls["n"] >= 9
@@ -466,11 +467,11 @@ def test_augmentation_moves_image_and_label_together(world, tmp_path):
     labels = (images[..., 0] % 4).astype(np.uint8)
     out = tmp_path / "aug.hdf5"
     with h5py.File(out, "w") as file:
-        writer = cache._Writer(file, SIZE)
+        writer = build.Writer(file, SIZE)
         for image, label in zip(images, labels):
-            writer.append(cache.compress_tile(image, label), (-1, -1, -1), "x")
+            writer.append(schema.compress_tile(image, label), (-1, -1, -1), "x")
         writer.close()
-        cache._write_attrs(file, CLASSES, SIZE, {})
+        schema.write_attrs(file, CLASSES, SIZE, {})
     batches = cache.make_batches(out, None, 6, shuffle=False, augment=True, seed=2)
     changed = 0
     for epoch in range(3):
@@ -496,7 +497,7 @@ def test_batches_pickle_without_the_open_file(world):
 
 
 def test_importing_the_module_does_not_import_keras():
-    code = "import sys, osmseg.cache; print('keras' in sys.modules or 'tensorflow' in sys.modules)"
+    code = "import sys, osmseg.cache, osmseg.commands.cache; print('keras' in sys.modules or 'tensorflow' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
 
@@ -542,8 +543,8 @@ def _import_argv(pairs, *extra):
 def _reassemble(file, stem, shape, stride):
     """Stitch a stem's tiles back in row-major order (no overlap: stride == SIZE)."""
     rows = [i for i, s in enumerate(file["sources"][:]) if s.decode() == stem]
-    tops = cache.tile_origins(shape[0], SIZE, stride)
-    lefts = cache.tile_origins(shape[1], SIZE, stride)
+    tops = imports.tile_origins(shape[0], SIZE, stride)
+    lefts = imports.tile_origins(shape[1], SIZE, stride)
     image = np.zeros((len(tops) * SIZE, len(lefts) * SIZE, 3), np.uint8)
     labels = np.zeros(image.shape[:2], np.uint8)
     for row, (top, left) in zip(rows, [(t, le) for t in tops for le in lefts]):
@@ -686,7 +687,7 @@ def test_reads_caches_written_by_other_tools(tmp_path):
 @given(length=st.integers(1, 2000), tile_size=st.integers(1, 300), data=st.data())
 def test_tile_origins_cover_every_pixel_without_empty_tiles(length, tile_size, data):
     stride = data.draw(st.integers(1, tile_size))
-    origins = cache.tile_origins(length, tile_size, stride)
+    origins = imports.tile_origins(length, tile_size, stride)
     assert origins[0] == 0 and all(b - a == stride for a, b in itertools.pairwise(origins))
     assert origins[-1] + tile_size >= length  # the last tile reaches the edge
     assert origins[-1] < length  # and holds at least one real pixel

@@ -9,14 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from osmseg import atomic, datafiles
-from osmseg.cache import (
-    BuildSummary,
-    _skipped_text,
-    build_cache,
-    default_workers,
-    report,
-    split_indices,
-)
+from osmseg.cache.build import BuildSummary, build_cache, default_workers, report, skipped_text, split_indices
 from osmseg.classes import load_classes
 from osmseg.commands import options
 from osmseg.errors import UserError
@@ -73,7 +66,7 @@ def main(args) -> int:
         else:
             kept.append(row)
     if missing.skipped:
-        print(f"{args.sample}: {len(kept)} of {len(sample)} tiles have an image and a label{_skipped_text(missing)}")
+        print(f"{args.sample}: {len(kept)} of {len(sample)} tiles have an image and a label{skipped_text(missing)}")
     if len(kept) < 2:
         raise UserError(
             f"{args.sample}: {len(kept)} tile(s) have both an image and a label; need at least 2 "

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from osmseg.cache import _skipped_text, default_workers, import_pairs, pair_files, report, split_indices
+from osmseg.cache.build import default_workers, report, skipped_text, split_indices
+from osmseg.cache.imports import import_pairs, pair_files
 from osmseg.classes import load_classes
 from osmseg.commands.cache import check_distinct
 from osmseg.errors import UserError
@@ -57,7 +58,7 @@ def main(args) -> int:
         raise UserError(f"--stride {stride}: must be between 1 and the tile size ({args.tile_size}) so no pixel is left out")
     pairs, unpaired = pair_files(args.images, args.masks)
     if unpaired.skipped:
-        print(f"{len(pairs)} image/mask pairs{_skipped_text(unpaired)}")
+        print(f"{len(pairs)} image/mask pairs{skipped_text(unpaired)}")
     if not pairs:
         raise UserError(
             f"no image in {args.images} has a mask of the same file-name stem in {args.masks}; "
