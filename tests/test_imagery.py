@@ -18,6 +18,7 @@ import pytest
 
 import prepare
 from osmseg import cli, datafiles, imagery
+from osmseg.commands import options
 from osmseg.errors import SourceError
 
 TOKEN = "pk.SECRET-token-1234567890"
@@ -149,7 +150,7 @@ def test_images_keep_the_served_bytes_and_take_the_extension_from_them(serve, tm
     (written,) = tmp_path.glob("*.png")  # ...the bytes say PNG
     assert written.name == "17-65536-65536.png"
     assert written.read_bytes() == served
-    rgb = imagery.read_image(written)
+    rgb = imagery.checks.read_image(written)
     bgr = cv2.imdecode(np.frombuffer(served, np.uint8), cv2.IMREAD_COLOR)
     assert np.array_equal(rgb, bgr[..., ::-1])
 
@@ -233,7 +234,7 @@ def test_real_portugal_tiles_through_a_file_template(portugal_dir, tmp_path):
         assert (written is None) == (not original.exists())
         if written:
             assert written.read_bytes() == original.read_bytes()
-            image = imagery.read_image(written)
+            image = imagery.checks.read_image(written)
             assert image.shape == (256, 256, 3) and image.dtype == np.uint8 and image.std() > 5
 
 
@@ -629,7 +630,7 @@ def assert_served_bytes(server, directory: Path):
 
 
 def test_demo_form_starts_and_stops_its_own_server(tmp_path, demo_server):
-    source = imagery.open_tile_source("demo")
+    source = options.open_imagery("demo")
     with source:
         url = source.templates[0].split("/{z}")[0]
         assert (source.minzoom, source.maxzoom) == (15, 19) and source.bounds is not None
@@ -693,10 +694,10 @@ def test_demo_form_takes_the_seed_of_the_world_it_serves(tmp_path):
     from osmseg import tileserver
 
     tile = mercantile.tile(0.001, 0.001, 17)
-    with imagery.open_tile_source("demo:3") as source:
+    with options.open_imagery("demo:3") as source:
         fast(source, [tile], tmp_path)
     served = (tmp_path / f"{datafiles.tile_stem(tile)}.jpg").read_bytes()
     with tileserver.DemoTileServer(seed=3) as same, tileserver.DemoTileServer(seed=0) as other:
         assert served == same.tile_bytes(tile) != other.tile_bytes(tile)
     with pytest.raises(SourceError, match="demo:<whole number>"):
-        imagery.open_tile_source("demo:x")
+        options.open_imagery("demo:x")

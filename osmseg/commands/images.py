@@ -18,7 +18,7 @@ import mercantile
 from osmseg.commands import options
 from osmseg.datafiles import MISSING, REJECTED, find_image, label_path, read_tile_list, read_tile_log, tile_stem
 from osmseg.errors import SourceError, UserError
-from osmseg.imagery import TOKEN_ENV, DownloadSummary, download_tiles, open_tile_source
+from osmseg.imagery import TOKEN_ENV, DownloadSummary, download_tiles
 
 NAME = "images"
 HELP = "download the imagery tiles of the filtered sample"
@@ -103,7 +103,7 @@ def main(args) -> int:
         print(f"images: all {len(entries)} tiles are in {args.out} already (or were rejected); nothing to download")
         print(training_set_report(entries, args.out, args.labels))
         return 0
-    source = open_tile_source(args.image_tiles, token, timeout=args.timeout)
+    source = options.open_imagery(args.image_tiles, token, timeout=args.timeout)
     with source:
         print(f"imagery: {len(entries)} tiles from {source.description} into {args.out}", file=sys.stderr)
         try:

@@ -12,7 +12,7 @@ import math
 import os
 
 from osmseg import tiles
-from osmseg.errors import UserError
+from osmseg.errors import SourceError, UserError
 from osmseg.osm import KINDS as OSM_KINDS
 from osmseg.osm.overpass import OVERPASS_URL
 
@@ -187,3 +187,34 @@ def record(made_by: dict, command: str, args, names) -> dict:
 
 def _plain(value):
     return str(value) if isinstance(value, os.PathLike) else value
+
+
+def open_imagery(spec: str, token: str | None = None, timeout: float = 30.0):
+    """The IMAGE_TILES source: osmseg.imagery.open_tile_source's forms, and ``demo[:SEED]``.
+
+    ``demo:SEED`` starts the demo world's loopback server (osmseg.demo.server) in this
+    process, serving the town that `prepare.py demo-world --seed SEED` mapped; closing the
+    source stops it. Wired here, so that the imagery library knows nothing of the demo.
+
+    Raises:
+        SourceError: a malformed spec or an unreachable source (osmseg.imagery.open_tile_source).
+    """
+    from osmseg import imagery
+
+    spec = (spec or "").strip()
+    if spec != "demo" and not spec.startswith("demo:"):
+        return imagery.open_tile_source(spec, token, timeout=timeout)
+    seed_text = spec.partition(":")[2] or "0"
+    if not seed_text.isdigit():
+        raise SourceError(f"IMAGE_TILES: {spec!r}: write the demo world's seed as demo:<whole number>")
+    from osmseg.tileserver import DemoTileServer
+
+    server = DemoTileServer(seed=int(seed_text)).start()
+    try:
+        source = imagery.open_tilejson(server.tilejson_url, (), timeout, None)
+    except BaseException:
+        server.close()
+        raise
+    source.description = f"the demo server ({server.url})"
+    source.on_close(server.close)
+    return source
