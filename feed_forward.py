@@ -26,7 +26,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from osmseg import cli, segment
+from osmseg import cli, rasters, scene, segment
 from osmseg.commands import options
 from osmseg.errors import UserError
 
@@ -47,7 +47,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="also write segments.geojson (polygons per class; holds the label image, 1 byte a pixel)")  # fmt: skip
     parser.add_argument("--min-area", type=float, default=16.0, help="--geojson: drop polygons below this many pixels")
     parser.add_argument("--simplify", type=float, default=1.0, help="--geojson: simplification tolerance in pixels")
-    parser.add_argument("--heatmap-size", type=int, default=segment.HEATMAP_SIZE, help="longest side of the heatmaps, at most")
+    parser.add_argument("--heatmap-size", type=int, default=scene.HEATMAP_SIZE, help="longest side of the heatmaps, at most")
     parser.add_argument("--force", action="store_true", help="redo images whose outputs are already complete")
 
 
@@ -76,9 +76,9 @@ def list_images(image: Path, outdir: Path) -> list[tuple[Path, Path]]:
         raise UserError(f"{image}: no such image or directory; pass an existing image file or directory")
     if not image.is_dir():
         return [(image, outdir)]
-    files = sorted(p for p in image.iterdir() if p.is_file() and p.suffix.lower() in segment.IMAGE_SUFFIXES)
+    files = sorted(p for p in image.iterdir() if p.is_file() and p.suffix.lower() in rasters.READABLE_SUFFIXES)
     if not files:
-        raise UserError(f"{image}: no images in this directory (looked for {', '.join(segment.IMAGE_SUFFIXES)})")
+        raise UserError(f"{image}: no images in this directory (looked for {', '.join(rasters.READABLE_SUFFIXES)})")
     by_stem: dict[str, Path] = {}
     for path in files:
         if path.stem in by_stem:
@@ -123,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _check_args(args)
     jobs = list_images(args.image, args.outdir)
     # One image: read it before the (slower) model load, so that a bad image fails at once.
-    opened = {jobs[0][0]: segment.open_image(jobs[0][0])} if len(jobs) == 1 else {}
+    opened = {jobs[0][0]: rasters.open_image(jobs[0][0])} if len(jobs) == 1 else {}
     try:
         return _segment_all(args, jobs, opened)
     finally:
@@ -165,14 +165,14 @@ def _segment_all(args: argparse.Namespace, jobs: list[tuple[Path, Path]], opened
             opened.pop(image_path, None)
             continue
         try:
-            reader = opened.pop(image_path, None) or segment.open_image(image_path)
+            reader = opened.pop(image_path, None) or rasters.open_image(image_path)
         except UserError as error:  # in a directory: skip it, say so, carry on
             print(f"skipped: {error}", file=sys.stderr)
             failed.append(image_path.name)
             continue
         try:
             windows = segment.count_windows(reader.height, reader.width, window, args.overlap)
-            result = segment.write_scene(
+            result = scene.write_scene(
                 reader, predict, classes, outdir, window=window, overlap=args.overlap,
                 batch_size=args.batch_size, geojson=args.geojson, simplify=args.simplify,
                 min_area=args.min_area, heatmap_size=args.heatmap_size, inputs=inputs,

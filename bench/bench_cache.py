@@ -162,7 +162,7 @@ def real_imagery_bytes_per_tile() -> float | None:
     """gzip-1 bytes of the fixtures' real satellite tiles, decoded, per 256-pixel tile image."""
     import h5py
 
-    from osmseg.cache.build import read_rgb
+    from osmseg.rasters import read_rgb
     from osmseg.cache.schema import COMPRESSION, COMPRESSION_LEVEL
 
     folder = ROOT.parent / "shared" / "fixtures" / "portugal-z17" / "tiles"

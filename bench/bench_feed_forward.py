@@ -132,7 +132,7 @@ def full_segnet_ms_per_window() -> float:
 
 
 def bench_overhead(weights: Path, workdir: Path, size: int = 4096, note: str = "goal <= 1.2") -> dict:
-    from osmseg import segment
+    from osmseg import rasters, scene, segment
 
     _, predict, classes, config = load_predict(weights)
     window = int(config["input_size"])
@@ -146,8 +146,8 @@ def bench_overhead(weights: Path, workdir: Path, size: int = 4096, note: str = "
     for _ in range(ROUNDS):
         alones.append(model_alone(predict, windows, window))
         started, cpu = time.perf_counter(), time.process_time()
-        segment.write_scene(
-            segment.ArrayReader(image, "scene.png"), predict, classes, workdir / f"overhead-{size}",
+        scene.write_scene(
+            rasters.ArrayReader(image, "scene.png"), predict, classes, workdir / f"overhead-{size}",
             window=window, overlap=overlap, batch_size=BATCH_SIZE,
         )  # fmt: skip
         totals.append((time.perf_counter() - started, time.process_time() - cpu))

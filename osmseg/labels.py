@@ -47,6 +47,7 @@ import numpy as np
 from osmseg import atomic, datafiles
 from osmseg.classes import Classes
 from osmseg.errors import ClassesError, UserError
+from osmseg.rasters import NotEightBit, read_rgb
 from osmseg.tiles import ancestor, metres_per_pixel, tiles_bounds
 
 # A pixel takes a shape's colour when the shape covers at least this share of it
@@ -351,14 +352,15 @@ def read_label(path: str | os.PathLike) -> np.ndarray:
     Raises:
         UserError: a missing or unreadable file, naming it.
     """
-    import cv2
-
-    if not Path(path).exists():  # checked first: OpenCV would also print a warning of its own
+    if not Path(path).exists():
         raise UserError(f"{path}: no such label; run `make data/labels/color` (prepare.py labels) first")
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    try:
+        image = read_rgb(path)
+    except NotEightBit:
+        image = None
     if image is None:
         raise UserError(f"{path}: not a readable PNG; delete it and re-run `make data/labels/color`")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    return image
 
 
 def count_labels(label_rgb: np.ndarray, classes: Classes) -> np.ndarray:

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 import feed_forward
-from osmseg import cli, segment
+from osmseg import cli, rasters
 from osmseg.classes import load_classes
+from osmseg.scene import write_scene
 
 WINDOW = 32
 
@@ -218,14 +219,14 @@ def test_unreadable_image_in_a_directory_is_skipped_and_reported(weights, tmp_pa
 def test_large_images_are_streamed_with_the_same_result(weights, tmp_path, monkeypatch, capsys):
     image = write_rgb(tmp_path / "scene.png", scene(90, 70))
     assert cli.run(feed_forward.main, [str(weights), str(image), str(tmp_path / "whole")]) == 0
-    monkeypatch.setattr(segment, "STREAM_PIXELS", 0)  # as if it were over 4096 × 4096
-    opened, close = [], segment.RasterReader.close
+    monkeypatch.setattr(rasters, "STREAM_PIXELS", 0)  # as if it were over 4096 × 4096
+    opened, close = [], rasters.RasterReader.close
 
     def recording_close(reader):
         opened.append(reader.path)
         close(reader)
 
-    monkeypatch.setattr(segment.RasterReader, "close", recording_close)
+    monkeypatch.setattr(rasters.RasterReader, "close", recording_close)
     assert cli.run(feed_forward.main, [str(weights), str(image), str(tmp_path / "streamed")]) == 0
     assert opened == [image]  # it went through the streaming reader
     for name in ("mask.png", "segments.png"):
@@ -235,7 +236,7 @@ def test_large_images_are_streamed_with_the_same_result(weights, tmp_path, monke
 
 
 def test_damaged_large_image_in_a_directory_is_skipped(weights, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(segment, "STREAM_PIXELS", 0)
+    monkeypatch.setattr(rasters, "STREAM_PIXELS", 0)
     images = tmp_path / "images"
     images.mkdir()
     write_rgb(images / "fine.png", scene(40, 40))
@@ -270,8 +271,8 @@ def test_scene_of_known_tiles_with_a_pixelwise_keras_model(tmp_path):
         network.predict_on_batch(image[r : r + tile, c : c + tile][None].astype(np.float32))[0].argmax(axis=2)
         for r in range(0, 3 * tile, tile) for c in range(0, 4 * tile, tile)
     ]  # fmt: skip
-    result = segment.write_scene(
-        segment.ArrayReader(image), network.predict_on_batch, classes, tmp_path, window=48, overlap=0.5
+    result = write_scene(
+        rasters.ArrayReader(image), network.predict_on_batch, classes, tmp_path, window=48, overlap=0.5
     )
     labels, _ = classes.colors_to_labels(cv2.imread(str(tmp_path / "mask.png"))[..., ::-1])
     together = [labels[r : r + tile, c : c + tile] for r in range(0, 3 * tile, tile) for c in range(0, 4 * tile, tile)]

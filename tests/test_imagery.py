@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import prepare
-from osmseg import cli, datafiles, imagery
+from osmseg import cli, datafiles, imagery, rasters
 from osmseg.commands import options
 from osmseg.errors import SourceError
 
@@ -150,7 +150,7 @@ def test_images_keep_the_served_bytes_and_take_the_extension_from_them(serve, tm
     (written,) = tmp_path.glob("*.png")  # ...the bytes say PNG
     assert written.name == "17-65536-65536.png"
     assert written.read_bytes() == served
-    rgb = imagery.checks.read_image(written)
+    rgb = rasters.read_rgb(written)
     bgr = cv2.imdecode(np.frombuffer(served, np.uint8), cv2.IMREAD_COLOR)
     assert np.array_equal(rgb, bgr[..., ::-1])
 
@@ -234,7 +234,7 @@ def test_real_portugal_tiles_through_a_file_template(portugal_dir, tmp_path):
         assert (written is None) == (not original.exists())
         if written:
             assert written.read_bytes() == original.read_bytes()
-            image = imagery.checks.read_image(written)
+            image = rasters.read_rgb(written)
             assert image.shape == (256, 256, 3) and image.dtype == np.uint8 and image.std() > 5
 
 
@@ -395,14 +395,39 @@ def test_tilejson_plus_form_carries_the_token_to_tile_urls(serve, tmp_path):
     assert fast(source, Z17[:3], tmp_path).downloaded == 3
 
 
+def test_rate_limiter_spaces_requests_and_honours_retry_after():
+    from osmseg.imagery.download import RateLimiter
+
+    now = [100.0]
+    starts = []
+
+    def sleep(seconds):
+        now[0] += seconds
+
+    limiter = RateLimiter(4, clock=lambda: now[0], sleep=sleep)
+    for _ in range(5):
+        limiter.acquire()
+        starts.append(now[0])
+    assert starts == pytest.approx([100.0, 100.25, 100.5, 100.75, 101.0])
+    limiter.pause_until(110.0)  # a 429 said Retry-After: every later request waits for it
+    limiter.acquire()
+    assert now[0] == pytest.approx(110.0)
+    unlimited = RateLimiter(None, clock=lambda: now[0], sleep=sleep)
+    unlimited.acquire()
+    unlimited.acquire()
+    assert now[0] == pytest.approx(110.0)
+
+
 def test_rps_limits_the_request_rate(serve, tmp_path):
     server = serve(tiles_ok)
     source = imagery.open_tile_source(server.url + "/{z}/{x}/{y}.jpg")
     started = time.monotonic()
     fast(source, Z17[:6], tmp_path, workers=6, rps=20)
     assert time.monotonic() - started >= 5 / 20 * 0.9
+    # Arrival times at the server can bunch up on a loaded machine (the first request waits
+    # longest for a connection); the spacing itself is checked with a fake clock above.
     times = sorted(t for t, _, _ in server.requests)
-    assert times[-1] - times[0] >= 5 / 20 * 0.9
+    assert times[-1] - times[0] >= 5 / 20 * 0.6
 
 
 # --- Resume, rejection, redaction --------------------------------------------------------------

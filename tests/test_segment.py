@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from osmseg import segment, visualise
+from osmseg import rasters, scene, segment, visualise
 from osmseg.classes import parse_classes
 from osmseg.errors import UserError
 
@@ -163,7 +163,7 @@ def test_strips_cover_every_row_once_and_stay_small():
         calls.append(len(batch))
         return local_predict(batch)
 
-    reader = segment.ArrayReader(image)
+    reader = rasters.ArrayReader(image)
     strips = list(segment.segment_strips(reader, predict, NUM_CLASSES, window=64, overlap=0.5, batch_size=3))
     tops = [strip.top for strip in strips]
     heights = [len(strip.probabilities) for strip in strips]
@@ -184,22 +184,22 @@ def test_wrong_model_output_shape_is_caught():
 
 def test_conversions_to_rgb8():
     grey16 = np.array([[0, 1000], [2000, 4000]], dtype=np.uint16)
-    rgb = segment.to_rgb8(grey16)
+    rgb = rasters.to_rgb8(grey16)
     assert rgb.shape == (2, 2, 3) and rgb.dtype == np.uint8
     np.testing.assert_array_equal(rgb[..., 0], [[0, 64], [128, 255]])
     np.testing.assert_array_equal(rgb[..., 0], rgb[..., 2])
     rgba = np.zeros((2, 2, 4), dtype=np.uint8)
     rgba[..., 0], rgba[..., 3] = 200, 7
-    np.testing.assert_array_equal(segment.to_rgb8(rgba)[0, 0], [200, 0, 0])
+    np.testing.assert_array_equal(rasters.to_rgb8(rgba)[0, 0], [200, 0, 0])
     grey_alpha = np.dstack([np.full((2, 2), 50, np.uint8), np.full((2, 2), 255, np.uint8)])
-    np.testing.assert_array_equal(segment.to_rgb8(grey_alpha)[1, 1], [50, 50, 50])
+    np.testing.assert_array_equal(rasters.to_rgb8(grey_alpha)[1, 1], [50, 50, 50])
 
 
 def test_open_image_reads_true_colours_and_notes_conversions(tmp_path):
     red = np.zeros((8, 9, 3), dtype=np.uint8)
     red[..., 0] = 250
     cv2.imwrite(str(tmp_path / "red.png"), red[..., ::-1])  # OpenCV writes BGR
-    reader = segment.open_image(tmp_path / "red.png")
+    reader = rasters.open_image(tmp_path / "red.png")
     assert (reader.height, reader.width) == (8, 9)
     np.testing.assert_array_equal(reader.read(0, 8)[0, 0], [250, 0, 0])
     assert reader.notes == []
@@ -207,30 +207,30 @@ def test_open_image_reads_true_colours_and_notes_conversions(tmp_path):
     bgra = np.zeros((4, 4, 4), dtype=np.uint8)
     bgra[..., 2], bgra[..., 3] = 240, 128  # red, half transparent
     cv2.imwrite(str(tmp_path / "rgba.png"), bgra)
-    reader = segment.open_image(tmp_path / "rgba.png")
+    reader = rasters.open_image(tmp_path / "rgba.png")
     np.testing.assert_array_equal(reader.read(0, 1)[0, 0], [240, 0, 0])
     assert any("alpha" in note for note in reader.notes)
 
     cv2.imwrite(str(tmp_path / "grey16.png"), np.full((4, 4), 3000, dtype=np.uint16))
-    reader = segment.open_image(tmp_path / "grey16.png")
+    reader = rasters.open_image(tmp_path / "grey16.png")
     np.testing.assert_array_equal(reader.read(0, 1)[0, 0], [255, 255, 255])
     assert any("greyscale" in note for note in reader.notes) and any("uint16" in n for n in reader.notes)
 
 
 def test_open_image_rejects_missing_and_undecodable_files(tmp_path):
     with pytest.raises(UserError, match="no such image"):
-        segment.open_image(tmp_path / "nope.png")
+        rasters.open_image(tmp_path / "nope.png")
     (tmp_path / "junk.png").write_bytes(b"not a png at all")
     with pytest.raises(UserError, match="junk.png: not an image"):
-        segment.open_image(tmp_path / "junk.png")
+        rasters.open_image(tmp_path / "junk.png")
     (tmp_path / "junk.tif").write_bytes(b"II*\x00garbage")
     with pytest.raises(UserError, match="junk.tif: not an image"):
-        segment.open_image(tmp_path / "junk.tif")
+        rasters.open_image(tmp_path / "junk.tif")
 
 
 def _streamed(monkeypatch):
     """Make open_image stream every image from disk, as it does large ones."""
-    monkeypatch.setattr(segment, "STREAM_PIXELS", 0)
+    monkeypatch.setattr(rasters, "STREAM_PIXELS", 0)
 
 
 @pytest.mark.parametrize(
@@ -245,11 +245,11 @@ def _streamed(monkeypatch):
 )
 def test_streamed_images_read_as_decoded_whole(tmp_path, monkeypatch, name, pixels):
     cv2.imwrite(str(tmp_path / name), pixels)
-    whole = segment.open_image(tmp_path / name)
-    assert isinstance(whole, segment.ArrayReader)
+    whole = rasters.open_image(tmp_path / name)
+    assert isinstance(whole, rasters.ArrayReader)
     _streamed(monkeypatch)
-    streamed = segment.open_image(tmp_path / name)
-    assert isinstance(streamed, segment.RasterReader) and streamed.georeference is None
+    streamed = rasters.open_image(tmp_path / name)
+    assert isinstance(streamed, rasters.RasterReader) and streamed.georeference is None
     rows = np.concatenate([streamed.read(top, min(top + 16, 70)) for top in range(0, 70, 16)])
     np.testing.assert_array_equal(rows, streamed.read(0, 70))
     if name.endswith(".jpg"):  # two JPEG decoders may round colours differently
@@ -268,9 +268,9 @@ def test_palette_images_are_looked_up(tmp_path, monkeypatch):
     picture.putpalette([250, 0, 0, 0, 240, 0, 0, 0, 230])
     picture.save(tmp_path / "palette.png")
     colours = np.array([[250, 0, 0], [0, 240, 0], [0, 0, 230]], dtype=np.uint8)[indices]
-    np.testing.assert_array_equal(segment.open_image(tmp_path / "palette.png").read(0, 20), colours)
+    np.testing.assert_array_equal(rasters.open_image(tmp_path / "palette.png").read(0, 20), colours)
     _streamed(monkeypatch)
-    reader = segment.open_image(tmp_path / "palette.png")
+    reader = rasters.open_image(tmp_path / "palette.png")
     np.testing.assert_array_equal(reader.read(0, 20), colours)
     assert any("palette" in note for note in reader.notes)
 
@@ -289,16 +289,16 @@ def test_damaged_image_fails_clearly(tmp_path, monkeypatch, damage, streamed):
     if streamed:
         _streamed(monkeypatch)
     # OpenCV refuses a small one whole; GDAL opens it and fails on the damaged rows.
-    reader = segment.open_image(tmp_path / "scene.png")
+    reader = rasters.open_image(tmp_path / "scene.png")
     # A whole read too: GDAL's whole-image path for PNG returns zeros without a word.
     with pytest.raises(UserError, match="scene.png: cannot read rows .* truncated or corrupt"):
         reader.read(0, 300)
     with pytest.raises(UserError, match="scene.png: cannot read rows"):
-        list(segment.segment_strips(segment.open_image(tmp_path / "scene.png"), local_predict, NUM_CLASSES, 64))
+        list(segment.segment_strips(rasters.open_image(tmp_path / "scene.png"), local_predict, NUM_CLASSES, 64))
 
 
 def test_each_row_is_read_once_in_order():
-    class Recording(segment.ArrayReader):
+    class Recording(rasters.ArrayReader):
         def read(self, top, bottom):
             reads.append((top, bottom))
             return super().read(top, bottom)
@@ -357,8 +357,8 @@ def test_write_scene_outputs(tmp_path):
     image = mosaic(32, rows=3, cols=5)[:90, :150]
     image[:, :8] = (10, 200, 10)  # makes sure at least one class is present, one absent
     out = tmp_path / "out"
-    result = segment.write_scene(
-        segment.ArrayReader(image, "scene.png"), local_predict, CLASSES, out,
+    result = scene.write_scene(
+        rasters.ArrayReader(image, "scene.png"), local_predict, CLASSES, out,
         window=64, overlap=0.25, geojson=True, min_area=0, heatmap_size=40,
     )  # fmt: skip
     expected = local_predict(image[None].astype(np.float32))[0].argmax(axis=2)
@@ -390,7 +390,7 @@ def test_write_scene_outputs(tmp_path):
 def test_heatmap_downscaling_is_an_area_mean():
     rng = np.random.default_rng(3)
     probabilities = rng.random((50, 70, 2)).astype(np.float32)
-    accumulator = segment._HeatmapAccumulator(50, 70, 2, size=20)  # factor 4
+    accumulator = scene._HeatmapAccumulator(50, 70, 2, size=20)  # factor 4
     for top, bottom in ((0, 13), (13, 14), (14, 50)):
         accumulator.add(top, probabilities[top:bottom])
     means = accumulator.means()
@@ -411,7 +411,7 @@ def test_failed_scene_leaves_nothing_behind(tmp_path):
 
     out = tmp_path / "out"
     with pytest.raises(RuntimeError):
-        segment.write_scene(segment.ArrayReader(image), failing, CLASSES, out, window=32, overlap=0, batch_size=2)
+        scene.write_scene(rasters.ArrayReader(image), failing, CLASSES, out, window=32, overlap=0, batch_size=2)
     assert list(out.iterdir()) == []
 
 
@@ -419,7 +419,7 @@ def test_polygons_in_pixels_with_minimum_area():
     labels = np.zeros((40, 40), dtype=np.uint8)
     labels[5:15, 10:30] = 2  # 200 pixels
     labels[30:32, 30:32] = 3  # 4 pixels, below the minimum
-    collection = segment.polygons(labels, CLASSES.names, simplify=1, min_area=16)
+    collection = scene.polygons(labels, CLASSES.names, simplify=1, min_area=16)
     assert [f["properties"]["class"] for f in collection["features"]] == ["field"]
     feature = collection["features"][0]
     assert feature["properties"]["area"] == pytest.approx(200)
@@ -454,7 +454,7 @@ def test_sixteen_bit_geotiff_is_read_in_windows_and_scaled(tmp_path):
         crs="EPSG:32629", transform=from_origin(500000, 4300000, 10, 10),
     ) as dst:  # fmt: skip
         dst.write(values, 1)
-    reader = segment.open_image(tmp_path / "deep.tif")
+    reader = rasters.open_image(tmp_path / "deep.tif")
     try:
         assert reader.georeference.crs.to_epsg() == 32629
         rows = reader.read(10, 20)

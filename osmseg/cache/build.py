@@ -28,6 +28,7 @@ from osmseg.cache.schema import COMPRESSION, COMPRESSION_LEVEL, SCHEMA_VERSION, 
 from osmseg.classes import IGNORE, Classes
 from osmseg.datafiles import find_image, label_path, tile_stem
 from osmseg.errors import CacheError, UserError
+from osmseg.rasters import NotEightBit, read_rgb
 
 _WRITE_BLOCK = 32  # rows allocated at least, before the datasets double as they fill
 _LIST_LIMIT = 20  # skipped items named in full before "... and N more"
@@ -279,39 +280,6 @@ def progress_bar(total: int | None, description: str, unit: str = "tile"):
     from tqdm import tqdm
 
     return tqdm(total=total, desc=description, unit=unit, file=sys.stderr, leave=False)
-
-
-class NotEightBit(ValueError):
-    """An image whose samples are not 8-bit (16-bit or float GeoTIFFs, 16-bit PNGs)."""
-
-
-def read_rgb(path: Path) -> np.ndarray | None:
-    """Read an image file as RGB uint8 (H, W, 3); None when it cannot be decoded.
-
-    Palette and grey images come back as RGB (cv2.IMREAD_COLOR expands palettes and drops
-    alpha).
-
-    Raises:
-        NotEightBit: 16-bit or float samples. OpenCV would keep only their high byte, which
-            turns the 12-bit values of most satellite GeoTIFFs nearly black; the user
-            should choose the scaling.
-    """
-    import cv2
-
-    # np.fromfile + imdecode rather than imread: imread cannot open non-ASCII paths on
-    # some platforms and gives no way to tell "missing" from "corrupt".
-    try:
-        data = np.fromfile(path, dtype=np.uint8)
-    except OSError:
-        return None
-    if data.size == 0:
-        return None
-    bgr = cv2.imdecode(data, cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH)
-    if bgr is None:
-        return None
-    if bgr.dtype != np.uint8:
-        raise NotEightBit(f"{bgr.dtype} samples, not 8-bit (rescale to 8-bit RGB first, e.g. gdal_translate -ot Byte -scale)")
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
 def read_pair(image_path: Path, other_path: Path) -> tuple[np.ndarray | None, np.ndarray | None, tuple[str, str] | None]:

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import numpy as np
 
-from osmseg.errors import UserError
+from osmseg.rasters import decode_unchanged
 
 # Blank imagery, skynet-data's rule: mostly black (no data) or mostly white (clouds, no data).
 
@@ -46,7 +43,6 @@ def check_image(data: bytes, tile_size: int) -> tuple[str | None, str | None]:
         (extension, None) when the image is acceptable, else (extension or None, reason).
         Reasons start with "truncated" when the bytes were cut short (worth fetching again).
     """
-    import cv2
 
     kind = image_kind(data)
     if kind is None:
@@ -54,7 +50,7 @@ def check_image(data: bytes, tile_size: int) -> tuple[str | None, str | None]:
         return None, f"not a JPEG, PNG or WebP image ({len(data)} bytes starting {head[:16]!r})"
     if not is_complete(data, kind):
         return kind, f"truncated {kind} ({len(data)} bytes, no end marker)"
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    image = decode_unchanged(data)
     if image is None:
         return kind, f"corrupt {kind}: cannot decode it"
     height, width = image.shape[:2]
@@ -90,21 +86,3 @@ def blank_reason(image: np.ndarray) -> str | None:
     if white >= WHITE_FRACTION:
         return f"blank: {white:.0%} white pixels (min(R,G,B) > {WHITE_MIN})"
     return None
-
-
-def read_image(path: str | os.PathLike) -> np.ndarray:
-    """Read an image file as RGB uint8 (H, W, 3) (OpenCV reads BGR; this converts).
-
-    Raises:
-        UserError: the file is missing or cannot be decoded.
-    """
-    import cv2
-
-    path = Path(path)
-    data = np.fromfile(path, dtype=np.uint8) if path.exists() else None
-    if data is None:
-        raise UserError(f"{path}: no such image file")
-    image = cv2.imdecode(data, cv2.IMREAD_COLOR)
-    if image is None:
-        raise UserError(f"{path}: cannot decode it as an image (JPEG, PNG or WebP); replace or delete it")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
