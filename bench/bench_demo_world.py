@@ -29,7 +29,9 @@ import mercantile
 import numpy as np
 from common import write_result
 
-from osmseg import demo, tileserver
+from osmseg import demo
+from osmseg.demo.painter import _Painter
+from osmseg.demo.server import DemoTileServer
 
 ZOOM = 17
 HTTP_TILES = 300
@@ -47,7 +49,7 @@ def _cpu(function, repeats: int = 3) -> tuple[float, object]:
 
 def _serve(connection) -> None:
     """Child process: the server; answers "cpu" with its CPU seconds so far, stops on "done"."""
-    with tileserver.DemoTileServer(seed=0) as server:
+    with DemoTileServer(seed=0) as server:
         connection.send(server.url)
         while connection.recv() == "cpu":
             connection.send(time.process_time())
@@ -108,7 +110,7 @@ def main() -> None:
         figures["qa_tiles_size"] = {"value": round(mapped_path.stat().st_size / 2**20, 2), "unit": "MiB"}
 
         # The painter, single-threaded.
-        painter = tileserver._Painter(world)
+        painter = _Painter(world)
         setup_s, _ = _cpu(lambda: painter.textures(ZOOM), repeats=1)
         figures["texture_setup_per_zoom"] = {"value": round(setup_s, 3), "unit": "CPU s"}
         tiles = list(mercantile.tiles(*demo.DEMO_BBOX, zooms=ZOOM))

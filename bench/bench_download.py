@@ -35,7 +35,7 @@ RUNS = ((1, 2.0), (8, 2.0), (32, 1.5))  # (workers, seconds of ideal transfer ti
 def _serve(connection, latency: float) -> None:
     """Child process: the demo server, every tile answered from a small pool of real tiles."""
     from osmseg.demo import DEMO_BBOX
-    from osmseg.tileserver import DemoTileServer
+    from osmseg.demo.server import DemoTileServer
 
     server = DemoTileServer(seed=0, latency=latency)
     centre = mercantile.tile((DEMO_BBOX.west + DEMO_BBOX.east) / 2, (DEMO_BBOX.south + DEMO_BBOX.north) / 2, 18)

@@ -20,6 +20,8 @@ from shapely.geometry import LineString, Point, Polygon, shape
 import prepare
 from osmseg import cli, demo
 from osmseg.classes import load_classes
+from osmseg.demo import qatiles
+from osmseg.demo import world as world_module
 
 # A 2 km × 2 km corner of the town around (0, 0) keeps the CLI tests fast.
 SMALL_BBOX = mercantile.LngLatBbox(-0.009, -0.009, 0.009, 0.009)
@@ -90,7 +92,7 @@ def test_tiles_are_gzipped_mvt_at_z12_with_one_osm_layer(decoded):
     assert set(tiles) == {mercantile.Tile(x, y, 12) for x in (2047, 2048) for y in (2047, 2048)}
     for layers in tiles.values():
         assert list(layers) == ["osm"]
-        assert layers["osm"]["extent"] == demo.EXTENT
+        assert layers["osm"]["extent"] == world_module.EXTENT
         types = {f["geometry"]["type"] for f in layers["osm"]["features"]}
         assert {"Polygon", "LineString", "Point"} <= types
 
@@ -99,7 +101,7 @@ def test_tms_rows_put_features_where_they_are(decoded, world):
     by_id = {f.id: f for f in world.features}
     for tile, layers in decoded.items():
         left, bottom, right, top = mercantile.xy_bounds(tile)
-        scale = np.array([(right - left) / demo.EXTENT, (top - bottom) / demo.EXTENT])
+        scale = np.array([(right - left) / world_module.EXTENT, (top - bottom) / world_module.EXTENT])
         origin = np.array([left, bottom])
         features = layers["osm"]["features"]
         for feature in features[:: max(1, len(features) // 200)]:
@@ -160,7 +162,7 @@ def test_areas_are_polygons_inside_their_tiles(decoded):
             if "building" in props or "landuse" in props:
                 assert geometry["type"] in ("Polygon", "MultiPolygon")
             x0, y0, x1, y1 = shape(geometry).bounds
-            assert 0 <= x0 and 0 <= y0 and x1 <= demo.EXTENT and y1 <= demo.EXTENT  # clipped, no buffer
+            assert 0 <= x0 and 0 <= y0 and x1 <= world_module.EXTENT and y1 <= world_module.EXTENT  # clipped, no buffer
 
 
 def test_same_seed_same_world_and_bytes(world, tmp_path):
@@ -190,7 +192,7 @@ def _blobs(path):
 def test_inset_quad_moves_each_street_edge_by_its_own_distance(width, height, jitter, insets):
     corners = np.array([[0, 0], [width, 0], [width, height], [0, height]], dtype=float)
     corners += np.array(jitter).reshape(4, 2)
-    inset = demo._inset_quad(corners, np.array(insets))
+    inset = world_module._inset_quad(corners, np.array(insets))
     outer, inner = Polygon(corners), Polygon(inset)
     assert inner.is_valid and outer.contains(inner)
     for k in range(4):
@@ -211,9 +213,9 @@ def test_a_smaller_bbox_crops_the_same_town(world):
     for feature in small.features:
         assert feature.tags == by_id[feature.id].tags and feature.mapped == by_id[feature.id].mapped
         assert shapely.equals_exact(feature.geometry, by_id[feature.id].geometry, 0)
-    assert demo.qa_tiles_of(small) == demo.qa_tiles_of(world)  # still the four around (0, 0)
+    assert qatiles.qa_tiles_of(small) == qatiles.qa_tiles_of(world)  # still the four around (0, 0)
     corner = demo.build_world(0, mercantile.LngLatBbox(0.02, 0.02, 0.025, 0.025))
-    assert demo.qa_tiles_of(corner) == [mercantile.Tile(2048, 2047, 12)]
+    assert qatiles.qa_tiles_of(corner) == [mercantile.Tile(2048, 2047, 12)]
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

@@ -625,15 +625,16 @@ def test_a_source_with_none_of_the_tiles_is_an_error(serve, tmp_path, capsys):
     assert "has none of the 3 tiles (missing: HTTP 404): does it serve zoom 17" in capsys.readouterr().err
 
 
-# --- The demo world's server (osmseg.tileserver) and its fault switches ----------------------------
+# --- The demo world's server (osmseg.demo.server), made to misbehave (tests/demo_faults.py) ----------------------------
 
 
 @pytest.fixture(scope="module")
 def demo_server():
-    tileserver = pytest.importorskip("osmseg.tileserver")
+    from demo_faults import FaultyTileServer
+
     from osmseg.demo import DEMO_BBOX
 
-    with tileserver.DemoTileServer(seed=0) as server:
+    with FaultyTileServer(seed=0) as server:
         west, south, east, north = DEMO_BBOX
         centre = mercantile.tile((west + east) / 2, (south + north) / 2, 17)
         server.demo_tiles = [mercantile.Tile(centre.x + i, centre.y + j, 17) for i in range(3) for j in range(2)]
@@ -716,13 +717,13 @@ def test_demo_server_token_401_stops_at_once_and_never_shows_the_token(demo, tmp
 
 
 def test_demo_form_takes_the_seed_of_the_world_it_serves(tmp_path):
-    from osmseg import tileserver
+    from osmseg.demo.server import DemoTileServer
 
     tile = mercantile.tile(0.001, 0.001, 17)
     with options.open_imagery("demo:3") as source:
         fast(source, [tile], tmp_path)
     served = (tmp_path / f"{datafiles.tile_stem(tile)}.jpg").read_bytes()
-    with tileserver.DemoTileServer(seed=3) as same, tileserver.DemoTileServer(seed=0) as other:
+    with DemoTileServer(seed=3) as same, DemoTileServer(seed=0) as other:
         assert served == same.tile_bytes(tile) != other.tile_bytes(tile)
     with pytest.raises(SourceError, match="demo:<whole number>"):
         options.open_imagery("demo:x")

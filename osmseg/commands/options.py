@@ -207,7 +207,7 @@ def open_imagery(spec: str, token: str | None = None, timeout: float = 30.0):
     seed_text = spec.partition(":")[2] or "0"
     if not seed_text.isdigit():
         raise SourceError(f"IMAGE_TILES: {spec!r}: write the demo world's seed as demo:<whole number>")
-    from osmseg.tileserver import DemoTileServer
+    from osmseg.demo.server import DemoTileServer
 
     server = DemoTileServer(seed=int(seed_text)).start()
     try:

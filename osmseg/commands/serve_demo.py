@@ -8,8 +8,8 @@ from __future__ import annotations
 import sys
 import threading
 
+from osmseg.demo.server import DemoTileServer
 from osmseg.errors import SourceError
-from osmseg.tileserver import DemoTileServer
 
 NAME = "serve-demo"
 HELP = "serve the demo world's imagery on 127.0.0.1"

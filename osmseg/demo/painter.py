@@ -1,41 +1,16 @@
-"""The demo world's imagery: a loopback HTTP tile server that behaves like a real one.
+"""The demo world's imagery: every feature, mapped or not, drawn into 256×256 RGB tiles.
 
-`DemoTileServer` serves, on 127.0.0.1 and a free port, in a background thread:
-
-* `GET /demo.json` -- a TileJSON 2.2.0 document: `tiles` ["<url>/{z}/{x}/{y}.jpg"],
-  `minzoom` 15, `maxzoom` 19, `bounds` [w, s, e, n] (the demo world's, degrees), `center`.
-* `GET /{z}/{x}/{y}.jpg` -- a 256×256 RGB JPEG (quality 85) of that XYZ tile (y from the
-  north, as in Google/OSM tiles), drawn from *every* feature of the demo world, mapped or
-  not: roofs with gable shading and shadows, crowns of trees, fields with furrows, forest,
-  lawns, asphalt, water. Textures are value noise indexed by global pixel position (sizes
-  in metres, so a crown is as wide at z19 as at z17; they repeat every 1024 pixels), under a
-  250 m haze that does not repeat: deterministic, and continuous across tile borders. Zoom
-  levels outside 15-19 or x, y outside the zoom's range answer 404. Tiles outside the town
-  show bare ground, as a real imagery provider covers the whole planet. Drawn tiles are
-  cached (CACHE_TILES), so a second download of the same tiles is served at HTTP speed.
-
-Faults, for tests and benchmarks, switched on at construction or with `set_faults`:
-
-* `latency` seconds slept before answering each tile request;
-* `rate_limit_every=N`: every N-th request (counting all requests) answers 429 with a
-  `Retry-After: <retry_after>` header;
-* `error_every=N`: every N-th request answers `error_status` (default 503);
-* `truncate_every=N`: every N-th request that would succeed sends the full Content-Length
-  header, half of the body, and closes the connection;
-* `token`: requests need `?access_token=<token>`: none answers 401, a wrong one 403.
-
-`prepare.py serve-demo` runs the server until Ctrl-C.
+Roofs with gable shading and shadows, crowns of trees, fields with furrows, forest, lawns,
+asphalt, water. Textures are value noise indexed by global pixel position (sizes in metres,
+so a crown is as wide at z19 as at z17; they repeat every 1024 pixels), under a 250 m haze
+that does not repeat: deterministic, and continuous across tile borders. Tiles outside the
+town show bare ground, as a real imagery provider covers the whole planet.
 """
 
 from __future__ import annotations
 
 import functools
-import json
-import sys
 import threading
-import time
-import urllib.parse
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import NamedTuple
 
 import mercantile
@@ -43,22 +18,19 @@ import numpy as np
 import shapely
 
 from osmseg import tiles
-from osmseg.errors import SourceError
 
-MIN_ZOOM = 15
-MAX_ZOOM = 19
 TILE_SIZE = 256
 JPEG_QUALITY = 85
-CACHE_TILES = 4096  # about 60 MB of JPEG bytes at most
 
-_FAULTS = ("latency", "token", "rate_limit_every", "retry_after", "error_every", "error_status", "truncate_every")
-
-# --------------------------------------------------------------------------- drawing
 
 # Texture fields, by index: 0 patches (40 m), 1 detail (5 m), 2 crowns (3 m), 3 grain (one
 # pixel), 4 furrows along x (4 m period), 5 furrows along y. A haze of 250 m lies over all.
 _FIELDS = 6
+
+
 HAZE = 0.07
+
+
 # Textures: name -> amplitudes of the fields above (relative brightness change).
 _TEXTURES = {
     "ground": (0.12, 0.06, 0.0, 0.05, 0.0, 0.0),
@@ -82,10 +54,17 @@ _TEXTURES = {
     "metal": (0.0, 0.02, 0.0, 0.04, 0.08, 0.0),
     "crown": (0.05, 0.10, 0.35, 0.06, 0.0, 0.0),
 }
+
+
 _TEXTURE_IDS = {name: i for i, name in enumerate(_TEXTURES)}
+
+
 _AMPLITUDES = np.array(list(_TEXTURES.values()), dtype=np.float32)
+
+
 # Textures repeat every PERIOD pixels (4 tiles); the haze over them does not repeat.
 PERIOD = 1024
+
 
 GROUND = (148, 140, 104)
 
@@ -134,8 +113,14 @@ _AREA_STYLES = {
     ("amenity", "parking"): ((108, 108, 110), "asphalt"),
     ("natural", "water"): ((42, 70, 88), "water"),
 }
+
+
 _CROPS = ((176, 162, 92), (112, 142, 62), (132, 104, 74), (150, 150, 80))
+
+
 _ROOFS = ((164, 82, 62), (150, 72, 56), (96, 96, 104), (122, 92, 72))
+
+
 _LINE_STYLES = {
     "primary": ((80, 80, 84), 14.0),
     "secondary": ((86, 86, 88), 11.0),
@@ -246,7 +231,11 @@ def _ranges(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
 # Drawing stages, bottom to top.
 _LANDUSE, _OVERLAY, _WAYS, _TREE_ROWS, _BUILDINGS, _TREES = range(6)
 _SHADE = np.array([1.0, 0.55], dtype=np.float32)  # shadowed ground keeps 55% of the light
+
+
 _SHIFT = 3  # cv2 sub-pixel bits: coordinates in 1/8 pixel
+
+
 _SUN = np.array([-0.6, -0.8])  # shadow direction in pixels (x right, y down): north-west
 
 
@@ -500,7 +489,7 @@ _EDGE_SAMPLES = _edge_samples(9, TILE_SIZE)
 
 @functools.lru_cache(maxsize=4)
 def _painter(seed: int) -> _Painter:
-    from osmseg.demo import build_world
+    from osmseg.demo.world import build_world
 
     return _Painter(build_world(seed))
 
@@ -508,238 +497,3 @@ def _painter(seed: int) -> _Painter:
 def draw_tile(tile: mercantile.Tile, seed: int = 0) -> np.ndarray:
     """The demo imagery of one tile as RGB uint8 (256, 256, 3), without a server."""
     return _painter(seed).draw(tile)
-
-
-# --------------------------------------------------------------------------- server
-
-
-class DemoTileServer:
-    """The demo world's imagery over HTTP on 127.0.0.1 (see the module docstring).
-
-    Use as a context manager, or call start() and close(). Keyword arguments are the fault
-    switches; `port=0` picks a free port.
-    """
-
-    def __init__(
-        self,
-        seed: int = 0,
-        *,
-        latency: float = 0.0,
-        token: str | None = None,
-        rate_limit_every: int = 0,
-        retry_after: int = 1,
-        error_every: int = 0,
-        error_status: int = 503,
-        truncate_every: int = 0,
-        port: int = 0,
-    ):
-        self.seed = seed
-        self.port = port
-        self._painter = _painter(seed)
-        self._faults: dict = {}
-        self.set_faults(
-            latency=latency,
-            token=token,
-            rate_limit_every=rate_limit_every,
-            retry_after=retry_after,
-            error_every=error_every,
-            error_status=error_status,
-            truncate_every=truncate_every,
-        )
-        self._count = 0
-        self._count_lock = threading.Lock()
-        self._cache: dict[tuple[int, int, int], bytes] = {}
-        self._cache_lock = threading.Lock()
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
-
-    # -- faults and counters
-
-    def set_faults(self, **faults) -> None:
-        """Change fault switches while running (same keywords as the constructor)."""
-        unknown = set(faults) - set(_FAULTS)
-        if unknown:
-            raise TypeError(f"unknown fault switch(es) {sorted(unknown)}; known: {list(_FAULTS)}")
-        for name in ("rate_limit_every", "error_every", "truncate_every", "retry_after"):
-            if name in faults and (not isinstance(faults[name], int) or faults[name] < 0):
-                raise ValueError(f"{name} must be a non-negative integer, got {faults[name]!r}")
-        if "latency" in faults and not faults["latency"] >= 0:
-            raise ValueError(f"latency must be >= 0 seconds, got {faults['latency']!r}")
-        if "error_status" in faults and not 500 <= faults["error_status"] <= 599:
-            raise ValueError(f"error_status must be a 5xx status, got {faults['error_status']!r}")
-        self._faults.update(faults)
-
-    @property
-    def request_count(self) -> int:
-        """How many requests the server has received (all paths, all answers)."""
-        return self._count
-
-    def _next_request(self) -> int:
-        with self._count_lock:
-            self._count += 1
-            return self._count
-
-    # -- addresses
-
-    @property
-    def url(self) -> str:
-        if self._server is None:
-            raise RuntimeError("the demo tile server is not started; call start() or use `with`")
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
-
-    @property
-    def tilejson_url(self) -> str:
-        return self.url + "/demo.json"
-
-    def tilejson(self) -> dict:
-        bbox = self._painter.world.bbox
-        return {
-            "tilejson": "2.2.0",
-            "name": "osmseg demo world",
-            "description": f"synthetic imagery of the osmseg demo world, seed {self.seed}",
-            "attribution": "osmseg demo world (synthetic)",
-            "scheme": "xyz",
-            "format": "jpg",
-            "tiles": [self.url + "/{z}/{x}/{y}.jpg"],
-            "minzoom": MIN_ZOOM,
-            "maxzoom": MAX_ZOOM,
-            "bounds": [bbox.west, bbox.south, bbox.east, bbox.north],
-            "center": [(bbox.west + bbox.east) / 2, (bbox.south + bbox.north) / 2, 17],
-        }
-
-    # -- tiles
-
-    def tile_bytes(self, tile: mercantile.Tile) -> bytes:
-        """The JPEG bytes of one tile, drawn once and then cached."""
-        key = (tile.z, tile.x, tile.y)
-        data = self._cache.get(key)
-        if data is None:
-            data = self._painter.jpeg(tile)
-            with self._cache_lock:
-                if len(self._cache) >= CACHE_TILES:
-                    self._cache.pop(next(iter(self._cache)))  # oldest first
-                self._cache[key] = data
-        return data
-
-    # -- lifecycle
-
-    def start(self) -> DemoTileServer:
-        if self._server is not None:
-            return self
-        owner = self
-
-        class Handler(_Handler):
-            server_owner = owner
-
-        try:
-            server = _Server(("127.0.0.1", self.port), Handler)
-        except OSError as error:
-            raise SourceError(
-                f"cannot listen on 127.0.0.1:{self.port} ({error.strerror}); pass another port, or 0 for a free one"
-            ) from None
-        self._server = server
-        self._thread = threading.Thread(target=server.serve_forever, args=(0.05,), name="demo-tile-server", daemon=True)
-        self._thread.start()
-        return self
-
-    def close(self) -> None:
-        if self._server is None:
-            return
-        self._server.shutdown()
-        self._server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-        self._server = None
-        self._thread = None
-
-    def __enter__(self) -> DemoTileServer:  # noqa: PYI034 (typing.Self needs Python 3.11)
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 256  # benchmarks open dozens of connections at once
-
-    def handle_error(self, request, client_address):
-        # A client that hangs up mid-answer (as downloaders under test do) is not news;
-        # anything else is a bug worth its traceback.
-        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
-            return
-        super().handle_error(request, client_address)
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"  # keep-alive, so that clients can pool connections
-    # Send headers and body at once: with Nagle's algorithm the body of a kept-alive
-    # connection waits ~40 ms for the client's delayed ACK of the headers.
-    disable_nagle_algorithm = True
-    server_owner: DemoTileServer
-
-    def log_message(self, format, *args):  # quiet: tests and benchmarks read stderr
-        pass
-
-    def _send(self, status: int, body: bytes, content_type: str, headers: dict | None = None, truncate: bool = False):
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        for name, value in (headers or {}).items():
-            self.send_header(name, value)
-        self.end_headers()
-        if truncate:
-            # The promised length, half the bytes, then hang up: a dropped connection.
-            self.wfile.write(body[: len(body) // 2])
-            self.wfile.flush()
-            self.close_connection = True
-            return
-        self.wfile.write(body)
-
-    def _send_json(self, status: int, document: dict, headers: dict | None = None, truncate: bool = False):
-        self._send(status, json.dumps(document).encode(), "application/json", headers, truncate)
-
-    def do_GET(self):
-        owner = self.server_owner
-        number = owner._next_request()
-        faults = dict(owner._faults)
-        parsed = urllib.parse.urlsplit(self.path)
-        parts = parsed.path.strip("/").split("/")
-        is_tile = len(parts) == 3 and parts[2].endswith(".jpg")
-        if is_tile and faults["latency"]:
-            time.sleep(faults["latency"])
-
-        token = faults["token"]
-        if token is not None:
-            given = urllib.parse.parse_qs(parsed.query).get("access_token")
-            if not given:
-                return self._send_json(401, {"message": "Not Authorized - No Token"})
-            if given[0] != token:
-                return self._send_json(403, {"message": "Not Authorized - Invalid Token"})
-
-        if faults["rate_limit_every"] and number % faults["rate_limit_every"] == 0:
-            return self._send_json(429, {"message": "Too Many Requests"}, {"Retry-After": str(faults["retry_after"])})
-        if faults["error_every"] and number % faults["error_every"] == 0:
-            return self._send_json(faults["error_status"], {"message": "Server Error (demo fault)"})
-        truncate = bool(faults["truncate_every"]) and number % faults["truncate_every"] == 0
-
-        if parsed.path == "/demo.json":
-            return self._send_json(200, owner.tilejson(), truncate=truncate)
-        if is_tile:
-            try:
-                z, x, y = int(parts[0]), int(parts[1]), int(parts[2][: -len(".jpg")])
-            except ValueError:
-                return self._send_json(404, {"message": f"Not Found: {parsed.path}"})
-            if not (MIN_ZOOM <= z <= MAX_ZOOM and 0 <= x < 2**z and 0 <= y < 2**z):
-                return self._send_json(
-                    404, {"message": f"Tile {z}/{x}/{y} does not exist (zoom {MIN_ZOOM}-{MAX_ZOOM})"}
-                )
-            body = owner.tile_bytes(mercantile.Tile(x, y, z))
-            return self._send(200, body, "image/jpeg", {"Cache-Control": "max-age=3600"}, truncate=truncate)
-        return self._send_json(404, {"message": f"Not Found: {parsed.path}"})
-
-
-# --------------------------------------------------------------------------- prepare.py serve-demo
-
-

@@ -11,15 +11,17 @@ import numpy as np
 import pytest
 import requests
 import shapely
+from demo_faults import FaultyTileServer
 from hypothesis import given
 from hypothesis import strategies as st
 
 import prepare
-from osmseg import cli, tileserver
+from osmseg import cli
 from osmseg.commands import serve_demo
-from osmseg.demo import DEMO_BBOX
+from osmseg.demo import DEMO_BBOX, painter
+from osmseg.demo.painter import draw_tile
+from osmseg.demo.server import DemoTileServer
 from osmseg.errors import SourceError
-from osmseg.tileserver import DemoTileServer, draw_tile
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +32,7 @@ def server():
 
 @pytest.fixture(scope="module")
 def world():
-    return tileserver._painter(0).world
+    return painter._painter(0).world
 
 
 def _decode(body: bytes) -> np.ndarray:
@@ -140,7 +142,7 @@ def test_texture_is_continuous_across_tile_borders(zoom):
 
 
 def test_periodic_noise_wraps_smoothly():
-    noise = tileserver._periodic_noise(256, 16.0, salt=3)
+    noise = painter._periodic_noise(256, 16.0, salt=3)
     assert noise.shape == (256, 256) and -1 <= noise.min() < noise.max() <= 1
     # Across the wrap, neighbouring pixels differ as little as neighbours inside do.
     inside = np.abs(np.diff(noise, axis=1)).max()
@@ -153,7 +155,7 @@ def test_ranges_concatenates_aranges(pairs):
     starts = np.array([s for s, _ in pairs], dtype=np.int64)
     ends = starts + np.array([n for _, n in pairs], dtype=np.int64)
     expected = [i for s, e in zip(starts, ends) for i in range(s, e)]
-    assert tileserver._ranges(starts, ends).tolist() == expected
+    assert painter._ranges(starts, ends).tolist() == expected
 
 
 def test_port_in_use_is_a_clear_error(server):
@@ -177,14 +179,14 @@ def test_latency_is_added_per_tile():
         start = time.perf_counter()
         assert requests.get(f"{server.url}/17/{tile.x}/{tile.y}.jpg", timeout=10).status_code == 200
         assert time.perf_counter() - start >= 0.3
-        server.set_faults(latency=0.0)
+        server.set_behaviour(latency=0.0)
         start = time.perf_counter()
         requests.get(f"{server.url}/17/{tile.x}/{tile.y}.jpg", timeout=10)
         assert time.perf_counter() - start < 0.3
 
 
 def test_rate_limit_answers_429_with_retry_after():
-    with DemoTileServer(rate_limit_every=2, retry_after=7) as server:
+    with FaultyTileServer(rate_limit_every=2, retry_after=7) as server:
         url = f"{server.url}/17/65536/65535.jpg"
         statuses = [requests.get(url, timeout=10) for _ in range(4)]
         assert [r.status_code for r in statuses] == [200, 429, 200, 429]
@@ -193,7 +195,7 @@ def test_rate_limit_answers_429_with_retry_after():
 
 
 def test_server_errors_every_nth_request():
-    with DemoTileServer(error_every=3, error_status=502) as server:
+    with FaultyTileServer(error_every=3, error_status=502) as server:
         url = f"{server.url}/17/65536/65535.jpg"
         assert [requests.get(url, timeout=10).status_code for _ in range(6)] == [200, 200, 502, 200, 200, 502]
         server.set_faults(error_every=0)
@@ -201,7 +203,7 @@ def test_server_errors_every_nth_request():
 
 
 def test_truncated_bodies_are_detected_by_clients():
-    with DemoTileServer(truncate_every=2) as server:
+    with FaultyTileServer(truncate_every=2) as server:
         url = f"{server.url}/17/65536/65535.jpg"
         whole = requests.get(url, timeout=10)
         assert whole.status_code == 200 and len(whole.content) == int(whole.headers["Content-Length"])
@@ -221,9 +223,9 @@ def test_token_required():
 
 def test_bad_fault_switches_are_refused():
     with pytest.raises(TypeError, match="unknown fault"):
-        DemoTileServer().set_faults(slow=True)
+        FaultyTileServer().set_faults(slow=True)
     with pytest.raises(ValueError, match="error_status"):
-        DemoTileServer(error_status=404)
+        FaultyTileServer(error_status=404)
 
 
 def test_concurrent_clients(server):
