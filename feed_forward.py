@@ -145,6 +145,7 @@ def _segment_all(args: argparse.Namespace, jobs: list[tuple[Path, Path]], opened
     classes = parse_classes(config["classes"], origin=f"{args.weights} (classes)", require_filters=False)
 
     predict = segment.model_predict(segnet.inference(keras_model), args.batch_size)
+    windows = segment.Windows(window, args.overlap, args.batch_size)
 
     failed: list[str] = []
     for image_path, outdir in jobs:
@@ -171,12 +172,10 @@ def _segment_all(args: argparse.Namespace, jobs: list[tuple[Path, Path]], opened
             failed.append(image_path.name)
             continue
         try:
-            windows = segment.count_windows(reader.height, reader.width, window, args.overlap)
             result = scene.write_scene(
-                reader, predict, classes, outdir, window=window, overlap=args.overlap,
-                batch_size=args.batch_size, geojson=args.geojson, simplify=args.simplify,
+                reader, predict, classes, outdir, windows, geojson=args.geojson, simplify=args.simplify,
                 min_area=args.min_area, heatmap_size=args.heatmap_size, inputs=inputs,
-                progress=windows > 16,
+                progress=windows.count(reader.height, reader.width) > 16,
             )  # fmt: skip
         except UserError as error:  # a large image found damaged part way through reading it
             if len(jobs) == 1:

@@ -138,31 +138,31 @@ def bench_overhead(weights: Path, workdir: Path, size: int = 4096, note: str = "
     window = int(config["input_size"])
     image = smooth_scene(size, size)
     overlap = 0.25
-    windows = segment.count_windows(size, size, window, overlap)
+    windows = segment.Windows(window, overlap, BATCH_SIZE)
+    count = windows.count(size, size)
     figures = {}
     # The machine is shared and its speed drifts by 10-20% between runs of a few seconds:
     # the model alone and the whole scene alternate, and each keeps its fastest round.
     alones, totals = [], []
     for _ in range(ROUNDS):
-        alones.append(model_alone(predict, windows, window))
+        alones.append(model_alone(predict, count, window))
         started, cpu = time.perf_counter(), time.process_time()
         scene.write_scene(
-            rasters.ArrayReader(image, "scene.png"), predict, classes, workdir / f"overhead-{size}",
-            window=window, overlap=overlap, batch_size=BATCH_SIZE,
-        )  # fmt: skip
+            rasters.ArrayReader(image, "scene.png"), predict, classes, workdir / f"overhead-{size}", windows
+        )
         totals.append((time.perf_counter() - started, time.process_time() - cpu))
     alone, alone_cpu = min(alones)
     total, total_cpu = min(totals)
     figures["scene"] = {"value": f"{size}x{size}", "unit": "pixels"}
-    figures["windows"] = {"value": windows, "unit": f"windows of {window}, overlap {overlap}"}
+    figures["windows"] = {"value": count, "unit": f"windows of {window}, overlap {overlap}"}
     figures["model_alone_s"] = {"value": round(alone, 2), "unit": "s"}
     figures["total_s"] = {"value": round(total, 2), "unit": "s"}
     figures["overhead_ratio"] = {"value": round(total / alone, 3), "unit": f"total / model alone, wall, fastest of {ROUNDS} ({note})"}
     figures["overhead_ratio_rounds"] = {"value": ", ".join(f"{t / a:.3f}" for (t, _), (a, _) in zip(totals, alones)),
                                         "unit": "total / model alone in each round"}
     figures["overhead_ratio_cpu"] = {"value": round(total_cpu / alone_cpu, 3), "unit": "total / model alone, CPU time"}
-    figures["overhead_per_window_ms"] = {"value": round(1000 * (total - alone) / windows, 1), "unit": "ms wall"}
-    figures["model_per_window_ms"] = {"value": round(1000 * alone / windows, 1), "unit": "ms wall"}
+    figures["overhead_per_window_ms"] = {"value": round(1000 * (total - alone) / count, 1), "unit": "ms wall"}
+    figures["model_per_window_ms"] = {"value": round(1000 * alone / count, 1), "unit": "ms wall"}
     return figures
 
 
@@ -238,7 +238,7 @@ def bench_memory(weights: Path, workdir: Path, size: int, kind: str = "tif") -> 
     what = "GeoTIFF, read in windows" if kind == "tif" else "PNG, streamed in rows"
     return {
         "scene": {"value": f"{size}x{size}", "unit": f"pixels ({what})"},
-        "windows": {"value": segment.count_windows(size, size, MEMORY_WINDOW, 0.25),
+        "windows": {"value": segment.Windows(MEMORY_WINDOW, 0.25).count(size, size),
                     "unit": f"windows of {MEMORY_WINDOW}, overlap 0.25"},
         "peak_rss_mb": {"value": round(report["peak_mb"]), "unit": "MiB (goal < 2048)"},
         "baseline_rss_mb": {"value": round(report["baseline_mb"]), "unit": "MiB after imports and model load"},
@@ -298,11 +298,11 @@ def bench_seams(weights: Path, size: int = 1024) -> dict:
     image = smooth_scene(size, size, seed=3)
     # The reference: windows every quarter window, so every pixel is seen near some
     # window's centre. Seams show as errors against it concentrated at window borders.
-    reference = segment.segment_array(image, predict, classes.num_classes, window, 0.75, BATCH_SIZE)
+    reference = segment.segment_array(image, predict, classes.num_classes, segment.Windows(window, 0.75, BATCH_SIZE))
     figures = {}
     for overlap in OVERLAPS:
         started = time.perf_counter()
-        probabilities = segment.segment_array(image, predict, classes.num_classes, window, overlap, BATCH_SIZE)
+        probabilities = segment.segment_array(image, predict, classes.num_classes, segment.Windows(window, overlap, BATCH_SIZE))
         seconds = time.perf_counter() - started
         positions = segment.window_positions(size, window, segment.window_stride(window, overlap))
         distance = border_distance(positions, size, window)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from osmseg.errors import ClassesError
+from osmseg.errors import ClassesError, read_user_file
 
 BACKGROUND = "background"
 IGNORE = 255  # label value for pixels that training and metrics skip
@@ -186,10 +186,5 @@ def parse_classes(text: str, origin: str = "classes file", require_filters: bool
 def load_classes(path: str | Path, require_filters: bool = True) -> Classes:
     """Read and check a classes file (see parse_classes)."""
     path = Path(path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise ClassesError(f"{path}: no such classes file; pass an existing one (e.g. classes/mine.json)") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise ClassesError(f"{path}: cannot read the classes file ({error})") from None
+    text = read_user_file(path, "classes file", "pass an existing one (e.g. classes/mine.json)", ClassesError)
     return parse_classes(text, origin=str(path), require_filters=require_filters)

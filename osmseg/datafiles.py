@@ -37,7 +37,7 @@ import mercantile
 import numpy as np
 
 from osmseg import atomic
-from osmseg.errors import UserError
+from osmseg.errors import UserError, read_user_file
 
 HEADER = "#source z x y"
 MADE_BY = "#made-by "
@@ -88,12 +88,7 @@ def read_tile_list(path: str | os.PathLike, make_hint: str | None = None) -> Til
             valid tile, or count columns that do not match the header (naming the line).
     """
     path = Path(path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such tile list; make it first ({make_hint or f'make {path}'})") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise UserError(f"{path}: cannot read the tile list ({error})") from None
+    text = read_user_file(path, "tile list", f"make it first ({make_hint or f'make {path}'})")
     result = TileList([])
     rows: list[list[int]] = []
     for number, line in enumerate(text.splitlines(), start=1):

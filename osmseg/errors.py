@@ -1,5 +1,7 @@
 """The project's exceptions: what a user can cause, and what they should do about it."""
 
+from pathlib import Path
+
 from osmseg.tiles import BBoxError, TileError, ZoomError
 
 
@@ -27,6 +29,23 @@ class WeightsError(UserError):
     """A weights file that is missing, corrupt, or made for another model."""
 
 
+def read_user_file(path, what: str, missing_fix: str, error: type[UserError] = UserError) -> str:
+    """The text of a file the user named, or `error` saying which file and what to do.
+
+    Args:
+        path: the file.
+        what: what it is, for the message ("tile list", "classes file").
+        missing_fix: what to do when it does not exist ("make it first (make data/sample.txt)").
+        error: the UserError subclass to raise.
+    """
+    try:
+        return Path(path).read_text()
+    except FileNotFoundError:
+        raise error(f"{path}: no such {what}; {missing_fix}") from None
+    except (OSError, UnicodeDecodeError) as exception:
+        raise error(f"{path}: cannot read the {what} ({exception})") from None
+
+
 # Everything the command-line boundary (osmseg.cli.run) turns into one line and exit status 2:
 # our own errors, and those of osmseg.tiles, which imports no module of ours.
 USER_ERRORS = (UserError, TileError)
@@ -41,4 +60,5 @@ __all__ = [
     "UserError",
     "WeightsError",
     "ZoomError",
+    "read_user_file",
 ]

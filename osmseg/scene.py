@@ -46,7 +46,7 @@ from osmseg import visualise
 from osmseg.atomic import atomic_path, write_text_atomic
 from osmseg.classes import Classes
 from osmseg.rasters import Georeference, ImageReader
-from osmseg.segment import Predict, class_counts, segment_strips
+from osmseg.segment import Predict, Windows, class_counts, segment_strips
 
 HEATMAP_SIZE = 1024
 
@@ -186,10 +186,8 @@ def write_scene(
     predict: Predict,
     classes: Classes,
     outdir: Path,
+    windows: Windows,
     *,
-    window: int,
-    overlap: float = 0.25,
-    batch_size: int = 8,
     geojson: bool = False,
     simplify: float = 1.0,
     min_area: float = 16.0,
@@ -204,7 +202,7 @@ def write_scene(
 
     Args:
         reader: the image.
-        predict, window, overlap, batch_size: as for segment_strips.
+        predict, windows: as for segment_strips.
         classes: the model's classes (names and mask colours).
         outdir: the output directory (created if missing).
         geojson: also write segments.geojson (keeps the label image, 1 byte a pixel).
@@ -258,7 +256,7 @@ def write_scene(
         # quarter of the float32 probabilities), in chunks of rows, and at most one chunk
         # waits: memory stays bounded. One thread for all made the model wait for it, and
         # left it working alone after the last window (issue 8).
-        strips = segment_strips(reader, predict, num_classes, window, overlap, batch_size, progress=progress)
+        strips = segment_strips(reader, predict, num_classes, windows, progress=progress)
         with ThreadPoolExecutor(max_workers=1) as segments_pool, ThreadPoolExecutor(max_workers=1) as pool:
             pending: collections.deque = collections.deque()
             for strip in strips:
@@ -299,8 +297,8 @@ def write_scene(
         "height": height,
         "pixels": width * height,
         "counts": result.counts,
-        "window": window,
-        "overlap": overlap,
+        "window": windows.size,
+        "overlap": windows.overlap,
         "notes": reader.notes,
         "files": [final.name for final, _ in finals],
         "inputs": inputs or {},

@@ -94,6 +94,38 @@ def axis_weights(length: int, window: int, positions: np.ndarray, floor: float =
     return weights.astype(np.float32)
 
 
+@dataclass(frozen=True)
+class Windows:
+    """How a scene is cut into model windows: their size (pixels, the model's input size),
+    the fraction of a window shared with its neighbour, windows per model call, and the
+    blending profile's edge weight (window_profile)."""
+
+    size: int
+    overlap: float = 0.25
+    batch_size: int = 8
+    floor: float = WINDOW_FLOOR
+
+    def __post_init__(self):
+        if self.size < 1 or self.batch_size < 1:
+            raise ValueError(f"window size {self.size} and batch size {self.batch_size} must be at least 1")
+        if not 0 <= self.overlap < 1:
+            raise ValueError(f"overlap must be in [0, 1), got {self.overlap}")
+        if not self.floor > 0:
+            raise ValueError(f"the blending floor must be above 0, got {self.floor}")
+
+    @property
+    def stride(self) -> int:
+        return window_stride(self.size, self.overlap)
+
+    def positions(self, length: int) -> np.ndarray:
+        """Start offsets of the windows along an axis of `length` pixels (window_positions)."""
+        return window_positions(length, self.size, self.stride)
+
+    def count(self, height: int, width: int) -> int:
+        """How many windows segment_strips runs the model on for an image of this size."""
+        return len(self.positions(height)) * len(self.positions(width))
+
+
 # --- Models ----------------------------------------------------------------------------------
 
 
@@ -155,21 +187,8 @@ def class_counts(labels: np.ndarray, num_classes: int) -> np.ndarray:
     return histogram.ravel()[:num_classes].astype(np.int64)
 
 
-def count_windows(height: int, width: int, window: int, overlap: float) -> int:
-    """How many windows segment_strips runs the model on for an image of this size."""
-    stride = window_stride(window, overlap)
-    return len(window_positions(height, window, stride)) * len(window_positions(width, window, stride))
-
-
 def segment_strips(
-    reader: ImageReader,
-    predict: Predict,
-    num_classes: int,
-    window: int,
-    overlap: float = 0.25,
-    batch_size: int = 8,
-    floor: float = WINDOW_FLOOR,
-    progress: bool = False,
+    reader: ImageReader, predict: Predict, num_classes: int, windows: Windows, progress: bool = False
 ) -> Iterator[Strip]:
     """Segment an image in overlapping windows and yield its blended rows, top to bottom.
 
@@ -178,10 +197,7 @@ def segment_strips(
         predict: batch float32 (B, window, window, 3) RGB 0..255 -> (B, window, window,
             num_classes) probabilities.
         num_classes: the model's number of outputs.
-        window: the model's input size.
-        overlap: the fraction of a window shared with its neighbour, in [0, 1).
-        batch_size: windows per predict call.
-        floor: the blending window's edge weight (see window_profile).
+        windows: the windows' size (the model's input size), overlap, batch and floor.
         progress: show a progress bar (tqdm, stderr) counting windows.
 
     Yields:
@@ -191,10 +207,10 @@ def segment_strips(
     from tqdm import tqdm
 
     height, width = reader.height, reader.width
-    stride = window_stride(window, overlap)
+    window, batch_size, floor = windows.size, windows.batch_size, windows.floor
     padded_height, padded_width = max(height, window), max(width, window)
-    rows = window_positions(height, window, stride)
-    cols = window_positions(width, window, stride)
+    rows = windows.positions(height)
+    cols = windows.positions(width)
     row_weights = axis_weights(padded_height, window, rows, floor)
     # Each column weight repeated once per class, so that a window's weights match its
     # probabilities seen as (window, window × classes) rows (see the accumulation below).
@@ -217,7 +233,7 @@ def segment_strips(
 
     pixels_of_row: dict[int, np.ndarray] = {}
 
-    def windows() -> Iterator[tuple[int, int, np.ndarray]]:
+    def cut() -> Iterator[tuple[int, int, np.ndarray]]:
         # Each row of pixels is read once, top to bottom: rows shared with the previous row
         # of windows are kept, so readers that decode sequentially (PNG, JPEG, compressed
         # TIFF strips) never go back.
@@ -237,7 +253,7 @@ def segment_strips(
     # in, the rows above the next row of windows are final and leave as a Strip. Batches run
     # on across rows of windows, so only a scene's very last batch is short.
     accumulator = np.zeros((window, padded_width, num_classes), dtype=np.float32)
-    stream = windows()
+    stream = cut()
 
     def batches() -> Iterator[tuple[list[tuple[int, int]], np.ndarray]]:
         while batch := list(itertools.islice(stream, batch_size)):
@@ -284,15 +300,7 @@ def segment_strips(
             bar.close()
 
 
-def segment_array(
-    image: np.ndarray,
-    predict: Predict,
-    num_classes: int,
-    window: int,
-    overlap: float = 0.25,
-    batch_size: int = 8,
-    floor: float = WINDOW_FLOOR,
-) -> np.ndarray:
+def segment_array(image: np.ndarray, predict: Predict, num_classes: int, windows: Windows) -> np.ndarray:
     """Blended probabilities float32 (H, W, C) of a whole RGB uint8 (H, W, 3) image in memory."""
-    strips = segment_strips(ArrayReader(image), predict, num_classes, window, overlap, batch_size, floor)
+    strips = segment_strips(ArrayReader(image), predict, num_classes, windows)
     return np.concatenate([strip.probabilities.copy() for strip in strips], axis=0)

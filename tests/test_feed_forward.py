@@ -14,6 +14,7 @@ import feed_forward
 from osmseg import cli, rasters
 from osmseg.classes import load_classes
 from osmseg.scene import write_scene
+from osmseg.segment import Windows
 
 WINDOW = 32
 
@@ -272,7 +273,7 @@ def test_scene_of_known_tiles_with_a_pixelwise_keras_model(tmp_path):
         for r in range(0, 3 * tile, tile) for c in range(0, 4 * tile, tile)
     ]  # fmt: skip
     result = write_scene(
-        rasters.ArrayReader(image), network.predict_on_batch, classes, tmp_path, window=48, overlap=0.5
+        rasters.ArrayReader(image), network.predict_on_batch, classes, tmp_path, Windows(48, 0.5)
     )
     labels, _ = classes.colors_to_labels(cv2.imread(str(tmp_path / "mask.png"))[..., ::-1])
     together = [labels[r : r + tile, c : c + tile] for r in range(0, 3 * tile, tile) for c in range(0, 4 * tile, tile)]

@@ -99,14 +99,14 @@ def test_scene_of_known_tiles_gives_each_tiles_classes():
         ]
     )
     for window, overlap in ((64, 0.5), (96, 0.25), (48, 0.0)):
-        labels = segment.segment_array(image, local_predict, NUM_CLASSES, window, overlap).argmax(axis=2)
+        labels = segment.segment_array(image, local_predict, NUM_CLASSES, segment.Windows(window, overlap)).argmax(axis=2)
         tiles = [labels[r : r + tile, c : c + tile] for r in range(0, 3 * tile, tile) for c in range(0, 4 * tile, tile)]
         np.testing.assert_array_equal(np.stack(tiles), expected, err_msg=f"window {window}")
 
 
 def test_constant_image_gives_constant_output():
     image = np.full((150, 230, 3), (180, 30, 20), dtype=np.uint8)
-    probabilities = segment.segment_array(image, local_predict, NUM_CLASSES, window=64, overlap=0.5)
+    probabilities = segment.segment_array(image, local_predict, NUM_CLASSES, segment.Windows(64, 0.5))
     assert probabilities.shape == (150, 230, NUM_CLASSES)
     np.testing.assert_allclose(probabilities, np.broadcast_to(probabilities[0, 0], probabilities.shape), atol=1e-6)
 
@@ -115,7 +115,7 @@ def test_blending_hides_a_models_border_effect():
     image = np.full((192, 192, 3), 90, dtype=np.uint8)  # three windows of 64 a side
 
     def largest_jump(overlap):
-        field = segment.segment_array(image, edge_predict, NUM_CLASSES, window=64, overlap=overlap)[..., 1]
+        field = segment.segment_array(image, edge_predict, NUM_CLASSES, segment.Windows(64, overlap))[..., 1]
         field = field[8:-8, 8:-8]  # the image's own border is every window's border too
         return max(np.abs(np.diff(field, axis=0)).max(), np.abs(np.diff(field, axis=1)).max())
 
@@ -129,9 +129,9 @@ def test_blending_hides_a_models_border_effect():
 def test_reused_blending_weights_change_nothing(monkeypatch):
     # 301 = 64 + 237: the windows' steps differ by a pixel, so they have several weight profiles.
     image = np.random.default_rng(6).integers(0, 255, size=(301, 301, 3), dtype=np.uint8)
-    reused = segment.segment_array(image, edge_predict, NUM_CLASSES, window=64, overlap=0.3)
+    reused = segment.segment_array(image, edge_predict, NUM_CLASSES, segment.Windows(64, 0.3))
     monkeypatch.setattr(segment, "WEIGHT_CACHE_BYTES", 0)
-    made_each_time = segment.segment_array(image, edge_predict, NUM_CLASSES, window=64, overlap=0.3)
+    made_each_time = segment.segment_array(image, edge_predict, NUM_CLASSES, segment.Windows(64, 0.3))
     np.testing.assert_array_equal(reused, made_each_time)
     np.testing.assert_allclose(reused.sum(axis=2), 1, atol=1e-5)
 
@@ -148,7 +148,7 @@ def test_class_counts_match_bincount(size):
 def test_small_and_odd_sizes_are_padded_and_cropped_back(shape):
     rng = np.random.default_rng(1)
     image = rng.integers(0, 255, size=shape + (3,), dtype=np.uint8)
-    probabilities = segment.segment_array(image, local_predict, NUM_CLASSES, window=64, overlap=0.25)
+    probabilities = segment.segment_array(image, local_predict, NUM_CLASSES, segment.Windows(64, 0.25))
     assert probabilities.shape == shape + (NUM_CLASSES,)
     np.testing.assert_allclose(probabilities.sum(axis=2), 1, rtol=1e-5)
     expected = local_predict(image[None].astype(np.float32))[0]
@@ -164,19 +164,19 @@ def test_strips_cover_every_row_once_and_stay_small():
         return local_predict(batch)
 
     reader = rasters.ArrayReader(image)
-    strips = list(segment.segment_strips(reader, predict, NUM_CLASSES, window=64, overlap=0.5, batch_size=3))
+    strips = list(segment.segment_strips(reader, predict, NUM_CLASSES, segment.Windows(64, 0.5, batch_size=3)))
     tops = [strip.top for strip in strips]
     heights = [len(strip.probabilities) for strip in strips]
     assert tops[0] == 0 and np.all(np.diff(tops) == heights[:-1]) and tops[-1] + heights[-1] == 320
     assert max(heights) <= 64  # never more than one window's rows at a time
-    assert max(calls) <= 3 and sum(calls) == segment.count_windows(320, 96, 64, 0.5)
+    assert max(calls) <= 3 and sum(calls) == segment.Windows(64, 0.5).count(320, 96)
     assert all(strip.image.shape == (len(strip.probabilities), 96, 3) for strip in strips)
 
 
 def test_wrong_model_output_shape_is_caught():
     image = np.zeros((64, 64, 3), dtype=np.uint8)
     with pytest.raises(ValueError, match="predict returned shape"):
-        segment.segment_array(image, lambda batch: local_predict(batch)[..., :2], NUM_CLASSES, window=64)
+        segment.segment_array(image, lambda batch: local_predict(batch)[..., :2], NUM_CLASSES, segment.Windows(64))
 
 
 # --- Reading and converting images ---------------------------------------------------------
@@ -294,7 +294,7 @@ def test_damaged_image_fails_clearly(tmp_path, monkeypatch, damage, streamed):
     with pytest.raises(UserError, match="scene.png: cannot read rows .* truncated or corrupt"):
         reader.read(0, 300)
     with pytest.raises(UserError, match="scene.png: cannot read rows"):
-        list(segment.segment_strips(rasters.open_image(tmp_path / "scene.png"), local_predict, NUM_CLASSES, 64))
+        list(segment.segment_strips(rasters.open_image(tmp_path / "scene.png"), local_predict, NUM_CLASSES, segment.Windows(64)))
 
 
 def test_each_row_is_read_once_in_order():
@@ -305,11 +305,11 @@ def test_each_row_is_read_once_in_order():
 
     reads = []
     image = mosaic(8, 25, 9)  # 200 × 72
-    strips = segment.segment_strips(Recording(image), local_predict, NUM_CLASSES, window=64, overlap=0.4)
+    strips = segment.segment_strips(Recording(image), local_predict, NUM_CLASSES, segment.Windows(64, 0.4))
     together = np.concatenate([strip.probabilities.copy() for strip in strips])
     assert reads[0][0] == 0 and reads[-1][1] == 200 and len(reads) > 3
     assert all(previous[1] == following[0] for previous, following in zip(reads, reads[1:]))
-    np.testing.assert_array_equal(together, segment.segment_array(image, local_predict, NUM_CLASSES, 64, 0.4))
+    np.testing.assert_array_equal(together, segment.segment_array(image, local_predict, NUM_CLASSES, segment.Windows(64, 0.4)))
 
 
 # --- Pictures ------------------------------------------------------------------------------
@@ -358,8 +358,8 @@ def test_write_scene_outputs(tmp_path):
     image[:, :8] = (10, 200, 10)  # makes sure at least one class is present, one absent
     out = tmp_path / "out"
     result = scene.write_scene(
-        rasters.ArrayReader(image, "scene.png"), local_predict, CLASSES, out,
-        window=64, overlap=0.25, geojson=True, min_area=0, heatmap_size=40,
+        rasters.ArrayReader(image, "scene.png"), local_predict, CLASSES, out, segment.Windows(64, 0.25),
+        geojson=True, min_area=0, heatmap_size=40,
     )  # fmt: skip
     expected = local_predict(image[None].astype(np.float32))[0].argmax(axis=2)
     # Counts: every class, zeros included, summing to the pixel count.
@@ -411,7 +411,7 @@ def test_failed_scene_leaves_nothing_behind(tmp_path):
 
     out = tmp_path / "out"
     with pytest.raises(RuntimeError):
-        scene.write_scene(rasters.ArrayReader(image), failing, CLASSES, out, window=32, overlap=0, batch_size=2)
+        scene.write_scene(rasters.ArrayReader(image), failing, CLASSES, out, segment.Windows(32, 0, batch_size=2))
     assert list(out.iterdir()) == []
 
 

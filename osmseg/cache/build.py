@@ -18,6 +18,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import h5py
 import mercantile
@@ -282,8 +283,22 @@ def progress_bar(total: int | None, description: str, unit: str = "tile"):
     return tqdm(total=total, desc=description, unit=unit, file=sys.stderr, leave=False)
 
 
-def read_pair(image_path: Path, other_path: Path) -> tuple[np.ndarray | None, np.ndarray | None, tuple[str, str] | None]:
-    """Read an image and its label or mask; the third value says why one cannot be used."""
+class PairWords(NamedTuple):
+    """How read_pair names what is wrong with an image and its label (or mask): skip reasons."""
+
+    image_unreadable: str
+    other_unreadable: str
+    sizes_differ: str
+    sizes_name: str = "{stem} ({image} vs {other})"  # names the pair whose sizes differ
+
+
+def read_pair(image_path: Path, other_path: Path, stem: str, words: PairWords):
+    """Read an image and its label or mask, both RGB uint8 of one size.
+
+    Returns:
+        (image, other, None), or (None, None, (reason, name)) saying why the pair is skipped:
+        samples that are not 8-bit, a file that cannot be decoded, sizes that differ.
+    """
     try:
         image = read_rgb(image_path)
     except NotEightBit as error:
@@ -292,6 +307,13 @@ def read_pair(image_path: Path, other_path: Path) -> tuple[np.ndarray | None, np
         other = read_rgb(other_path)
     except NotEightBit as error:
         return None, None, (f"mask or label has {error}", other_path.name)
+    if image is None:
+        return None, None, (words.image_unreadable, image_path.name)
+    if other is None:
+        return None, None, (words.other_unreadable, other_path.name)
+    if image.shape != other.shape:
+        name = words.sizes_name.format(stem=stem, image=size_text(image), other=size_text(other))
+        return None, None, (words.sizes_differ, name)
     return image, other, None
 
 
@@ -327,6 +349,13 @@ class Prepared:
 
 
 # --- Writer 1: the pipeline's tiles --------------------------------------------------------
+
+
+_TILE_WORDS = PairWords(
+    "corrupt image (delete it and re-download)",
+    "corrupt label (delete it and re-render)",
+    "image and label sizes differ",
+)
 
 
 def build_cache(
@@ -396,15 +425,9 @@ def build_cache(
             return Prepared(skip=("no image (run `prepare.py images`)", stem))
         if label_file is None:
             return Prepared(skip=("no label (run `prepare.py labels`)", stem))
-        image, rgb, problem = read_pair(image_path, label_file)
+        image, rgb, problem = read_pair(image_path, label_file, stem, _TILE_WORDS)
         if problem:
             return Prepared(skip=problem)
-        if image is None:
-            return Prepared(skip=("corrupt image (delete it and re-download)", image_path.name))
-        if rgb is None:
-            return Prepared(skip=("corrupt label (delete it and re-render)", label_file.name))
-        if image.shape != rgb.shape:
-            return Prepared(skip=("image and label sizes differ", f"{stem} ({size_text(image)} vs {size_text(rgb)})"))
         if image.shape[:2] != (tile_size, tile_size):
             reason = f"not {tile_size}x{tile_size} (pass the --tile-size they were made with)"
             return Prepared(skip=(reason, f"{stem} ({size_text(image)})"))
@@ -412,18 +435,43 @@ def build_cache(
         unknown = unknown_colors(rgb, labels) if ignored else Counter()
         return Prepared([compress_tile(image, labels)], (tile.z, tile.x, tile.y), source, ignored, unknown)
 
+    meta = (classes, tile_size, record, fingerprint)
+    write_cache(out_path, resolved, prepare, workers, summary, meta, expected=len(resolved), nothing="no tile could be cached")
+    return summary
+
+
+def write_cache(
+    out_path: Path, items: Sequence, prepare: Callable, workers: int, summary: BuildSummary, meta: tuple, **options
+) -> None:
+    """Write the cache out_path from `items`, each turned into a Prepared by `prepare` in worker threads.
+
+    Args:
+        out_path: the .hdf5 file, written under a temporary name and renamed when complete.
+        items: what `prepare` takes, in row order.
+        prepare: item -> Prepared (runs in worker threads; results are written in order).
+        workers: threads.
+        summary: filled with what was written and skipped.
+        meta: (classes, tile_size, record, fingerprint) for the file's attributes.
+        options: expected (rows to allocate at first), window (items in flight, default
+            4 × workers), unit and description of the progress bar, nothing (the message
+            when no row could be written).
+
+    Raises:
+        CacheError: no row could be written (naming what was skipped).
+    """
+    classes, tile_size, record, fingerprint = meta
+    description = options.get("description", f"caching {out_path.name}")
     with atomic.atomic_path(out_path) as tmp, h5py.File(tmp, "w") as file:
-        writer = Writer(file, tile_size, expected=len(resolved))
-        with progress_bar(len(resolved), f"caching {out_path.name}") as bar:
-            for prepared in ordered_map(prepare, resolved, workers):
+        writer = Writer(file, tile_size, expected=options.get("expected", 0))
+        with progress_bar(len(items), description, options.get("unit", "tile")) as bar:
+            for prepared in ordered_map(prepare, items, workers, window=options.get("window")):
                 bar.update()
                 prepared.add_to(writer, summary)
         summary.written = writer.close()
         if not summary.written:
-            raise CacheError(f"{out_path}: no tile could be cached{skipped_text(summary)}")
+            raise CacheError(f"{out_path}: {options.get('nothing', 'nothing could be cached')}{skipped_text(summary)}")
         record.update(written=summary.written, skipped=summary.skipped_count, ignored_pixels=summary.ignored_pixels)
         write_attrs(file, classes, tile_size, dict(record, fingerprint=fingerprint))
-    return summary
 
 
 def size_text(array: np.ndarray) -> str:

@@ -8,29 +8,24 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-import h5py
 import numpy as np
 
-from osmseg import atomic
 from osmseg.cache.build import (
     BuildSummary,
     Log,
+    PairWords,
     Prepared,
-    Writer,
     default_workers,
     digest,
     file_stamp,
     needs_build,
-    ordered_map,
-    progress_bar,
     read_pair,
-    size_text,
-    skipped_text,
     unknown_colors,
+    write_cache,
 )
-from osmseg.cache.schema import compress_tile, write_attrs
+from osmseg.cache.schema import compress_tile
 from osmseg.classes import IGNORE, Classes
-from osmseg.errors import CacheError, UserError
+from osmseg.errors import UserError
 
 IMPORT_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp")
 
@@ -93,6 +88,14 @@ def cut_tiles(
             yield tile_image, tile_labels
 
 
+_PAIR_WORDS = PairWords(
+    "image cannot be decoded",
+    "mask cannot be decoded",
+    "image and mask sizes differ (masks must cover their image pixel for pixel)",
+    "{stem} (image {image}, mask {other})",
+)
+
+
 def import_pairs(
     pairs: Sequence[tuple[str, Path, Path]],
     classes: Classes,
@@ -141,31 +144,18 @@ def import_pairs(
     def prepare(pair) -> Prepared:
         # Runs in a worker thread, one image at a time per thread.
         stem, image_path, mask_path = pair
-        image, rgb, problem = read_pair(image_path, mask_path)
+        image, rgb, problem = read_pair(image_path, mask_path, stem, _PAIR_WORDS)
         if problem:
             return Prepared(skip=problem)
-        if image is None:
-            return Prepared(skip=("image cannot be decoded", image_path.name))
-        if rgb is None:
-            return Prepared(skip=("mask cannot be decoded", mask_path.name))
-        if image.shape != rgb.shape:
-            reason = "image and mask sizes differ (masks must cover their image pixel for pixel)"
-            return Prepared(skip=(reason, f"{stem} (image {size_text(image)}, mask {size_text(rgb)})"))
         labels, ignored = classes.colors_to_labels(rgb)
         unknown = unknown_colors(rgb, labels) if ignored else Counter()
         chunks = [compress_tile(*tile) for tile in cut_tiles(image, labels, tile_size, stride)]
         return Prepared(chunks, (-1, -1, -1), stem, ignored, unknown)
 
-    with atomic.atomic_path(out_path) as tmp, h5py.File(tmp, "w") as file:
-        writer = Writer(file, tile_size)
-        with progress_bar(len(pairs), f"importing {out_path.name}", "image") as bar:
-            # A window of one image per thread: each result holds a whole image's tiles.
-            for prepared in ordered_map(prepare, pairs, workers, window=workers):
-                bar.update()
-                prepared.add_to(writer, summary)
-        summary.written = writer.close()
-        if not summary.written:
-            raise CacheError(f"{out_path}: no image/mask pair could be imported{skipped_text(summary)}")
-        record.update(written=summary.written, skipped=summary.skipped_count, ignored_pixels=summary.ignored_pixels)
-        write_attrs(file, classes, tile_size, dict(record, fingerprint=fingerprint))
+    # A window of one image per thread: each result holds a whole image's tiles.
+    write_cache(
+        out_path, pairs, prepare, workers, summary, (classes, tile_size, record, fingerprint),
+        window=workers, description=f"importing {out_path.name}", unit="image",
+        nothing="no image/mask pair could be imported",
+    )  # fmt: skip
     return summary

@@ -92,7 +92,6 @@ def _download_resumably(url: str, partial: Path, record: Path, name: str, timeou
     """
     import requests
     import urllib3
-    from tqdm import tqdm
 
 
     kept, previous = _kept_download(url, partial, record)
@@ -123,15 +122,7 @@ def _download_resumably(url: str, partial: Path, record: Path, name: str, timeou
             try:
                 with (
                     open(partial, "wb" if action == "fresh" else "ab") as out,
-                    tqdm(
-                        total=size,
-                        initial=0 if action == "fresh" else kept,
-                        unit="B",
-                        unit_scale=True,
-                        desc=f"{name}.mbtiles.gz",
-                        file=sys.stderr,
-                        disable=None,
-                    ) as progress,
+                    _byte_progress(size, f"{name}.mbtiles.gz", initial=0 if action == "fresh" else kept) as progress,
                 ):
                     if action == "fresh":  # once the old bytes are gone, so that it never describes them
                         atomic.write_text_atomic(
@@ -254,7 +245,6 @@ def _gunzip_qa_tiles(url: str, compressed: Path, record: Path, path: Path) -> No
     Raises:
         SourceError: a broken gzip, or not QA tiles.
     """
-    from tqdm import tqdm
 
     partial = path.with_name(path.name + ".partial")
     try:
@@ -262,14 +252,7 @@ def _gunzip_qa_tiles(url: str, compressed: Path, record: Path, path: Path) -> No
             open(compressed, "rb") as raw,
             gzip.GzipFile(fileobj=raw) as unpacked,
             open(partial, "wb") as out,
-            tqdm(
-                total=compressed.stat().st_size,
-                unit="B",
-                unit_scale=True,
-                desc=f"gunzip {compressed.name}",
-                file=sys.stderr,
-                disable=None,
-            ) as progress,
+            _byte_progress(compressed.stat().st_size, f"gunzip {compressed.name}") as progress,
         ):
             while chunk := unpacked.read(1 << 20):
                 out.write(chunk)
@@ -293,3 +276,10 @@ def _gunzip_qa_tiles(url: str, compressed: Path, record: Path, path: Path) -> No
         raise SourceError(f"{url}: not OSM QA tiles ({error}); deleted the download; check --base-url") from None
     finally:
         partial.unlink(missing_ok=True)
+
+
+def _byte_progress(total: int | None, description: str, initial: int = 0):
+    """A progress bar of bytes on stderr (hidden when stderr is not a terminal)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, unit="B", unit_scale=True, desc=description, file=sys.stderr, disable=None)
