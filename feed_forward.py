@@ -7,9 +7,10 @@
 
 Prints the pixel count of every class (zeros included; they sum to the image's pixel count)
 and writes into the output directory: counts.json, heatmap-<class>.png per class,
-segments.png, mask.png, and for georeferenced input (a GeoTIFF, or a PNG or JPEG with a
-world file) mask.tif and probabilities.tif in the input's CRS; segments.geojson with
---geojson. osmseg.segment's docstring describes each file. Images larger than the model's
+segments.png, mask.png, and for georeferenced input (a GeoTIFF, a PNG or JPEG with a world
+file, or a tile named {z}-{x}-{y}.jpg as data/images/ holds them: EPSG:3857 over the tile)
+mask.tif and probabilities.tif in the input's CRS; segments.geojson with --geojson.
+osmseg.scene's docstring describes each file. Images larger than the model's
 input are segmented in overlapping windows blended without seams, in strips; TIFFs and
 images over 4096 × 4096 pixels are read from disk a strip at a time, so memory stays
 bounded whatever the size.
@@ -26,7 +27,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from osmseg import cli, rasters, scene, segment
+from osmseg import cli, datafiles, rasters, scene, segment
 from osmseg.commands import options
 from osmseg.errors import UserError
 
@@ -89,6 +90,16 @@ def list_images(image: Path, outdir: Path) -> list[tuple[Path, Path]]:
     return [(path, outdir / path.stem) for path in files]
 
 
+def open_scene(path: Path) -> rasters.ImageReader:
+    """Open an image to segment; one named like the pipeline's tiles ({z}-{x}-{y}.jpg) and not
+    otherwise georeferenced gets its tile's place: EPSG:3857 over the tile's bounds."""
+    reader = rasters.open_image(path)
+    tile = datafiles.parse_tile_stem(path.stem)
+    if reader.georeference is None and tile is not None:
+        reader.georeference = rasters.Georeference.of_tile(tile, reader.width, reader.height)
+    return reader
+
+
 def _stamp(path: Path) -> dict:
     stat = path.stat()
     return {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
@@ -123,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _check_args(args)
     jobs = list_images(args.image, args.outdir)
     # One image: read it before the (slower) model load, so that a bad image fails at once.
-    opened = {jobs[0][0]: rasters.open_image(jobs[0][0])} if len(jobs) == 1 else {}
+    opened = {jobs[0][0]: open_scene(jobs[0][0])} if len(jobs) == 1 else {}
     try:
         return _segment_all(args, jobs, opened)
     finally:
@@ -166,7 +177,7 @@ def _segment_all(args: argparse.Namespace, jobs: list[tuple[Path, Path]], opened
             opened.pop(image_path, None)
             continue
         try:
-            reader = opened.pop(image_path, None) or rasters.open_image(image_path)
+            reader = opened.pop(image_path, None) or open_scene(image_path)
         except UserError as error:  # in a directory: skip it, say so, carry on
             print(f"skipped: {error}", file=sys.stderr)
             failed.append(image_path.name)

@@ -14,8 +14,10 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import mercantile
 import numpy as np
 
+from osmseg import tiles
 from osmseg.errors import UserError
 
 TIFF_SUFFIXES = (".tif", ".tiff")
@@ -85,10 +87,20 @@ def decode_unchanged(data: bytes | np.ndarray) -> np.ndarray | None:
 
 @dataclass
 class Georeference:
-    """Where a raster lies: its rasterio CRS and affine transform (pixel -> CRS)."""
+    """Where a raster lies: its rasterio CRS and affine transform (pixel -> CRS), and the XYZ
+    tile it is, when it is one (an image named {z}-{x}-{y}, as the pipeline names tiles)."""
 
     crs: object
     transform: object
+    tile: mercantile.Tile | None = None
+
+    @classmethod
+    def of_tile(cls, tile: mercantile.Tile, width: int, height: int) -> Georeference:
+        """An image of `tile`, `width` × `height` pixels: EPSG:3857 over the tile's bounds."""
+        from affine import Affine
+        from rasterio.crs import CRS
+
+        return cls(CRS.from_epsg(3857), Affine(*tiles.pixel_transform([tile], width, height)), tile)
 
 
 class ImageReader:

@@ -22,7 +22,8 @@ Files written by `write_scene` into an output directory:
 - `counts.json`, written last (its presence means the scene is complete): {"image",
   "width", "height", "pixels", "counts": {class name: pixel count, every class, summing to
   pixels}, "window", "overlap", "notes", "files": [the other outputs], "inputs": {what
-  the result was made from}}.
+  the result was made from}}; for georeferenced input also "crs", and "tile": {"z", "x", "y"}
+  when the image is an XYZ tile.
 
 Every file is written under a temporary name and renamed when the whole scene is done,
 counts.json last.
@@ -303,6 +304,11 @@ def write_scene(
         "files": [final.name for final, _ in finals],
         "inputs": inputs or {},
     }
+    if georeference is not None:
+        record["crs"] = georeference.crs.to_string()
+        if georeference.tile is not None:
+            z, x, y = georeference.tile.z, georeference.tile.x, georeference.tile.y
+            record["tile"] = {"z": z, "x": x, "y": y}
     # counts.json goes last: its presence says that every other output is complete.
     write_text_atomic(outdir / "counts.json", json.dumps(record, indent=1) + "\n")
     finals.append((outdir / "counts.json", outdir / "counts.json"))

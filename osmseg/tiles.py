@@ -190,6 +190,17 @@ def on_tile_edge(x: float, y: float, zoom: int, tolerance: float) -> bool:
     return min(abs(fx - round(fx)), abs(fy - round(fy))) * size <= tolerance
 
 
+def pixel_transform(tiles_: Sequence[mercantile.Tile], width: int, height: int) -> tuple[float, ...]:
+    """The affine transform (a, b, c, d, e, f) from pixels to EPSG:3857 metres of an image
+    `width` × `height` pixels covering `tiles_` exactly (one tile, or a block of them).
+
+    x = a * column + b * row + c and y = d * column + e * row + f, at pixel corners: GDAL's
+    and rasterio's Affine order. North is up: e is negative.
+    """
+    left, bottom, right, top = tiles_bounds(tiles_)
+    return ((right - left) / width, 0.0, left, 0.0, -(top - bottom) / height, top)
+
+
 def ancestor(tile: mercantile.Tile, zoom: int) -> mercantile.Tile:
     """The tile at `zoom` that holds `tile` (the tile itself when it is at or above that zoom)."""
     return mercantile.parent(tile, zoom=zoom) if tile.z > zoom else tile

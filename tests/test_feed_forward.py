@@ -137,6 +137,29 @@ def test_geotiff_outputs_keep_the_georeference(weights, classes_file, tmp_path):
     assert 2000 - 50 * 0.6 - 1e-6 <= min(ys) and max(ys) <= 2000
 
 
+def test_a_tile_named_z_x_y_gets_its_place_and_keeps_its_name(weights, tmp_path):
+    import mercantile
+    import rasterio
+
+    tile = mercantile.Tile(65540, 65530, 17)
+    images = tmp_path / "images"
+    images.mkdir()
+    cv2.imwrite(str(images / "17-65540-65530.jpg"), scene(256, 256))
+    cv2.imwrite(str(images / "holiday.jpg"), scene(256, 256, seed=1))
+    out = tmp_path / "out"
+    assert cli.run(feed_forward.main, [str(weights), str(images), str(out), "--window", "64"]) == 0
+    record = json.loads((out / "17-65540-65530" / "counts.json").read_text())
+    assert record["tile"] == {"z": 17, "x": 65540, "y": 65530} and record["crs"] == "EPSG:3857"
+    left, bottom, right, top = mercantile.xy_bounds(tile)
+    with rasterio.open(out / "17-65540-65530" / "mask.tif") as mask:
+        assert mask.crs == rasterio.crs.CRS.from_epsg(3857)
+        assert mask.bounds == pytest.approx((left, bottom, right, top), abs=1e-6)
+        assert mask.width == mask.height == 256
+    # Any other name: no georeference is made up.
+    plain = json.loads((out / "holiday" / "counts.json").read_text())
+    assert "tile" not in plain and "crs" not in plain and not (out / "holiday" / "mask.tif").exists()
+
+
 def _rings(geometry: dict):
     polygons = [geometry["coordinates"]] if geometry["type"] == "Polygon" else geometry["coordinates"]
     for polygon in polygons:

@@ -299,3 +299,20 @@ def test_metres_per_pixel_and_tile_edges():
     assert tiles.grow(inner, 0.5).left == pytest.approx(inner.left - (inner.right - inner.left) / 2)
     assert tiles.ancestor(mercantile.Tile(65536, 65536, 17), 12) == mercantile.Tile(2048, 2048, 12)
     assert tiles.ancestor(mercantile.Tile(1, 1, 3), 12) == mercantile.Tile(1, 1, 3)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 20), st.integers(0, 2**20 - 1), st.integers(0, 2**20 - 1), st.integers(1, 3), st.integers(1, 3))
+def test_pixel_transform_maps_corners_to_the_tiles_bounds(zoom, x, y, across, down):
+    across, down = min(across, 2**zoom), min(down, 2**zoom)
+    x0, y0 = x % (2**zoom - across + 1), y % (2**zoom - down + 1)
+    block = [mercantile.Tile(x0 + i, y0 + j, zoom) for i in range(across) for j in range(down)]
+    width, height = 256 * across, 256 * down
+    a, b, c, d, e, f = tiles.pixel_transform(block, width, height)
+    bounds = tiles.tiles_bounds(block)
+    assert b == d == 0 and e < 0
+    assert (c, f) == pytest.approx((bounds.left, bounds.top))
+    assert (a * width + c, e * height + f) == pytest.approx((bounds.right, bounds.bottom))
+    # Tile i, j starts at pixel (256 i, 256 j): the mosaic's seams fall on tile edges.
+    first = mercantile.xy_bounds(block[-1])
+    assert (a * 256 * (block[-1].x - x0) + c, e * 256 * (block[-1].y - y0) + f) == pytest.approx((first.left, first.top))
