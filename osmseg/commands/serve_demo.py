@@ -1,6 +1,6 @@
 """prepare.py serve-demo: serve the demo world's imagery on 127.0.0.1 until Ctrl-C.
 
-Prints the TileJSON address first (osmseg.tileserver describes what is served).
+Prints the TileJSON address first (osmseg.demo.server describes what is served).
 """
 
 from __future__ import annotations
