@@ -120,7 +120,7 @@ class SceneResult:
     files: list[Path] = field(default_factory=list)
 
 
-class _HeatmapAccumulator:
+class AreaMean:
     """Area-mean downscaling of (H, W, C) strips (probabilities, or their bytes) to at most
     `size` pixels a side.
 
@@ -182,6 +182,39 @@ class _HeatmapAccumulator:
         return self.sums / areas[:, :, None]
 
 
+def run_outputs(strips, outputs: list) -> None:
+    """Hand every chunk of rows of segment_strips' strips to each output, each on a thread of its own.
+
+    Each output is called as output(top, image, labels, probability_bytes) for chunks of
+    CHUNK_ROWS rows, in order: image uint8 (rows, W, 3), labels uint8 (rows, W) (the argmax),
+    probability_bytes uint8 (rows, W, C) (probability × 255). They run while the model works
+    on the next windows (compression and numpy release the GIL), and at most one chunk waits
+    for them, so memory stays bounded. One thread for all made the model wait for it, and
+    left it working alone after the last window (issue 8): give the slowest output (a
+    segments picture's deflate) its own.
+    """
+    pools = [ThreadPoolExecutor(max_workers=1) for _ in outputs]
+    try:
+        pending: collections.deque = collections.deque()
+        for strip in strips:
+            for start in range(0, len(strip.probabilities), CHUNK_ROWS):
+                probabilities = strip.probabilities[start : start + CHUNK_ROWS]
+                labels = probabilities.argmax(axis=2).astype(np.uint8)
+                image = strip.image[start : start + CHUNK_ROWS]
+                chunk = (strip.top + start, image, labels, visualise.to_byte(probabilities))
+                pending.append([pool.submit(output, *chunk) for pool, output in zip(pools, outputs)])
+                while len(pending) > 1:
+                    for future in pending.popleft():
+                        future.result()
+            del strip, probabilities  # views into the accumulator, which is about to change
+        while pending:
+            for future in pending.popleft():
+                future.result()
+    finally:
+        for pool in pools:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
 def write_scene(
     reader: ImageReader,
     predict: Predict,
@@ -218,7 +251,7 @@ def write_scene(
     display = visualise.display_palette(num_classes)
     outdir.mkdir(parents=True, exist_ok=True)
     counts = np.zeros(num_classes, dtype=np.int64)
-    heat = _HeatmapAccumulator(height, width, num_classes, heatmap_size)
+    heat = AreaMean(height, width, num_classes, heatmap_size)
     labels_all = np.zeros((height, width), dtype=np.uint8) if geojson else None
     georeference = reader.georeference
     finals: list[tuple[Path, Path]] = []
@@ -235,13 +268,13 @@ def write_scene(
         tiffs = None
         if georeference is not None:
             tiffs = stack.enter_context(
-                _GeoTiffWriters(temporary("mask.tif"), temporary("probabilities.tif"), height, width,
+                GeoTiffWriters(temporary("mask.tif"), temporary("probabilities.tif"), height, width,
                                 georeference, names, display)
             )
-        def finish_segments(image: np.ndarray, labels: np.ndarray) -> None:
+        def finish_segments(top: int, image: np.ndarray, labels: np.ndarray, probability_bytes: np.ndarray) -> None:
             segments_png.write(visualise.overlay(image, labels, display))
 
-        def finish_rest(top: int, labels: np.ndarray, probability_bytes: np.ndarray) -> None:
+        def finish_rest(top: int, image: np.ndarray, labels: np.ndarray, probability_bytes: np.ndarray) -> None:
             counts[:] += class_counts(labels, num_classes)
             mask_png.write(visualise.colorize(labels, classes.palette))
             heat.add(top, probability_bytes)
@@ -250,32 +283,8 @@ def write_scene(
             if labels_all is not None:
                 labels_all[top : top + len(labels)] = labels
 
-        # Finished strips are turned into outputs on two more threads while the model runs
-        # on the next windows (compression and numpy release the GIL): one deflates
-        # segments.png, the slowest output, the other does everything else; each keeps its
-        # outputs' rows in order. They get each strip's labels and probability bytes (a
-        # quarter of the float32 probabilities), in chunks of rows, and at most one chunk
-        # waits: memory stays bounded. One thread for all made the model wait for it, and
-        # left it working alone after the last window (issue 8).
         strips = segment_strips(reader, predict, num_classes, windows, progress=progress)
-        with ThreadPoolExecutor(max_workers=1) as segments_pool, ThreadPoolExecutor(max_workers=1) as pool:
-            pending: collections.deque = collections.deque()
-            for strip in strips:
-                for start in range(0, len(strip.probabilities), CHUNK_ROWS):
-                    probabilities = strip.probabilities[start : start + CHUNK_ROWS]
-                    labels = probabilities.argmax(axis=2).astype(np.uint8)
-                    image = strip.image[start : start + CHUNK_ROWS]
-                    pending.append((
-                        segments_pool.submit(finish_segments, image, labels),
-                        pool.submit(finish_rest, strip.top + start, labels, visualise.to_byte(probabilities)),
-                    ))  # fmt: skip
-                    while len(pending) > 1:
-                        for future in pending.popleft():
-                            future.result()
-                del strip, probabilities  # views into the accumulator, which is about to change
-            while pending:
-                for future in pending.popleft():
-                    future.result()
+        run_outputs(strips, [finish_segments, finish_rest])
         means = heat.means() / 255
         heatmap_paths = [temporary(f"heatmap-{safe_name(name)}.png") for name in names]
 
@@ -316,19 +325,29 @@ def write_scene(
     return result
 
 
-class _GeoTiffWriters:
+class GeoTiffWriters:
     """mask.tif and probabilities.tif written strip by strip with the input's georeference.
 
     The files are striped (ROWS_PER_STRIP rows a block), and rows are buffered until whole
     blocks can be written: on a 20,000-pixel-wide scene, 256 × 256 tiles written in partial
     rows took 7× as long (GDAL re-reads and re-compresses partial blocks) and came out
     2.5× larger.
+
+    With cog, the striped files are written beside the outputs and, once complete, copied
+    into Cloud-Optimized GeoTIFFs (GDAL's COG driver: 512-pixel tiles, overviews, deflate;
+    the mask's overviews by the most frequent class, the probabilities' by their mean), which
+    web maps and QGIS read a part at a time over HTTP. `nodata` marks pixels of the mask
+    without imagery (the probabilities are 0 there).
     """
 
     ROWS_PER_STRIP = 64
 
-    def __init__(self, mask_path, probabilities_path, height, width, georeference, names, display):
-        self._paths = (mask_path, probabilities_path)
+    def __init__(self, mask_path, probabilities_path, height, width, georeference, names, display, *,
+                 cog: bool = False, nodata: int | None = None):
+        self._finals = (Path(mask_path), Path(probabilities_path))
+        self._cog = cog
+        self._paths = tuple(p.with_name(p.name + ".striped.tif") for p in self._finals) if cog else self._finals
+        self._nodata = nodata
         self._args = (height, width, georeference, names, display)
         self._next_row = 0
         self._buffered: list[tuple[np.ndarray, np.ndarray]] = []
@@ -355,7 +374,7 @@ class _GeoTiffWriters:
         # GDAL caches blocks up to 5% of RAM by default; a small cache keeps memory bounded.
         self._env = rasterio.Env(GDAL_CACHEMAX=64)
         self._env.__enter__()
-        self.mask = rasterio.open(self._paths[0], "w", count=1, **profile)
+        self.mask = rasterio.open(self._paths[0], "w", count=1, nodata=self._nodata, **profile)
         self.mask.write_colormap(1, {i: tuple(int(v) for v in color) + (255,) for i, color in enumerate(display)})
         self.mask.set_band_description(1, "class index")
         self.probabilities = rasterio.open(self._paths[1], "w", count=len(names), **profile)
@@ -393,6 +412,18 @@ class _GeoTiffWriters:
                 raise ValueError(f"GeoTIFFs got {self._next_row} of {self._args[0]} rows")
             self.mask.close()
             self.probabilities.close()
+            if kind is None and self._cog:
+                self._to_cog()
         finally:
+            if self._cog:
+                for path in self._paths:
+                    path.unlink(missing_ok=True)
             self._env.__exit__(kind, value, traceback)
         return False
+
+    def _to_cog(self) -> None:
+        from rasterio.shutil import copy
+
+        options = {"COMPRESS": "DEFLATE", "PREDICTOR": "2", "LEVEL": "1", "BLOCKSIZE": "512", "NUM_THREADS": "ALL_CPUS"}
+        copy(self._paths[0], self._finals[0], driver="COG", RESAMPLING="MODE", **options)
+        copy(self._paths[1], self._finals[1], driver="COG", RESAMPLING="AVERAGE", **options)

@@ -390,7 +390,7 @@ def test_write_scene_outputs(tmp_path):
 def test_heatmap_downscaling_is_an_area_mean():
     rng = np.random.default_rng(3)
     probabilities = rng.random((50, 70, 2)).astype(np.float32)
-    accumulator = scene._HeatmapAccumulator(50, 70, 2, size=20)  # factor 4
+    accumulator = scene.AreaMean(50, 70, 2, size=20)  # factor 4
     for top, bottom in ((0, 13), (13, 14), (14, 50)):
         accumulator.add(top, probabilities[top:bottom])
     means = accumulator.means()
