@@ -1,0 +1,300 @@
+"""Tests for multi-worker training (osmseg/distributed.py through train.py): two worker
+processes on 127.0.0.1, their weights, their logs, a dead worker and a resumed run."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+import train
+from osmseg import cache, distributed, training
+from osmseg.cli import run
+from osmseg.errors import UserError
+from test_train import NAMES, _recomputed_scores, make_cache
+
+ROOT = Path(__file__).resolve().parent.parent
+# 15 tiles: 3 held back for validation, 12 to train on in 3 global batches of 4 (2 a worker):
+# no partial batch, so each worker traces its training step once.
+TILES = 15
+SETTINGS = [
+    "--model", "segnet-basic", "--width", "0.0625", "--batch-size", "4", "--optimizer", "adam",
+    "--learning-rate", "0.01", "--augment", "--class-weights", "median-frequency", "--seed", "3",
+]  # fmt: skip
+EPOCHS = 2
+# A worker: train.py's main, and for the tests the final weights saved to a file (argv[1],
+# '' for none) and a SIGKILL of itself when it is about to read training batch B of epoch E
+# (argv[2] 'E,B', 0-based; '' for never).
+WORKER = textwrap.dedent(
+    """
+    import os, signal, sys
+    import numpy as np
+    import train
+    from osmseg import cache, distributed
+    from osmseg.cli import run
+
+    dump, die_at, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
+    if die_at:
+        epoch, batch = map(int, die_at.split(","))
+        read = cache.BatchReader.read
+
+        def dying_read(self, index, rows=slice(None)):
+            if self.shuffle and self.epoch == epoch and index == batch:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return read(self, index, rows)
+
+        cache.BatchReader.read = dying_read
+    if dump:
+        fit = distributed.fit
+
+        def fit_and_dump(net, *args, **kwargs):
+            logs = fit(net, *args, **kwargs)
+            np.savez(dump, *[np.asarray(variable.numpy()) for variable in net.weights])
+            return logs
+
+        distributed.fit = fit_and_dump
+    sys.exit(run(train.main, argv))
+    """
+)
+
+
+def _free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def _start_workers(argv, cwds, logs, dumps=("", ""), die_at=("", "")):
+    """Start two train.py workers on loopback, in the given working directories; their
+    output goes to logs/w0.out, w0.err, w1.out... (files: a full pipe would stall them)."""
+    hosts = [f"127.0.0.1:{port}" for port in _free_ports(2)]
+    workers = []
+    for index in range(2):
+        tf_config = {"cluster": {"worker": hosts}, "task": {"type": "worker", "index": index}}
+        env = {**os.environ, "TF_CONFIG": json.dumps(tf_config), "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
+        command = [sys.executable, "-c", WORKER, str(dumps[index]), die_at[index], "--distribute", *map(str, argv)]
+        with open(logs / f"w{index}.out", "w") as out, open(logs / f"w{index}.err", "w") as err:
+            workers.append(subprocess.Popen(command, cwd=cwds[index], env=env, stdout=out, stderr=err, text=True))
+    return workers
+
+
+def _finish(workers, logs, timeout=240):
+    """(status, stdout, stderr) of each worker, once all have ended; kills them all if one
+    outlives the timeout."""
+    deadline = time.monotonic() + timeout
+    try:
+        for worker in workers:
+            worker.wait(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.kill()
+                worker.wait()
+    return [
+        (worker.returncode, (logs / f"w{i}.out").read_text(), (logs / f"w{i}.err").read_text())
+        for i, worker in enumerate(workers)
+    ]
+
+
+def _read_csv(path):
+    with open(path, newline="") as file:
+        return list(csv.DictReader(file))
+
+
+def _dumped(path):
+    with np.load(path) as arrays:
+        return [arrays[f"arr_{i}"] for i in range(len(arrays.files))]
+
+
+def _state_model(path):
+    with h5py.File(path, "r") as file:
+        return [file["model"][key][()] for key in sorted(file["model"])]
+
+
+@pytest.fixture(scope="module")
+def tiny_cache(tmp_path_factory):
+    return make_cache(tmp_path_factory.mktemp("cache") / "training.hdf5", n=TILES)
+
+
+@pytest.fixture(scope="module")
+def two_workers(tmp_path_factory, tiny_cache):
+    """Two workers, two epochs, each in its own directory with the same relative output paths."""
+    path, _ = tiny_cache
+    root = tmp_path_factory.mktemp("two_workers")
+    cwds = [root / "w0", root / "w1"]
+    for cwd in cwds:
+        cwd.mkdir()
+    dumps = [root / "w0.npz", root / "w1.npz"]
+    argv = ["--data", path, "--epochs", EPOCHS, *SETTINGS]
+    return cwds, dumps, _finish(_start_workers(argv, cwds, root, dumps=dumps), root)
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, tiny_cache):
+    """The same run in one process (model.fit), the reference."""
+    path, _ = tiny_cache
+    out = tmp_path_factory.mktemp("one_process")
+    argv = ["--data", path, "--epochs", EPOCHS, *SETTINGS, "--weights", out / "weights.hdf5", "--log", out / "log.csv"]
+    assert run(train.main, [str(a) for a in argv]) == 0
+    return out
+
+
+# --- Pure parts -----------------------------------------------------------------------
+
+
+def test_parse_tf_config_numbers_the_chief_first():
+    hosts = {"chief": ["c:1"], "worker": ["a:1", "b:1"]}
+    worker = distributed.parse_tf_config(json.dumps({"cluster": hosts, "task": {"type": "worker", "index": 1}}))
+    assert worker.index == 2 and worker.workers == 3 and not worker.is_chief
+    assert worker.name() == "worker 2 (b:1)" and worker.name(0) == "worker 0 (c:1)"
+    chief = distributed.parse_tf_config(json.dumps({"cluster": hosts, "task": {"type": "chief", "index": 0}}))
+    assert chief.is_chief and chief.tasks == (("chief", 0), ("worker", 0), ("worker", 1))
+    plain = distributed.parse_tf_config('{"cluster": {"worker": ["a:1", "b:1"]}, "task": {"type": "worker"}}')
+    assert plain.is_chief and plain.tasks == (("worker", 0), ("worker", 1))
+    assert train.is_chief(None) and not train.is_chief(json.dumps({"cluster": hosts, "task": {"type": "worker"}}))
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("{not json", "not valid JSON"),
+        ('{"task": {}}', 'no "cluster"'),
+        ('{"cluster": {"worker": ["a:1"], "ps": ["p:1"]}, "task": {"type": "worker"}}', "ps tasks"),
+        ('{"cluster": {"worker": ["a"]}, "task": {"type": "worker"}}', "host:port"),
+        ('{"cluster": {"worker": ["a:1"]}, "task": {"type": "worker", "index": 1}}', "worker 1 is not in the cluster"),
+        ('{"cluster": {"worker": ["a:1"]}, "task": {"type": "evaluator"}}', '"task" must say'),
+    ],
+)
+def test_bad_tf_config_is_a_user_error(text, message):
+    with pytest.raises(UserError, match=message):
+        distributed.parse_tf_config(text)
+
+
+def test_train_refuses_a_bad_tf_config_before_starting(tmp_path, tiny_cache, monkeypatch, capsys):
+    path, _ = tiny_cache
+    monkeypatch.setenv("TF_CONFIG", '{"cluster": {"worker": ["127.0.0.1:1"]}, "task": {"type": "worker", "index": 3}}')
+    assert run(train.main, ["--data", str(path), "--weights", str(tmp_path / "w.hdf5"), "--distribute"]) == 2
+    assert "TF_CONFIG: task worker 3 is not in the cluster" in capsys.readouterr().err
+    assert not (tmp_path / "w.hdf5").exists()
+
+
+def test_replica_shares_and_steps():
+    np.testing.assert_array_equal(distributed.replica_offsets(5, 2), [0, 3, 5])
+    np.testing.assert_array_equal(distributed.replica_offsets(1, 3), [0, 1, 1, 1])
+    for tiles, replicas in [(16, 4), (7, 3), (2, 5)]:
+        offsets = distributed.replica_offsets(tiles, replicas)
+        shares = [len(part) for part in np.array_split(np.arange(tiles), replicas)]
+        np.testing.assert_array_equal(np.diff(offsets), shares)
+    # 10 tiles in batches of 4: 4, 4, 2; the last batch trains only if every replica gets a tile.
+    assert distributed.steps_per_epoch(10, 4, 2) == 3
+    assert distributed.steps_per_epoch(10, 4, 3) == 2
+    assert distributed.steps_per_epoch(12, 4, 4) == 3
+
+
+def test_a_share_of_a_batch_is_those_rows_of_the_whole_batch(tiny_cache):
+    """What a worker reads of a global batch is exactly those rows of what one process reads,
+    augmentation and sample weights included."""
+    path, _ = tiny_cache
+    reader = cache.BatchReader(path, np.arange(TILES), 6, augment=True, seed=4, class_weights=[0.5, 2.0, 3.0])
+    reader.set_epoch(3)
+    for batch in range(len(reader)):
+        whole = reader.read(batch)
+        offsets = distributed.replica_offsets(len(whole[0]), 2)
+        for start, end in zip(offsets[:-1], offsets[1:]):
+            for part, full in zip(reader.read(batch, slice(int(start), int(end))), whole):
+                np.testing.assert_array_equal(part, full[start:end])
+        np.testing.assert_array_equal(reader[batch][0], whole[0])
+
+
+# --- Two workers ----------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_two_workers_train_alike_and_only_the_chief_writes(two_workers, one_process, tiny_cache):
+    cwds, dumps, results = two_workers
+    for index, (status, out, err) in enumerate(results):
+        assert status == 0, f"worker {index}:\n{err[-3000:]}"
+    assert "training on 2 replicas" in results[0][1]
+    assert "the chief, wrote the outputs" in results[1][1]
+    # The same weights on both workers at the end, and those the chief recorded.
+    chief, other = _dumped(dumps[0]), _dumped(dumps[1])
+    assert len(chief) == len(other) > 0
+    for a, b in zip(chief, other):
+        np.testing.assert_array_equal(a, b)
+    state = cwds[0] / "weights.state.h5"
+    for a, b in zip(_state_model(state), chief, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert training.read_state(state).epoch == EPOCHS
+    # Only the chief wrote files, though both were given the same (relative) paths.
+    written = {"weights.hdf5", "weights.state.h5", "training_log.csv", "training_log.png"}
+    assert written <= {p.name for p in cwds[0].iterdir()}
+    assert not any(cwds[1].iterdir())
+    rows = _read_csv(cwds[0] / "training_log.csv")
+    assert [row["epoch"] for row in rows] == ["1", "2"]
+    # Validation counted both workers' pixels: the logged scores of the saved (best) weights
+    # are those of all the held-back tiles, though worker 0 saw 2 of the 3 and worker 1 one.
+    import model
+
+    path, labels = tiny_cache
+    best = model.read_config(cwds[0] / "weights.hdf5")["epoch"]
+    recomputed = _recomputed_scores(cwds[0] / "weights.hdf5", path, labels)
+    assert float(rows[best - 1]["val_pixel_accuracy"]) == pytest.approx(recomputed["pixel_accuracy"], abs=2e-3)
+    assert float(rows[best - 1]["val_mean_iou"]) == pytest.approx(recomputed["mean_iou"], abs=2e-3)
+    # The loss is the global batch's mean, as in one process with the same global batch; the
+    # runs differ only in batch normalisation's statistics (over each worker's 2 tiles rather
+    # than all 4), which two epochs of a tiny model leave within 10% in the loss.
+    reference = _read_csv(one_process / "log.csv")
+    for row, ref in zip(rows, reference, strict=True):
+        assert float(row["loss"]) == pytest.approx(float(ref["loss"]), rel=0.10)
+
+
+@pytest.mark.slow
+def test_a_dead_worker_stops_the_other_and_resume_continues(tmp_path, tiny_cache, two_workers):
+    """The chief is killed in epoch 2: the other worker stops with status 1 and says why,
+    soon; both started again with --resume finish as the uninterrupted run did."""
+    path, _ = tiny_cache
+    _, reference_dumps, _ = two_workers
+    cwds = [tmp_path, tmp_path]  # one shared directory, as on a shared filesystem
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    argv = ["--data", path, "--epochs", EPOCHS, *SETTINGS, "--resume"]
+    workers = _start_workers(argv, cwds, logs, die_at=("1,1", ""))
+    try:
+        workers[0].wait(timeout=240)
+        died = time.monotonic()
+        workers[1].wait(timeout=distributed.HEARTBEAT_TIMEOUT + 50)
+        noticed = time.monotonic() - died
+    finally:
+        (chief_status, _, _), (status, _, err) = _finish(workers, logs, timeout=1)
+    assert chief_status == -signal.SIGKILL
+    assert status == 1, err[-3000:]
+    assert "worker 1 (127.0.0.1:" in err and "lost worker 0 (127.0.0.1:" in err
+    assert "Stopped in epoch 2" in err and "weights.state.h5 keeps epoch 1" in err and "--resume" in err
+    assert noticed < distributed.HEARTBEAT_TIMEOUT + 50
+    assert training.read_state(tmp_path / "weights.state.h5").epoch == 1
+    assert len(_read_csv(tmp_path / "training_log.csv")) == 1
+
+    dumps = [tmp_path / "w0.npz", tmp_path / "w1.npz"]
+    results = _finish(_start_workers(argv, cwds, logs, dumps=dumps), logs)
+    for index, (status, _, err) in enumerate(results):
+        assert status == 0, f"worker {index}:\n{err[-3000:]}"
+    assert "epochs 2..2" in results[0][1]
+    assert [row["epoch"] for row in _read_csv(tmp_path / "training_log.csv")] == ["1", "2"]
+    for resumed, straight in zip(_dumped(dumps[1]), _dumped(reference_dumps[1]), strict=True):
+        np.testing.assert_allclose(resumed, straight, rtol=1e-5, atol=1e-6)
