@@ -222,6 +222,105 @@ def test_a_share_of_a_batch_is_those_rows_of_the_whole_batch(tiny_cache):
         np.testing.assert_array_equal(reader[batch][0], whole[0])
 
 
+# --- The loop against fit, in one process ------------------------------------------------
+
+# Two logical CPUs under MirroredStrategy stand in for two workers: the same loop, with the
+# same collectives, in one process. A model without batch normalisation (whose statistics
+# are per replica) and plain SGD make the result independent of how a batch is shared.
+AGAINST_FIT = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np
+    import tensorflow as tf
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    import keras
+    from osmseg import cache, distributed, training
+
+    path, names, stop_at = sys.argv[1], ["background", "building", "vegetation"], (1, 0)
+
+    class Recorder(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.events = []
+        def on_epoch_begin(self, epoch, logs=None):
+            self.epoch = epoch
+        def on_train_batch_end(self, batch, logs=None):
+            self.events.append(["batch", self.epoch, batch, dict(logs)])
+            if (self.epoch, batch) == stop_at:
+                self.model.stop_training = True
+        def on_epoch_end(self, epoch, logs=None):
+            self.events.append(["epoch", epoch, None, dict(logs)])
+
+    def build(initial=None):
+        inputs = keras.Input((32, 32, 3))
+        x = keras.layers.Rescaling(1 / 255)(inputs)
+        x = keras.layers.Conv2D(4, 3, padding="same", activation="relu")(x)
+        net = keras.Model(inputs, keras.layers.Conv2D(3, 1, activation="softmax")(x))
+        if initial is not None:
+            net.set_weights(initial)
+        schedule = keras.optimizers.schedules.ExponentialDecay(0.5, decay_steps=1, decay_rate=0.8)
+        net.compile(optimizer=keras.optimizers.SGD(schedule), loss=keras.losses.SparseCategoricalCrossentropy(),
+                    weighted_metrics=training.streaming_metrics(names))
+        return net
+
+    def batches(indices, shuffle):
+        # 7 training tiles in batches of 4: the second batch (3) is shared 2 + 1.
+        return cache.make_batches(path, indices, 4, shuffle=shuffle, augment=shuffle, seed=1,
+                                  class_weights=[0.5, 2.0, 3.0])
+
+    keras.utils.set_random_seed(0)
+    one = build()
+    initial = one.get_weights()
+    fit_recorder = Recorder()
+    one.fit(batches(np.arange(7), True), validation_data=batches(np.arange(7, 12), False), epochs=3,
+            shuffle=False, callbacks=[fit_recorder], verbose=0)
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    with strategy.scope():
+        two = build(initial)
+    loop_recorder = Recorder()
+    cluster = distributed.Cluster((("worker", 0),), ("localhost:0",), 0)
+    distributed.fit(two, strategy, cluster, batches(np.arange(7), True), batches(np.arange(7, 12), False),
+                    epochs=3, callbacks=[loop_recorder], make_metrics=lambda: training.streaming_metrics(names))
+    np.savez(sys.argv[2], *one.get_weights(), *two.get_weights())
+    print(json.dumps([fit_recorder.events, loop_recorder.events]))
+    """
+)
+
+
+@pytest.mark.slow
+def test_the_loop_on_two_replicas_is_fit(tmp_path, tiny_cache):
+    """Same weights, same callback calls with the same logs, the same stop, as model.fit on
+    one device: the loss weighting (an uneven last batch included), the all-reduce, the
+    learning-rate schedule, the summed metrics and the agreed stop_training."""
+    path, _ = tiny_cache
+    result = subprocess.run(
+        [sys.executable, "-c", AGAINST_FIT, str(path), str(tmp_path / "weights.npz")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    fit_events, loop_events = json.loads(result.stdout.strip().splitlines()[-1])
+    # Epoch 1: two batches; epoch 2 stops after its first batch, as asked; no epoch 3.
+    assert [event[:3] for event in fit_events] == [
+        ["batch", 0, 0], ["batch", 0, 1], ["epoch", 0, None], ["batch", 1, 0], ["epoch", 1, None],
+    ]  # fmt: skip
+    assert [event[:3] for event in loop_events] == [event[:3] for event in fit_events]
+    assert "val_mean_iou" in fit_events[2][3] and "iou_building" in fit_events[0][3]
+    for (*_, fit_logs), (*_, loop_logs) in zip(fit_events, loop_events):
+        assert sorted(loop_logs) == sorted(fit_logs)
+        for key, value in fit_logs.items():
+            assert loop_logs[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+    weights = _dumped(tmp_path / "weights.npz")
+    half = len(weights) // 2
+    for one, two in zip(weights[:half], weights[half:]):
+        np.testing.assert_allclose(two, one, rtol=1e-5, atol=1e-6)
+
+
 # --- Two workers ----------------------------------------------------------------------
 
 
@@ -257,11 +356,12 @@ def test_two_workers_train_alike_and_only_the_chief_writes(two_workers, one_proc
     assert float(rows[best - 1]["val_pixel_accuracy"]) == pytest.approx(recomputed["pixel_accuracy"], abs=2e-3)
     assert float(rows[best - 1]["val_mean_iou"]) == pytest.approx(recomputed["mean_iou"], abs=2e-3)
     # The loss is the global batch's mean, as in one process with the same global batch; the
-    # runs differ only in batch normalisation's statistics (over each worker's 2 tiles rather
-    # than all 4), which two epochs of a tiny model leave within 10% in the loss.
+    # runs differ only in batch normalisation's statistics, over each worker's 2 tiles rather
+    # than all 4 (without it they agree to 1e-5: test_the_loop_on_two_replicas_is_fit).
+    # Measured: 1.4% and 1.9% apart in the two epochs' losses; allowed: 5%.
     reference = _read_csv(one_process / "log.csv")
     for row, ref in zip(rows, reference, strict=True):
-        assert float(row["loss"]) == pytest.approx(float(ref["loss"]), rel=0.10)
+        assert float(row["loss"]) == pytest.approx(float(ref["loss"]), rel=0.05)
 
 
 @pytest.mark.slow
