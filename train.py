@@ -301,7 +301,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if resuming:
             optimizer.build(net.trainable_variables)
             training.restore_variables(state_file, net, optimizer)
-    if strategy is not None:
+    if cluster is not None:
+        role = "the chief, which writes the outputs" if cluster.is_chief else f"{cluster.name(0)} writes the outputs"
+        print(
+            f"training on {strategy.num_replicas_in_sync} replicas on {cluster.workers} workers "
+            f"(MultiWorkerMirroredStrategy); this is {cluster.name()}, {role}"
+        )
+    elif strategy is not None:
         print(f"training on {strategy.num_replicas_in_sync} replicas ({type(strategy).__name__})")
 
     config = {
