@@ -131,9 +131,9 @@ def parse_tf_config(text: str) -> Cluster:
     try:
         config = json.loads(text)
     except json.JSONDecodeError as error:
-        raise UserError(f"{where} is not valid JSON ({error}); see the README's multi-worker section") from None
+        raise UserError(f"{where} is not valid JSON ({error}); see the README's section 'More than one GPU'") from None
     if not isinstance(config, dict) or not isinstance(config.get("cluster"), dict):
-        raise UserError(f'{where} has no "cluster" object; see the README\'s multi-worker section')
+        raise UserError(f"{where} has no \"cluster\" object; see the README's section 'More than one GPU'")
     cluster = config["cluster"]
     others = sorted(set(cluster) - set(TRAINING_JOBS))
     if others:
