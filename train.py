@@ -171,7 +171,7 @@ def distribution_strategy(tf_config: str | None, peer_timeout: float = distribut
     import tensorflow as tf
 
     if tf_config:
-        return distributed.make_strategy(peer_timeout)
+        return distributed.make_strategy(distributed.parse_tf_config(tf_config), peer_timeout)
     devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
     return tf.distribute.MirroredStrategy([device.name for device in devices])
 

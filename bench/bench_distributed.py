@@ -63,7 +63,7 @@ import os
 
 name, data, batch_size, warmup, timed = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 cluster = distributed.parse_tf_config(os.environ["TF_CONFIG"])
-strategy = distributed.make_strategy()
+strategy = distributed.make_strategy(cluster)
 names = [f"class{i}" for i in range(%(classes)d)]
 keras.utils.set_random_seed(0)
 with strategy.scope():

@@ -179,19 +179,31 @@ def steps_per_epoch(tiles: int, batch_size: int, replicas: int) -> int:
     return steps + (1 if last >= replicas else 0)
 
 
-def make_strategy(peer_timeout: float = PEER_TIMEOUT):
-    """MultiWorkerMirroredStrategy over the cluster in TF_CONFIG, whose collectives fail after
-    waiting peer_timeout seconds for the other workers (0: wait for ever).
+def make_strategy(cluster: Cluster, peer_timeout: float = PEER_TIMEOUT):
+    """MultiWorkerMirroredStrategy over the cluster in TF_CONFIG (`cluster` is what it says
+    of this process), whose collectives fail after waiting peer_timeout seconds for the other
+    workers (0: wait for ever).
 
     Make it before anything else touches TensorFlow: the collectives are configured with the
     eager context, and TensorFlow refuses once that has started. It returns once every worker
     has joined.
+
+    Raises:
+        UserError: this process cannot listen at its address.
     """
     import tensorflow as tf
 
     timeout = peer_timeout if peer_timeout > 0 else None
     options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=timeout)
-    return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+    try:
+        return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+    except tf.errors.UnknownError as error:
+        # TensorFlow says only "Could not start gRPC server": the port is taken, or the host
+        # name is not this machine's.
+        raise UserError(
+            f"TF_CONFIG: {cluster.name()} cannot listen at {cluster.addresses[cluster.index]} ({error.message}); "
+            "give it a free port of this host in TF_CONFIG"
+        ) from None
 
 
 def _peer_errors() -> tuple[type[Exception], ...]:

@@ -194,6 +194,24 @@ def test_train_refuses_a_bad_tf_config_before_starting(tmp_path, tiny_cache, mon
     assert not (tmp_path / "w.hdf5").exists()
 
 
+def test_a_taken_port_is_a_user_error(tmp_path, tiny_cache):
+    path, _ = tiny_cache
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        host = f"127.0.0.1:{taken.getsockname()[1]}"
+        tf_config = {"cluster": {"worker": [host]}, "task": {"type": "worker", "index": 0}}
+        result = subprocess.run(
+            [sys.executable, str(ROOT / "train.py"), "--distribute", "--data", str(path), "--weights",
+             str(tmp_path / "w.hdf5"), *SETTINGS],
+            capture_output=True, text=True, timeout=120, check=False,
+            env={**os.environ, "TF_CONFIG": json.dumps(tf_config), "TF_CPP_MIN_LOG_LEVEL": "2"},
+        )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"worker 0 ({host}) cannot listen at {host}" in result.stderr and "free port" in result.stderr
+    assert not (tmp_path / "w.hdf5").exists()
+
+
 def test_replica_shares_and_steps():
     np.testing.assert_array_equal(distributed.replica_offsets(5, 2), [0, 3, 5])
     np.testing.assert_array_equal(distributed.replica_offsets(1, 3), [0, 1, 1, 1])
