@@ -267,13 +267,10 @@ class _Replicas:
         self.net, self.strategy, self.cluster = net, strategy, cluster
         self.replicas = strategy.num_replicas_in_sync
         self.local = len(strategy.extended.worker_devices)
-        if self.local * cluster.workers != self.replicas:
-            raise UserError(
-                f"{cluster.name()}: {self.replicas} replicas on {cluster.workers} workers with {self.local} devices "
-                "here; give every worker the same number of GPUs"
-            )
         # Replica r of the cluster lives on worker r // local (TensorFlow numbers them so:
         # collective_all_reduce_strategy's _experimental_distribute_values_from_function).
+        # TensorFlow takes every worker to have as many devices as this one (its replica
+        # count is local × workers), so every worker must have the same number of GPUs.
         self.first = cluster.index * self.local
         with strategy.scope():
             self.metrics = [keras.metrics.Mean(name="loss"), *make_metrics()]
