@@ -12,6 +12,10 @@ streams batches from the cache, and after every epoch writes:
   and validation) and the validation IoU of every class (columns in osmseg/training.py).
 
 A NaN loss stops the run with exit status 1; the files above keep the last good epoch.
+
+--distribute trains on every GPU of this machine with model.fit (MirroredStrategy); with
+TF_CONFIG set it trains across machines with osmseg/distributed.py's loop (the README's
+"More than one GPU"), where a lost worker also ends the run with exit status 1.
 """
 
 from __future__ import annotations
