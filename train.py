@@ -12,6 +12,10 @@ streams batches from the cache, and after every epoch writes:
   and validation) and the validation IoU of every class (columns in osmseg/training.py).
 
 A NaN loss stops the run with exit status 1; the files above keep the last good epoch.
+
+--distribute trains on every GPU of this machine with model.fit (MirroredStrategy); with
+TF_CONFIG set it trains across machines with osmseg/distributed.py's loop (the README's
+"More than one GPU"), where a lost worker also ends the run with exit status 1.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from osmseg import cli
+from osmseg import cli, distributed
 from osmseg.commands import options
 from osmseg.errors import UserError
 
@@ -32,13 +36,6 @@ from osmseg.errors import UserError
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 OPTIMIZERS = ("sgd", "adam")
-
-
-def _multi_worker_fit_broken(keras_version: str) -> bool:
-    """Whether this Keras's fit fails under MultiWorkerMirroredStrategy (3.x up to 3.15, as tried)."""
-    major, minor = (int(part) for part in keras_version.split(".")[:2])
-    return major == 3 and minor <= 15
-
 
 SGD_MOMENTUM = 0.9  # the seed's optimizer
 
@@ -111,45 +108,33 @@ def build_parser():
         action="store_true",
         help="train on all local GPUs (tf.distribute.MirroredStrategy), or across machines when TF_CONFIG is set",
     )
+    parser.add_argument(
+        "--peer-timeout",
+        type=options.non_negative_float,
+        default=distributed.PEER_TIMEOUT,
+        metavar="SECONDS",
+        help="across machines: stop with an error when the other workers do not answer for this long "
+        f"(0: wait for ever); a dead worker is noticed within about {distributed.HEARTBEAT_TIMEOUT:g} s anyway",
+    )
     parser.add_argument("--workers", type=options.positive_int, default=1, help="threads loading batches from the cache")
     return parser
 
 
-def distribution_strategy(tf_config: str | None):
-    """MultiWorkerMirroredStrategy when TF_CONFIG is set, else MirroredStrategy over local GPUs (or CPUs).
-
-    Raises:
-        UserError: for TF_CONFIG: Keras 3's fit cannot train under MultiWorkerMirroredStrategy
-            yet (keras-team/keras#20585; with Keras 3.15 it fails first building the metrics
-            from a reduced batch, then reducing scalar logs along axis 0), so rather than a
-            traceback mid-run, say so at the start.
-    """
-    import keras
+def distribution_strategy(tf_config: str | None, peer_timeout: float = distributed.PEER_TIMEOUT):
+    """MultiWorkerMirroredStrategy when TF_CONFIG is set (trained by osmseg.distributed.fit:
+    Keras 3's fit cannot run under it, keras-team/keras#20585), else MirroredStrategy over
+    local GPUs (or CPUs)."""
     import tensorflow as tf
 
     if tf_config:
-        if _multi_worker_fit_broken(keras.__version__):
-            raise UserError(
-                f"TF_CONFIG is set, but Keras {keras.__version__} cannot fit under MultiWorkerMirroredStrategy "
-                "(keras-team/keras#20585); unset TF_CONFIG and train on one machine with --distribute (all its GPUs)"
-            )
-        return tf.distribute.MultiWorkerMirroredStrategy()
+        return distributed.make_strategy(distributed.parse_tf_config(tf_config), peer_timeout)
     devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
     return tf.distribute.MirroredStrategy([device.name for device in devices])
 
 
 def is_chief(tf_config: str | None) -> bool:
     """Whether this process writes the outputs: always, unless it is a non-chief multi-worker task."""
-    if not tf_config:
-        return True
-    try:
-        task = json.loads(tf_config).get("task", {})
-        cluster = json.loads(tf_config).get("cluster", {})
-    except (json.JSONDecodeError, AttributeError):
-        raise UserError("TF_CONFIG is not valid JSON; see the README's multi-worker section") from None
-    if "chief" in cluster:
-        return task.get("type") == "chief"
-    return task.get("type") == "worker" and int(task.get("index", 0)) == 0
+    return not tf_config or distributed.parse_tf_config(tf_config).is_chief
 
 
 def _make_optimizer(name: str, learning_rate: float):
@@ -193,6 +178,7 @@ def run_settings(args, info) -> dict:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     tf_config = os.environ.get("TF_CONFIG") if args.distribute else None
+    cluster = distributed.parse_tf_config(tf_config) if tf_config else None
 
     from osmseg import cache, training
 
@@ -241,7 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # Before anything else touches TensorFlow: multi-worker collectives are configured when
     # the strategy is made, and TensorFlow refuses once its context is initialised.
-    strategy = distribution_strategy(tf_config) if args.distribute else None
+    strategy = distribution_strategy(tf_config, args.peer_timeout) if args.distribute else None
     keras.backend.clear_session()
     keras.utils.set_random_seed(args.seed)
     scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
@@ -271,7 +257,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if resuming:
             optimizer.build(net.trainable_variables)
             training.restore_variables(state_file, net, optimizer)
-    if strategy is not None:
+    if cluster is not None:
+        role = "the chief, which writes the outputs" if cluster.is_chief else f"{cluster.name(0)} writes the outputs"
+        print(
+            f"training on {strategy.num_replicas_in_sync} replicas on {cluster.workers} workers "
+            f"(MultiWorkerMirroredStrategy); this is {cluster.name()}, {role}"
+        )
+    elif strategy is not None:
         print(f"training on {strategy.num_replicas_in_sync} replicas ({type(strategy).__name__})")
 
     config = {
@@ -296,7 +288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         state_file=state_file,
         log_file=log_file,
         plot_file=log_file.with_suffix(".png"),
-        write_files=is_chief(tf_config),
+        write_files=cluster is None or cluster.is_chief,
     )
     loader = {"workers": args.workers, "use_multiprocessing": False}
     train_batches = cache.make_batches(
@@ -328,15 +320,41 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"training {args.model} (width {args.width}) on {len(train_indices)} tiles, validating on "
         f"{len(validation_indices)}, epochs {state.epoch + 1}..{args.epochs}"
     )
-    net.fit(
-        train_batches,
-        validation_data=validation_batches,
-        epochs=args.epochs,
-        initial_epoch=state.epoch,
-        shuffle=False,  # the batches reshuffle themselves from (seed, epoch); fit's shuffle is unseeded
-        callbacks=[training.progress_callback(), checkpoint],
-        verbose=0,
-    )
+    callbacks = [training.progress_callback(), checkpoint]
+    if cluster is None:
+        net.fit(
+            train_batches,
+            validation_data=validation_batches,
+            epochs=args.epochs,
+            initial_epoch=state.epoch,
+            shuffle=False,  # the batches reshuffle themselves from (seed, epoch); fit's shuffle is unseeded
+            callbacks=callbacks,
+            verbose=0,
+        )
+    else:
+        try:
+            distributed.fit(
+                net,
+                strategy,
+                cluster,
+                train_batches,
+                validation_batches,
+                epochs=args.epochs,
+                initial_epoch=state.epoch,
+                callbacks=callbacks,
+                make_metrics=lambda: training.streaming_metrics(names),
+                jit_compile=jit_compile,
+                threads=args.workers,
+                peer_timeout=args.peer_timeout,
+            )
+        except distributed.ClusterError as error:
+            kept = f"{state_file} keeps epoch {state.epoch}" if state.epoch else "no epoch was finished"
+            print(
+                f"error: {error}. Stopped in epoch {error.epoch}, batch {error.batch}; {kept}: start every worker "
+                "again with --resume to continue",
+                file=sys.stderr,
+            )
+            return 1
     if checkpoint.diverged is not None:
         epoch, batch = checkpoint.diverged
         kept = f"{args.weights} keeps epoch {state.best_epoch}" if state.best_epoch else "this run wrote no weights"
@@ -348,6 +366,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 1
     best = f"{state.monitor} {state.best:.4f} at epoch {state.best_epoch}" if state.best_epoch else "no finite score"
+    if cluster is not None and not cluster.is_chief:
+        print(f"done: {best}; {cluster.name(0)}, the chief, wrote the outputs")
+        return 0
     print(f"done: {best}; wrote {args.weights}, {log_file} and {log_file.with_suffix('.png')}")
     return 0
 

@@ -385,15 +385,6 @@ def test_resume_refuses_other_settings(tmp_path, tiny_cache, capsys):
     assert "not an osmseg training state" in capsys.readouterr().err
 
 
-def test_multi_worker_refused_with_a_reason(tmp_path, tiny_cache, monkeypatch, capsys):
-    path, _ = tiny_cache
-    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"worker": ["127.0.0.1:1"]}, "task": {"type": "worker"}}))
-    assert _run(["--data", path, "--weights", tmp_path / "w.hdf5", *TINY, "--distribute"]) == 2
-    assert "keras-team/keras#20585" in capsys.readouterr().err
-    assert train.is_chief('{"cluster": {"worker": ["a:1", "b:1"]}, "task": {"type": "worker", "index": 0}}')
-    assert not train.is_chief('{"cluster": {"chief": ["a:1"], "worker": ["b:1"]}, "task": {"type": "worker"}}')
-
-
 def test_bad_flags_exit_2(tmp_path, tiny_cache, capsys):
     path, _ = tiny_cache
     for flags in (["--validation", "1.5"], ["--epochs", "0"], ["--learning-rate", "-1"], ["--model", "unet"]):

@@ -159,18 +159,29 @@ class BatchReader:
             return self._handles
 
     def __getitem__(self, batch: int):
+        return self.read(batch)
+
+    def read(self, batch: int, rows: slice = slice(None)):
+        """Batch `batch` of this epoch, or only the rows `rows` of it.
+
+        A worker of a multi-worker run reads its share of each global batch this way
+        (osmseg/distributed.py): those rows come out augmented exactly as in the whole batch.
+        """
         if not -len(self) <= batch < len(self):
             raise IndexError(f"batch {batch} out of range (0..{len(self) - 1})")
         batch %= len(self)
-        chosen = self.order()[batch * self.batch_size : (batch + 1) * self.batch_size]
+        whole = self.order()[batch * self.batch_size : (batch + 1) * self.batch_size]
+        picked = np.arange(len(whole))[rows]
+        chosen = whole[picked]
         images_ds, labels_ds, inflate = self._datasets()
         images, labels = read_rows(images_ds, chosen, inflate), read_rows(labels_ds, chosen, inflate)
         if not self.augment:
             inputs = images.astype(np.float32)
         else:
+            # Drawn for the whole batch, then picked: a share gets its rows' draws.
             rng = np.random.default_rng([self.seed, self.epoch, batch])
-            turns = rng.integers(0, 4, len(chosen))
-            flips = rng.random((len(chosen), 2)) < 0.5
+            turns = rng.integers(0, 4, len(whole))[picked]
+            flips = (rng.random((len(whole), 2)) < 0.5)[picked]
             # Augmented views are written into new arrays (the float32 inputs and fresh
             # labels), which converts and copies in one pass and never overlaps its source.
             inputs = np.empty(images.shape, np.float32)

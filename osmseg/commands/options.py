@@ -56,6 +56,13 @@ def positive_float(text: str) -> float:
     return value
 
 
+def non_negative_float(text: str) -> float:
+    value = _number(text, float, "a number")
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"{text} must be 0 or a positive number")
+    return value
+
+
 def fraction(text: str) -> float:
     """A number in [0, 1)."""
     value = _number(text, float, "a number")
