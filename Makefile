@@ -52,6 +52,9 @@ MASKS ?=
 IMG ?=
 PREDICT_FLAGS ?=
 OUT ?= output
+# make map: the OSM source to compare the map with (none: MAP_OSM=), and more flags.
+MAP_OSM ?= $(OSM)
+MAP_FLAGS ?=
 
 # The demo world: a synthetic town at 0°N 0°E with its own loopback imagery server.
 # DEMO_SEED picks the town; its map and its imagery must come from the same seed.
@@ -61,8 +64,8 @@ DEMO_VARS := QA_TILES=demo OSM_SOURCE=qa-tiles BBOX=$(DEMO_BBOX) IMAGE_TILES=dem
 	TRAIN_SIZE=300 ZOOM_LEVEL=17 TILE_SIZE=256 MODEL=segnet-basic WIDTH=0.25 EPOCHS=20 \
 	BATCH_SIZE=8 OPTIMIZER=adam LEARNING_RATE=0.003 CLASS_WEIGHTS=median-frequency
 
-.PHONY: install demo test bench download-osm-tiles import train validate predict preview serve-demo \
-	clean clean-all
+.PHONY: install demo demo-map test bench download-osm-tiles import train validate predict map preview \
+	serve-demo clean clean-all
 
 install: $(INSTALLED)
 
@@ -142,6 +145,12 @@ predict: | $(INSTALLED)
 	@test -n "$(IMG)" || { echo "make predict needs IMG=<image or directory> (and OUT=<dir>)" >&2; exit 2; }
 	$(PY) feed_forward.py $(WEIGHTS) $(IMG) $(OUT) $(PREDICT_FLAGS)
 
+# Map an area: make map BBOX=... IMAGE_TILES=... ZOOM_LEVEL=... OUT=output/area
+map: | $(INSTALLED)
+	@echo "$(PY) prepare.py map --weights $(WEIGHTS) --bbox=$(BBOX) --zoom $(ZOOM_LEVEL) --out $(OUT) (IMAGE_TILES not echoed)"
+	@$(PY) prepare.py map --weights $(WEIGHTS) --bbox=$(BBOX) --zoom $(ZOOM_LEVEL) --image-tiles '$(IMAGE_TILES)' \
+		$(if $(MAP_OSM),--osm-source $(OSM_SOURCE) --osm $(MAP_OSM)) --tile-size $(TILE_SIZE) --out $(OUT) $(MAP_FLAGS)
+
 # --- The two commands ---------------------------------------------------------------
 
 demo: | $(INSTALLED)
@@ -150,6 +159,10 @@ demo: | $(INSTALLED)
 	$(MAKE) --no-print-directory $(DEMO_VARS) predict OUT=output/demo \
 		IMG=$$($(PY) -m osmseg.commands.report held-out-image)
 	@$(PY) -m osmseg.commands.report summary --predict-out output/demo
+
+# The whole demo town mapped with the demo's model, compared with its OSM map (after make demo).
+demo-map: | $(INSTALLED)
+	$(MAKE) --no-print-directory $(DEMO_VARS) map OUT=output/demo-map
 
 test: | $(INSTALLED)
 	@bash .ci/test-deps
@@ -169,7 +182,7 @@ clean:
 		data/labels data/images data/training.hdf5 data/testing.hdf5 data/preview.html
 	rm -f weights.hdf5 weights.state.* training_log.csv training_log.png predictions.hdf5 \
 		metrics.json confusion.csv confusion.png
-	rm -rf output
+	rm -rf output data/map-tiles
 
 clean-all: clean
 	rm -rf data/osm $(VENV)

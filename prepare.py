@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Prepare training data: sample tiles, render OSM labels, download imagery, cache to HDF5.
+"""Prepare training data (sample tiles, render OSM labels, download imagery, cache to HDF5),
+and map an area with a trained model.
 
 Each subcommand is one stage of the pipeline and reads and writes files under data/
 (see the README's "Files" section). The Makefile's targets call these in order.
@@ -20,6 +21,7 @@ from osmseg.commands import (
     images,
     import_masks,
     labels,
+    map_area,
     options,
     preview,
     sample,
@@ -41,6 +43,7 @@ COMMANDS = {
         preview,
         cache,
         import_masks,
+        map_area,
     )
 }
 

@@ -182,6 +182,25 @@ class AreaMean:
         return self.sums / areas[:, :, None]
 
 
+class OutputFiles:
+    """The files of an output folder, each written under a temporary name (osmseg.atomic) and
+    renamed into place when the ExitStack closes without an error."""
+
+    def __init__(self, stack: contextlib.ExitStack, outdir: Path):
+        self.stack, self.outdir = stack, outdir
+        self.finals: list[Path] = []
+
+    def __call__(self, name: str) -> Path:
+        """The temporary path to write `name` at."""
+        final = self.outdir / name
+        self.finals.append(final)
+        return self.stack.enter_context(atomic_path(final))
+
+    @property
+    def names(self) -> list[str]:
+        return [final.name for final in self.finals]
+
+
 def run_outputs(strips, outputs: list) -> None:
     """Hand every chunk of rows of segment_strips' strips to each output, each on a thread of its own.
 
@@ -254,15 +273,8 @@ def write_scene(
     heat = AreaMean(height, width, num_classes, heatmap_size)
     labels_all = np.zeros((height, width), dtype=np.uint8) if geojson else None
     georeference = reader.georeference
-    finals: list[tuple[Path, Path]] = []
     with contextlib.ExitStack() as stack:
-
-        def temporary(name: str) -> Path:
-            final = outdir / name
-            path = stack.enter_context(atomic_path(final))
-            finals.append((final, path))
-            return path
-
+        temporary = OutputFiles(stack, outdir)
         mask_png = stack.enter_context(visualise.PngWriter(temporary("mask.png"), width, height))
         segments_png = stack.enter_context(visualise.PngWriter(temporary("segments.png"), width, height))
         tiffs = None
@@ -310,7 +322,7 @@ def write_scene(
         "window": windows.size,
         "overlap": windows.overlap,
         "notes": reader.notes,
-        "files": [final.name for final, _ in finals],
+        "files": temporary.names,
         "inputs": inputs or {},
     }
     if georeference is not None:
@@ -320,8 +332,7 @@ def write_scene(
             record["tile"] = {"z": z, "x": x, "y": y}
     # counts.json goes last: its presence says that every other output is complete.
     write_text_atomic(outdir / "counts.json", json.dumps(record, indent=1) + "\n")
-    finals.append((outdir / "counts.json", outdir / "counts.json"))
-    result.files = [final for final, _ in finals]
+    result.files = [*temporary.finals, outdir / "counts.json"]
     return result
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
+from typing import NamedTuple
 
 import mercantile
 import numpy as np
@@ -141,6 +142,22 @@ def lnglat_to_xy(lng: np.ndarray, lat: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return x, y
 
 
+def xy_to_lnglat(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """EPSG:3857 metres -> WGS84 degrees, for arrays (the inverse of lnglat_to_xy)."""
+    lng = np.degrees(np.asarray(x, dtype=np.float64) / EARTH_RADIUS)
+    lat = np.degrees(np.arctan(np.sinh(np.asarray(y, dtype=np.float64) / EARTH_RADIUS)))
+    return lng, lat
+
+
+def ground_scale(y: np.ndarray | float) -> np.ndarray | float:
+    """Ground metres per EPSG:3857 metre at northing `y`: cos(latitude) = sech(y / R).
+
+    Web Mercator stretches lengths by 1 / cos(latitude) (Snyder 1987, p. 41), areas by its
+    square: a pixel's ground area is (metres_per_pixel * ground_scale(y)) ** 2.
+    """
+    return 1.0 / np.cosh(np.asarray(y, dtype=np.float64) / EARTH_RADIUS)
+
+
 def bbox_to_xy(bbox: mercantile.LngLatBbox) -> mercantile.Bbox:
     """The EPSG:3857 bounds (metres) of a WGS84 box."""
     left, bottom = mercantile.xy(bbox.west, bbox.south)
@@ -199,6 +216,56 @@ def pixel_transform(tiles_: Sequence[mercantile.Tile], width: int, height: int) 
     """
     left, bottom, right, top = tiles_bounds(tiles_)
     return ((right - left) / width, 0.0, left, 0.0, -(top - bottom) / height, top)
+
+
+class TileBlock(NamedTuple):
+    """A rectangle of tiles at one zoom: columns x0..x1 and rows y0..y1, both inclusive.
+
+    Images of its tiles, side by side, make one mosaic of (rows * tile_size) ×
+    (columns * tile_size) pixels whose pixel (0, 0) is the north-west corner of tile (x0, y0).
+    """
+
+    x0: int
+    y0: int
+    x1: int
+    y1: int
+    z: int
+
+    @classmethod
+    def of_bbox(cls, bbox: mercantile.LngLatBbox, zoom: int) -> TileBlock:
+        """The tiles at zoom that overlap a WGS84 box (tile_range)."""
+        return cls(*tile_range(bbox, zoom), zoom)
+
+    @property
+    def columns(self) -> int:
+        return self.x1 - self.x0 + 1
+
+    @property
+    def rows(self) -> int:
+        return self.y1 - self.y0 + 1
+
+    def __len__(self) -> int:
+        return self.columns * self.rows
+
+    def row(self, index: int) -> list[mercantile.Tile]:
+        """The tiles of row `index` (0: the northernmost), west to east."""
+        return [mercantile.Tile(x, self.y0 + index, self.z) for x in range(self.x0, self.x1 + 1)]
+
+    def tiles(self) -> list[mercantile.Tile]:
+        """Every tile, row by row from the north, west to east in each row."""
+        return [tile for index in range(self.rows) for tile in self.row(index)]
+
+    @property
+    def bounds(self) -> mercantile.Bbox:
+        """EPSG:3857 bounds (metres) of the whole block."""
+        west, north = mercantile.xy_bounds(mercantile.Tile(self.x0, self.y0, self.z))[0::3]
+        east, south = mercantile.xy_bounds(mercantile.Tile(self.x1, self.y1, self.z))[2:0:-1]
+        return mercantile.Bbox(west, south, east, north)
+
+    def transform(self, tile_size: int = 256) -> tuple[float, ...]:
+        """The mosaic's affine transform (pixel_transform), tile_size pixels a tile."""
+        corners = [mercantile.Tile(self.x0, self.y0, self.z), mercantile.Tile(self.x1, self.y1, self.z)]
+        return pixel_transform(corners, self.columns * tile_size, self.rows * tile_size)
 
 
 def ancestor(tile: mercantile.Tile, zoom: int) -> mercantile.Tile:

@@ -7,8 +7,6 @@ label and an image.
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,7 +16,7 @@ import mercantile
 from osmseg.commands import options
 from osmseg.datafiles import MISSING, REJECTED, find_image, label_path, read_tile_list, read_tile_log, tile_stem
 from osmseg.errors import SourceError, UserError
-from osmseg.imagery import TOKEN_ENV, DownloadSummary, download_tiles
+from osmseg.imagery import DownloadSummary, download_tiles
 
 NAME = "images"
 HELP = "download the imagery tiles of the filtered sample"
@@ -27,36 +25,18 @@ HELP = "download the imagery tiles of the filtered sample"
 def add_arguments(parser) -> None:
     parser.add_argument("--sample", type=Path, default=Path("data/sample-filtered.txt"),
                         help="tiles to download (`source z x y ...` lines)")
-    parser.add_argument("--image-tiles", default="demo",
-                        help="IMAGE_TILES: tilejson+https://.../name.json?access_token=$(MapboxAccessToken), "
-                             "a TileJSON URL, an XYZ template with {z} {x} {y} ({s} {-y} {q} too), "
-                             "file:///dir/{z}-{x}-{y}.jpg, a directory, or demo")
-    parser.add_argument("--token", default=argparse.SUPPRESS,
-                        help=f"access token put where IMAGE_TILES says $(MapboxAccessToken) or {{token}} "
-                             f"(default: the {TOKEN_ENV} environment variable; never printed)")
+    options.add_image_tiles(parser)
     parser.add_argument("--out", type=Path, default=Path("data/images"), help="images directory")
     parser.add_argument("--labels", type=Path, default=Path("data/labels/color"),
                         help="label PNGs, to report how many tiles have both a label and an image")
     parser.add_argument("--workers", type=int, default=8, help="concurrent downloads")
-    parser.add_argument("--rps", type=_rps, default=None, help="at most this many requests per second (none: no limit)")
+    parser.add_argument("--rps", type=options.rps, default=None, help="at most this many requests per second (none: no limit)")
     parser.add_argument("--tile-size", type=int, default=None,
                         help=f"every image must be this many pixels wide and high {options.FROM_LIST}, else 256")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for a server before retrying")
     parser.add_argument("--retries", type=int, default=5, help="retries per tile (timeouts, 5xx, cut transfers)")
     parser.add_argument("--retry-rejected", action="store_true",
                         help="ask again for tiles an earlier run rejected (listed in rejected.txt)")
-
-
-def _rps(text: str) -> float | None:
-    if text.strip().lower() in ("none", "", "0"):
-        return None
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of requests per second (or none)") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: give a positive number, or none")
-    return value
 
 
 def training_set_report(entries: Sequence[tuple[str, mercantile.Tile]], images: Path, labels: Path,
@@ -87,7 +67,7 @@ def training_set_report(entries: Sequence[tuple[str, mercantile.Tile]], images: 
 
 
 def main(args) -> int:
-    token = getattr(args, "token", None) or os.environ.get(TOKEN_ENV) or None
+    token = options.token(args)
     listed = read_tile_list(args.sample, make_hint="run `make data/sample-filtered.txt`")
     options.fill_from_record(args, listed.made_by, tile_size=options.DEFAULT_TILE_SIZE)
     entries = listed.entries

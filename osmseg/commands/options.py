@@ -71,6 +71,16 @@ def fraction(text: str) -> float:
     return value
 
 
+def rps(text: str) -> float | None:
+    """Requests per second: a positive number, or none (no limit)."""
+    if text.strip().lower() in ("none", "", "0"):
+        return None
+    value = _number(text, float, "a number of requests per second (or none)")
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"{text!r}: give a positive number, or none")
+    return value
+
+
 # --- Options several stages share -----------------------------------------------------------
 
 
@@ -105,6 +115,32 @@ def add_osm_source(parser, default_osm: str | None = DEFAULT_OSM, from_list: boo
     )
 
 
+def add_image_tiles(parser, default: str = "demo") -> None:
+    """--image-tiles (IMAGE_TILES) and --token."""
+    from osmseg.imagery import TOKEN_ENV
+
+    parser.add_argument(
+        "--image-tiles",
+        default=default,
+        help="IMAGE_TILES: tilejson+https://.../name.json?access_token=$(MapboxAccessToken), a TileJSON URL, "
+        "an XYZ template with {z} {x} {y} ({s} {-y} {q} too), file:///dir/{z}-{x}-{y}.jpg, a directory, "
+        "or demo[:SEED] (the demo world's server, started here)",
+    )
+    parser.add_argument(
+        "--token",
+        default=argparse.SUPPRESS,
+        help=f"access token put where IMAGE_TILES says $(MapboxAccessToken) or {{token}} "
+        f"(default: the {TOKEN_ENV} environment variable; never printed)",
+    )
+
+
+def token(args) -> str | None:
+    """The access token: --token, else the MapboxAccessToken environment variable."""
+    from osmseg.imagery import TOKEN_ENV
+
+    return getattr(args, "token", None) or os.environ.get(TOKEN_ENV) or None
+
+
 def add_classes(parser, help_: str = "classes file (names, colours, filters)", default=DEFAULT_CLASSES) -> None:
     parser.add_argument("--classes", default=default, help=help_)
 
@@ -125,14 +161,14 @@ def open_osm_source(args, bbox):
         bbox: the mercantile.LngLatBbox that Overpass is asked about.
     """
     from osmseg import osm
-    from osmseg.classes import load_classes
+    from osmseg.classes import Classes, load_classes
 
     if args.osm_source == "overpass":
         return osm.open_source(
             "overpass",
             args.osm,
             bbox=bbox,
-            classes=load_classes(args.classes),
+            classes=args.classes if isinstance(args.classes, Classes) else load_classes(args.classes),
             endpoint=args.overpass_url,
             timeout=args.timeout,
         )

@@ -1,0 +1,413 @@
+"""Mapping an area: a mosaic of imagery tiles segmented into a georeferenced map, and where OSM
+disagrees with it.
+
+`map_area` segments a mosaic.MosaicReader as one seamless scene (osmseg.segment's blended
+windows, in strips of rows) and writes into an output folder:
+
+- ``mask.tif``: Cloud-Optimized GeoTIFF, EPSG:3857 with the tile grid's exact transform, one
+  uint8 band of class indices (0 background), 255 (nodata) where a tile had no imagery, a
+  colour table of the display colours.
+- ``probabilities.tif``: COG, one uint8 band per class (band i+1 = class i, named),
+  probability × 255; 0 where there is no imagery.
+- ``segments.png`` and ``heatmap-<class>.png``: as for feed_forward.py (osmseg.scene).
+- ``segments.geojson``: RFC 7946 (WGS84 lon/lat), one Feature per polygon of a non-background
+  class, properties {"class", "class_index", "area_m2"} (ground square metres).
+- with OSM labels: ``osm-diff.geojson``, places where the model and OSM disagree, ranked:
+  "missing in OSM" (the model sees class c where OSM maps nothing, or only a class that c
+  would paint over; properties "confidence", the model's mean probability of c there) and
+  "check in OSM" (an area OSM maps as c that the model mostly does not see; "agreement", the
+  share of it the model calls c or a class painted over c); both with "class", "area_m2",
+  "score" (area × confidence, or area × (1 - agreement)) and "rank" (1 = most worth a look).
+  Labels show the last class of the classes file that covers a pixel (later classes paint
+  over earlier ones), so a building inside mapped residential land shows as building, and
+  the residential land under it is neither missing nor unseen.
+- ``index.html``: the results page (osmseg.mappage).
+- ``counts.json``, last: {"pixels", "no_imagery_pixels", "counts" {class: pixels}, whose sum
+  with no_imagery_pixels is pixels, "square_metres" {class: m²}, "agreement" (with OSM:
+  {class: {"iou", "model_pixels", "osm_pixels"}} over the pixels with imagery), "crs",
+  "transform", "tiles", "files", "inputs"}.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from osmseg import polygonize, tiles, visualise
+from osmseg.atomic import write_text_atomic
+from osmseg.classes import Classes
+from osmseg.mosaic import MosaicReader
+from osmseg.polygonize import NODATA
+from osmseg.scene import HEATMAP_SIZE, AreaMean, GeoTiffWriters, OutputFiles, run_outputs, safe_name
+from osmseg.segment import Predict, Windows, segment_strips
+
+OVERVIEW_SIZE = 2048  # the results page's pictures, longest side at most
+
+
+@dataclass(frozen=True)
+class DiffOptions:
+    """Thresholds of osm-diff.geojson: polygons smaller than min_area square metres are left
+    out; "missing in OSM" needs the model's mean probability at least min_confidence; "check in
+    OSM" needs the model to agree on at most max_agreement of the area OSM maps."""
+
+    min_area: float = 20.0
+    min_confidence: float = 0.5
+    max_agreement: float = 0.25
+
+
+@dataclass
+class MapResult:
+    """What map_area made: pixel counts, ground areas and agreement with OSM, per class."""
+
+    counts: dict[str, int]
+    square_metres: dict[str, float]
+    no_imagery: int
+    height: int
+    width: int
+    agreement: dict | None = None
+    diff_features: int = 0
+    files: list[Path] = field(default_factory=list)
+
+
+class OsmLabelRows:
+    """OSM labels of a block of tiles, rendered as training labels are (osmseg.labels), as rows
+    of class indices aligned with the mosaic; one tile row rendered and held at a time."""
+
+    def __init__(self, block: tiles.TileBlock, source, classes: Classes, tile_size: int = 256):
+        from osmseg.labels import LabelRenderer
+
+        self.block, self.source, self.classes, self.tile_size = block, source, classes, tile_size
+        self.renderer = LabelRenderer(classes, tile_size)
+        self._index: int | None = None
+        self._rows: np.ndarray | None = None
+
+    def _render(self, index: int) -> np.ndarray:
+        from osmseg.labels import render_tiles
+
+        size = self.tile_size
+        row = np.zeros((size, self.block.columns * size), dtype=np.uint8)
+        for tile, rgb in render_tiles(self.source, self.renderer, self.block.row(index)):
+            labels, _ = self.classes.colors_to_labels(rgb)
+            column = tile.x - self.block.x0
+            row[:, column * size : (column + 1) * size] = labels
+        return row
+
+    def __call__(self, top: int, bottom: int) -> np.ndarray:
+        """uint8 (bottom - top, W): OSM class indices of rows [top, bottom), read top to bottom."""
+        size, parts = self.tile_size, []
+        for index in range(top // size, (bottom - 1) // size + 1):
+            if index != self._index:
+                self._index, self._rows = index, self._render(index)
+            start, stop = max(top, index * size) - index * size, min(bottom, (index + 1) * size) - index * size
+            parts.append(self._rows[start:stop])
+        return np.concatenate(parts)
+
+
+def _row_areas(transform, top: int, rows: int) -> np.ndarray:
+    """Ground square metres of one pixel in each of `rows` rows from `top` (EPSG:3857 transform)."""
+    centres = transform.f + transform.e * (top + 0.5 + np.arange(rows))
+    return (abs(transform.a * transform.e)) * tiles.ground_scale(centres) ** 2
+
+
+def map_area(
+    reader: MosaicReader,
+    predict: Predict,
+    classes: Classes,
+    outdir: Path,
+    windows: Windows,
+    *,
+    osm_labels=None,
+    diff: DiffOptions = DiffOptions(),
+    simplify: float = 1.0,
+    heatmap_size: int = HEATMAP_SIZE,
+    inputs: dict | None = None,
+    progress: bool = False,
+) -> MapResult:
+    """Segment a mosaic and write the map's outputs (see the module docstring) into outdir.
+
+    Args:
+        reader: the mosaic (its georeference is the tile grid's, EPSG:3857).
+        predict, windows: as for osmseg.segment.segment_strips.
+        classes: the model's classes.
+        outdir: the output folder (created if missing).
+        osm_labels: (top, bottom) -> uint8 OSM class indices of those rows (OsmLabelRows), or
+            None for no comparison with OSM.
+        diff: osm-diff.geojson's thresholds.
+        simplify: polygon simplification, in pixels.
+        heatmap_size: the heatmaps' longest side at most.
+        inputs: recorded in counts.json (what the map was made from).
+        progress: show a progress bar.
+
+    Every file is written under a temporary name and renamed when the whole map is done,
+    counts.json last; a failure leaves no output behind.
+    """
+    height, width, names = reader.height, reader.width, classes.names
+    num_classes = classes.num_classes
+    display = visualise.display_palette(num_classes)
+    transform = reader.georeference.transform
+    outdir.mkdir(parents=True, exist_ok=True)
+    counts = np.zeros(num_classes, dtype=np.int64)
+    metres = np.zeros(num_classes, dtype=np.float64)
+    confusion = np.zeros((num_classes, num_classes), dtype=np.int64) if osm_labels is not None else None
+    no_imagery = np.zeros(1, dtype=np.int64)
+    heat = AreaMean(height, width, num_classes, heatmap_size)
+    overview = AreaMean(height, width, 3, OVERVIEW_SIZE)
+    with contextlib.ExitStack() as stack:
+        temporary = OutputFiles(stack, outdir)
+        mask_path, probabilities_path = temporary("mask.tif"), temporary("probabilities.tif")
+        segments_path = temporary("segments.png")
+        # The comparison with OSM, for vectorising afterwards: the model's class where OSM maps
+        # another (band 1) and OSM's labels (band 2), beside the outputs, never one of them.
+        diff_path = None
+        if confusion is not None:
+            diff_path = outdir / f".osm-diff.{os.getpid()}.partial.tif"
+            stack.callback(diff_path.unlink, missing_ok=True)
+        with contextlib.ExitStack() as writers:
+            tiffs = writers.enter_context(
+                GeoTiffWriters(mask_path, probabilities_path, height, width, reader.georeference, names, display,
+                               cog=True, nodata=NODATA)
+            )  # fmt: skip
+            segments_png = writers.enter_context(visualise.PngWriter(segments_path, width, height))
+            comparison = writers.enter_context(_DiffRaster(diff_path, height, width, reader.georeference)) if diff_path else None
+
+            def draw(top: int, image: np.ndarray, labels: np.ndarray, probability_bytes: np.ndarray) -> None:
+                valid = reader.valid(top, top + len(labels))
+                segments_png.write(np.where(valid[..., None], visualise.overlay(image, labels, display), image))
+
+            def account(top: int, image: np.ndarray, labels: np.ndarray, probability_bytes: np.ndarray) -> None:
+                rows = len(labels)
+                valid = reader.valid(top, top + rows)
+                if not valid.all():
+                    labels, probability_bytes = labels.copy(), probability_bytes.copy()
+                    labels[~valid] = NODATA
+                    probability_bytes[~valid] = 0
+                    no_imagery[0] += int((~valid).sum())
+                per_row = _class_rows(labels, num_classes)
+                counts[:] += per_row.sum(axis=0)
+                metres[:] += _row_areas(transform, top, rows) @ per_row
+                tiffs.write(top, labels, probability_bytes)
+                heat.add(top, probability_bytes)
+                overview.add(top, image)
+                if comparison is not None:
+                    truth = osm_labels(top, top + rows)
+                    truth = np.where(valid, truth, NODATA).astype(np.uint8)
+                    confusion[:] += _confusion(truth, labels, num_classes)
+                    # Later classes paint over earlier ones, so OSM's label j may hide a class
+                    # below it: the model's class counts as missing only above OSM's label.
+                    missing = (labels > truth) & valid
+                    comparison.write(top, np.where(missing, labels, 0).astype(np.uint8), truth)
+
+            strips = segment_strips(reader, predict, num_classes, windows, progress=progress)
+            run_outputs(strips, [draw, account])
+        # The GeoTIFFs are complete COGs now: vectorise from them.
+        means = heat.means() / 255
+        heatmap_paths = [temporary(f"heatmap-{safe_name(name)}.png") for name in names]
+        with ThreadPoolExecutor(max_workers=min(num_classes, os.cpu_count() or 1)) as pool:
+            list(pool.map(lambda i: visualise.write_png(heatmap_paths[i], visualise.heatmap(means[:, :, i], names[i])),
+                          range(num_classes)))  # fmt: skip
+        written_segments = polygonize.write_features(
+            temporary("segments.geojson"), _segment_features(mask_path, names, transform, simplify, diff.min_area)
+        )
+        diff_features = None
+        if diff_path is not None:
+            diff_features = list(_diff_features(diff_path, mask_path, probabilities_path, names, transform, simplify, diff))
+            polygonize.write_features(temporary("osm-diff.geojson"), diff_features)
+        square_metres = {name: round(float(value), 1) for name, value in zip(names, metres)}
+        agreement = _agreement(confusion, names) if confusion is not None else None
+        from osmseg import mappage
+
+        page = mappage.render(
+            imagery=overview.means().round().clip(0, 255).astype(np.uint8),
+            probabilities=means,
+            classes=classes,
+            counts=dict(zip(names, counts.tolist())),
+            square_metres=square_metres,
+            diff=diff_features,
+            bounds=reader.georeference.transform,
+            shape=(height, width),
+            agreement=agreement,
+            title=(inputs or {}).get("title", "osmseg map"),
+        )
+        temporary("index.html").write_text(page)
+    result = MapResult(
+        dict(zip(names, map(int, counts))), square_metres, int(no_imagery[0]), height, width, agreement,
+        len(diff_features or ()), list(temporary.finals),
+    )  # fmt: skip
+    block = reader.block
+    record = {
+        "width": width,
+        "height": height,
+        "pixels": width * height,
+        "no_imagery_pixels": result.no_imagery,
+        "counts": result.counts,
+        "square_metres": square_metres,
+        "segments": written_segments,
+        "crs": "EPSG:3857",
+        "transform": list(transform)[:6],
+        "tiles": {"z": block.z, "x0": block.x0, "y0": block.y0, "x1": block.x1, "y1": block.y1, "count": len(block),
+                  "without_imagery": len(reader.missing)},
+        "window": windows.size,
+        "overlap": windows.overlap,
+        "files": temporary.names,
+        "inputs": inputs or {},
+    }  # fmt: skip
+    if agreement is not None:
+        record["agreement"] = agreement
+        record["osm_diff"] = {"features": result.diff_features, **diff.__dict__}
+    write_text_atomic(outdir / "counts.json", json.dumps(record, indent=1) + "\n")
+    return result
+
+
+def _class_rows(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """int64 (rows, num_classes): pixels of each class in each row (NODATA not counted)."""
+    rows = len(labels)
+    codes = labels.astype(np.int64) + (np.arange(rows, dtype=np.int64) * 256)[:, None]
+    return np.bincount(codes.ravel(), minlength=rows * 256).reshape(rows, 256)[:, :num_classes]
+
+
+def _confusion(truth: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    keep = truth != NODATA
+    codes = truth[keep].astype(np.int64) * num_classes + labels[keep]
+    return np.bincount(codes, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def _agreement(confusion: np.ndarray, names: list[str]) -> dict:
+    """Per class: IoU of the model against OSM, and each side's pixels (background included)."""
+    both, osm_side, model_side = np.diag(confusion), confusion.sum(axis=1), confusion.sum(axis=0)
+    union = osm_side + model_side - both
+    return {
+        name: {
+            "iou": round(float(both[c] / union[c]), 4) if union[c] else None,
+            "model_pixels": int(model_side[c]),
+            "osm_pixels": int(osm_side[c]),
+        }
+        for c, name in enumerate(names)
+    }
+
+
+class _DiffRaster:
+    """A two-band uint8 GeoTIFF written in rows: the model's class where OSM differs, and OSM's labels."""
+
+    def __init__(self, path: Path, height: int, width: int, georeference):
+        self.path, self.shape, self.georeference = path, (height, width), georeference
+
+    def __enter__(self):
+        import rasterio
+
+        self._env = rasterio.Env(GDAL_CACHEMAX=64)
+        self._env.__enter__()
+        self.file = rasterio.open(
+            self.path, "w", driver="GTiff", height=self.shape[0], width=self.shape[1], count=2, dtype="uint8",
+            crs=self.georeference.crs, transform=self.georeference.transform, compress="deflate", zlevel=1,
+            tiled=False, blockysize=64,
+        )  # fmt: skip
+        return self
+
+    def write(self, top: int, missing: np.ndarray, truth: np.ndarray) -> None:
+        from rasterio.windows import Window
+
+        self.file.write(np.stack([missing, truth]), window=Window(0, top, self.shape[1], len(missing)))
+
+    def __exit__(self, *exc):
+        try:
+            self.file.close()
+        finally:
+            self._env.__exit__(*exc)
+        return False
+
+
+def _band_rows(path: Path, band: int):
+    import rasterio
+    from rasterio.windows import Window
+
+    dataset = rasterio.open(path)
+
+    def read(top: int, bottom: int) -> np.ndarray:
+        return dataset.read(band, window=Window(0, top, dataset.width, bottom - top))
+
+    return dataset, read
+
+
+def _simplified(polygon, tolerance: float):
+    if tolerance <= 0:
+        return polygon
+    simpler = polygon.simplify(tolerance, preserve_topology=True)
+    return simpler if not simpler.is_empty else polygon
+
+
+def _segment_features(mask_path: Path, names: list[str], transform, simplify: float, min_area: float):
+    dataset, read = _band_rows(mask_path, 1)
+    tolerance = simplify * abs(transform.a)
+    with dataset:
+        for value, polygon in polygonize.raster_polygons(read, dataset.height, transform):
+            if value >= len(names):
+                continue
+            area = polygonize.ground_area(polygon)
+            if area < min_area:
+                continue
+            properties = {"class": names[value], "class_index": value, "area_m2": round(area, 1)}
+            yield polygonize.feature(_simplified(polygon, tolerance), properties)
+
+
+def _inside(dataset, band: int, polygon) -> tuple[np.ndarray, np.ndarray]:
+    """A band's values in a polygon's bounding window, and which of them lie inside it (pixel centres)."""
+    from rasterio import features, windows
+
+    window = windows.from_bounds(*polygon.bounds, transform=dataset.transform).round_offsets().round_lengths()
+    window = window.intersection(windows.Window(0, 0, dataset.width, dataset.height))
+    values = dataset.read(band, window=window)
+    inside = features.geometry_mask([polygon], values.shape, dataset.window_transform(window), invert=True)
+    return values, inside
+
+
+def _mean_inside(dataset, band: int, polygon) -> float:
+    """The mean of a band over a polygon's pixels."""
+    values, inside = _inside(dataset, band, polygon)
+    return float(values[inside].mean()) if inside.any() else 0.0
+
+
+def _diff_features(diff_path, mask_path, probabilities_path, names, transform, simplify, options: DiffOptions):
+    """The ranked places of osm-diff.geojson (see the module docstring)."""
+    import rasterio
+
+    tolerance = simplify * abs(transform.a)
+    found = []
+    with rasterio.open(probabilities_path) as probabilities, rasterio.open(mask_path) as mask:
+        for value, polygon, area in _regions(diff_path, 1, len(names), transform, options.min_area):
+            confidence = _mean_inside(probabilities, value + 1, polygon) / 255
+            if confidence >= options.min_confidence:
+                found.append(("missing in OSM", value, polygon, area, {"confidence": round(confidence, 3)},
+                              area * confidence))  # fmt: skip
+        for value, polygon, area in _regions(diff_path, 2, len(names), transform, options.min_area):
+            agreement = _share_seen(mask, value, polygon)
+            if agreement <= options.max_agreement:
+                found.append(("check in OSM", value, polygon, area, {"agreement": round(agreement, 3)},
+                              area * (1 - agreement)))  # fmt: skip
+    found.sort(key=lambda item: -item[5])
+    for rank, (kind, value, polygon, area, extra, score) in enumerate(found, start=1):
+        properties = {"kind": kind, "class": names[value], "class_index": value, "area_m2": round(area, 1),
+                      **extra, "score": round(score, 1), "rank": rank}  # fmt: skip
+        yield polygonize.feature(_simplified(polygon, tolerance), properties)
+
+
+def _regions(path: Path, band: int, num_classes: int, transform, min_area: float):
+    """(class, polygon, ground m²) of a band's regions of at least min_area square metres."""
+    dataset, read = _band_rows(path, band)
+    with dataset:
+        for value, polygon in polygonize.raster_polygons(read, dataset.height, transform):
+            area = polygonize.ground_area(polygon)
+            if value < num_classes and area >= min_area:
+                yield value, polygon, area
+
+
+def _share_seen(mask, value: int, polygon) -> float:
+    """The share of a polygon's pixels that the mask gives class `value` or a class painted over it."""
+    labels, inside = _inside(mask, 1, polygon)
+    seen = (labels >= value) & (labels != NODATA)
+    return float(seen[inside].mean()) if inside.any() else 0.0

@@ -1,0 +1,130 @@
+"""Polygons from label rasters of any size, a block of rows at a time, and GeoJSON in WGS84.
+
+`raster_polygons` vectorises the regions of equal class value of a raster read in blocks of
+rows, so that memory holds one block and the polygons open across its lower edge, never the
+whole raster; regions cut by block edges are merged and come back whole. `write_features`
+streams RFC 7946 GeoJSON (WGS84 longitude/latitude, exterior rings counterclockwise) into a
+file written atomically. Areas are ground square metres: Web Mercator scales areas by
+1 / cos²(latitude) (tiles.ground_scale), taken at each polygon's centroid.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterable, Iterator
+
+import numpy as np
+
+from osmseg import atomic, tiles
+
+NODATA = 255  # label value of pixels without imagery: never vectorised
+BLOCK_ROWS = 2048
+
+
+def raster_polygons(
+    read_rows: Callable[[int, int], np.ndarray],
+    height: int,
+    transform,
+    block_rows: int = BLOCK_ROWS,
+) -> Iterator[tuple[int, object]]:
+    """(value, shapely Polygon in the transform's CRS) for every 4-connected region of equal,
+    non-zero values other than NODATA.
+
+    Args:
+        read_rows: (top, bottom) -> uint8 (bottom - top, W) rows of the raster.
+        height: the raster's rows.
+        transform: its affine transform (pixel -> CRS), north up.
+        block_rows: rows read at a time.
+    """
+    import shapely
+    from affine import Affine
+    from rasterio import features
+    from shapely.geometry import shape
+
+    pending: dict[int, list] = {}  # polygons touching the previous block's lower edge, by value
+    tolerance = abs(transform.e) * 1e-3
+    for top in range(0, height, block_rows):
+        bottom = min(top + block_rows, height)
+        block = np.ascontiguousarray(read_rows(top, bottom), dtype=np.uint8)
+        block_transform = transform @ Affine.translation(0, top)
+        upper, lower = transform.f + transform.e * top, transform.f + transform.e * bottom
+        mask = (block != 0) & (block != NODATA)
+        joining: dict[int, list] = {value: list(polygons) for value, polygons in pending.items()}
+        pending = {}
+        for geometry, value in features.shapes(block, mask=mask, connectivity=4, transform=block_transform):
+            polygon, value = shape(geometry), int(value)
+            _, miny, _, maxy = polygon.bounds
+            if top > 0 and maxy >= upper - tolerance and value in joining:
+                joining[value].append(polygon)
+            elif bottom < height and miny <= lower + tolerance:
+                pending.setdefault(value, []).append(polygon)
+            else:
+                yield value, polygon
+        for value, polygons in joining.items():
+            merged = shapely.unary_union(polygons) if len(polygons) > 1 else polygons[0]
+            for part in getattr(merged, "geoms", [merged]):
+                if part.geom_type != "Polygon" or part.is_empty:
+                    continue
+                if bottom < height and part.bounds[1] <= lower + tolerance:
+                    pending.setdefault(value, []).append(part)
+                else:
+                    yield value, part
+    for value, polygons in pending.items():  # only reached when the last block is empty of them
+        for polygon in polygons:
+            yield value, polygon
+
+
+def ground_area(polygon) -> float:
+    """A polygon's area on the ground in square metres, from EPSG:3857 metres."""
+    return float(polygon.area * tiles.ground_scale(polygon.centroid.y) ** 2)
+
+
+def _counterclockwise(geometry):
+    import shapely
+    from shapely.geometry.polygon import orient
+
+    if geometry.geom_type == "Polygon":
+        return orient(geometry, sign=1.0)
+    if geometry.geom_type == "MultiPolygon":
+        return shapely.MultiPolygon([orient(part, sign=1.0) for part in geometry.geoms])
+    return geometry
+
+
+def to_lnglat(geometry, digits: int | None = None):
+    """An EPSG:3857 geometry in WGS84 degrees, exterior rings counterclockwise (RFC 7946, 3.1.6),
+    coordinates rounded to `digits` decimals if given."""
+    import shapely
+
+    lnglat = shapely.transform(geometry, lambda xy: np.column_stack(tiles.xy_to_lnglat(xy[:, 0], xy[:, 1])))
+    if digits is not None:
+        lnglat = shapely.set_precision(lnglat, 10.0**-digits)
+    return _counterclockwise(lnglat)
+
+
+def feature(geometry_3857, properties: dict, digits: int = 7) -> dict:
+    """A GeoJSON Feature in WGS84 (coordinates rounded to `digits` decimals: 1e-7° is about 1 cm)."""
+    from shapely.geometry import mapping
+
+    return {"type": "Feature", "geometry": mapping(to_lnglat(geometry_3857, digits)), "properties": properties}
+
+
+def write_features(path: str | os.PathLike, features: Iterable[dict], members: dict | None = None) -> int:
+    """Stream a GeoJSON FeatureCollection to `path` atomically; returns the number of features.
+
+    Args:
+        path: the .geojson file.
+        features: GeoJSON Feature dicts (feature()), written as they come.
+        members: more top-level members (foreign members, RFC 7946 6.1), e.g. a bbox.
+    """
+    count = 0
+    with atomic.atomic_path(path) as tmp, open(tmp, "w") as out:
+        out.write('{"type": "FeatureCollection"')
+        for key, value in (members or {}).items():
+            out.write(f", {json.dumps(key)}: {json.dumps(value)}")
+        out.write(', "features": [')
+        for item in features:
+            out.write(("," if count else "") + "\n" + json.dumps(item, separators=(",", ":")))
+            count += 1
+        out.write("\n]}\n")
+    return count
