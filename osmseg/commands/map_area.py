@@ -134,7 +134,9 @@ class RowDownloads:
 
     def _run(self) -> None:
         from osmseg.imagery import download_tiles
+        from osmseg.imagery.sources import new_session
 
+        session = new_session(self.args.workers)  # one pool of connections for every row
         try:
             for first in range(0, self.block.rows, DOWNLOAD_ROWS):
                 if self._stop.is_set():
@@ -144,7 +146,7 @@ class RowDownloads:
                 self.summaries.append(
                     download_tiles(
                         wanted, self.source, self.folder, workers=self.args.workers, rps=self.args.rps,
-                        tile_size=self.args.tile_size, progress=False,
+                        tile_size=self.args.tile_size, progress=False, session=session,
                     )
                 )  # fmt: skip
                 with self._changed:
@@ -154,6 +156,8 @@ class RowDownloads:
             with self._changed:
                 self.error = error
                 self._changed.notify_all()
+        finally:
+            session.close()
 
     def ready(self, row: int) -> None:
         with self._changed:
