@@ -9,7 +9,9 @@ osm-diff.geojson, the places where OSM and the model disagree, and their agreeme
 counts.json. osmseg.areamap describes each file.
 
 A re-run skips a map made from the same inputs (--force redoes it); an interrupted one keeps
-the tiles it fetched and fetches only the rest.
+the tiles it fetched and fetches only the rest. Tiles that failed to download (after the
+downloader's retries) are counted in counts.json as failed_tiles, and a re-run retries them
+and maps again.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import sys
 import threading
 from pathlib import Path
 
-from osmseg import datafiles, tiles
+from osmseg import atomic, datafiles, tiles
 from osmseg.commands import options
 from osmseg.errors import SourceError, UserError
 
@@ -109,6 +111,8 @@ def _finished(out: Path, inputs: dict) -> dict | None:
         return None
     if record.get("inputs") != inputs or not all((out / name).is_file() for name in record.get("files", [])):
         return None
+    if record.get("failed_tiles"):  # mapped with holes that a re-run may fill
+        return None
     return record
 
 
@@ -169,6 +173,10 @@ class RowDownloads:
     def close(self) -> None:
         self._stop.set()
         self._thread.join()
+
+    @property
+    def failed(self) -> int:
+        return sum(len(s.failed) for s in self.summaries)
 
     def line(self) -> str:
         fetched = sum(s.downloaded for s in self.summaries)
@@ -260,6 +268,13 @@ def main(args) -> int:
             f"{args.image_tiles!r} had none of the box's {len(block)} tiles at z{zoom}; check --bbox, --zoom "
             "and the source"
         )
+    if downloads is not None and downloads.failed:
+        # Kept in counts.json, so that a re-run retries those tiles and maps again.
+        record = json.loads((args.out / "counts.json").read_text())
+        record["failed_tiles"] = downloads.failed
+        atomic.write_text_atomic(args.out / "counts.json", json.dumps(record, indent=1) + "\n")
+        print(f"{downloads.failed} tiles failed to download (no imagery there); run again to retry them",
+              file=sys.stderr)
     _print_summary(result.counts, result.square_metres, result.agreement, args.out)
     if result.no_imagery:
         print(f"note: {len(reader.missing)} tiles had no imagery; their pixels are nodata (255) in mask.tif")
