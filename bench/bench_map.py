@@ -93,7 +93,7 @@ def bench_throughput(weights: Path, workdir: Path, demo_osm: Path) -> dict:
     figures = {"tiles": {"value": len(block), "unit": f"z17 tiles ({block.columns} × {block.rows})"}}
 
     class Args:
-        workers, rps, tile_size = 8, None, 256
+        workers, rps, tile_size, retries = 8, None, 256, 5
 
     with Server() as server:
         # The server draws a tile once and caches it: draw them all first, so that both sides

@@ -199,9 +199,12 @@ def map_area(
                     truth = np.where(valid, truth, NODATA).astype(np.uint8)
                     confusion[:] += _confusion(truth, labels, num_classes)
                     # Later classes paint over earlier ones, so OSM's label j may hide a class
-                    # below it: the model's class counts as missing only above OSM's label.
-                    missing = (labels > truth) & valid
-                    comparison.write(top, np.where(missing, labels, 0).astype(np.uint8), truth)
+                    # below it: the model's class counts as missing only above OSM's label, and
+                    # OSM's class as seen where the model's is it or one painted over it.
+                    missing = np.where((labels > truth) & valid, labels, 0).astype(np.uint8)
+                    confidence = probability_bytes.max(axis=2)
+                    seen = ((labels >= truth) & (truth > 0) & valid).astype(np.uint8)
+                    comparison.write(top, missing, truth, confidence, seen)
 
             strips = segment_strips(reader, predict, num_classes, windows, progress=progress)
             run_outputs(strips, [draw, account])
@@ -216,7 +219,7 @@ def map_area(
         )
         diff_features = None
         if diff_path is not None:
-            diff_features = list(_diff_features(diff_path, mask_path, probabilities_path, names, transform, simplify, diff))
+            diff_features = list(_diff_features(diff_path, names, transform, simplify, diff))
             polygonize.write_features(temporary("osm-diff.geojson"), diff_features)
         square_metres = {name: round(float(value), 1) for name, value in zip(names, metres)}
         agreement = _agreement(confusion, names) if confusion is not None else None
@@ -292,10 +295,14 @@ def _agreement(confusion: np.ndarray, names: list[str]) -> dict:
 
 
 class _DiffRaster:
-    """A two-band uint8 GeoTIFF written in rows: the model's class where OSM differs, and OSM's labels."""
+    """The comparison with OSM, a GeoTIFF of four uint8 bands written in rows: the model's class
+    where OSM's label is below it ("missing"), OSM's labels, the model's probability × 255 of
+    its class, and 1 where the model sees OSM's class (or one painted over it)."""
 
-    def __init__(self, path: Path, height: int, width: int, georeference):
-        self.path, self.shape, self.georeference = path, (height, width), georeference
+    BANDS = 4
+
+    def __init__(self, path: Path, height: int, width: int, georeference, bands: int = BANDS):
+        self.path, self.shape, self.georeference, self.bands = path, (height, width), georeference, bands
 
     def __enter__(self):
         import rasterio
@@ -303,16 +310,21 @@ class _DiffRaster:
         self._env = rasterio.Env(GDAL_CACHEMAX=64)
         self._env.__enter__()
         self.file = rasterio.open(
-            self.path, "w", driver="GTiff", height=self.shape[0], width=self.shape[1], count=2, dtype="uint8",
-            crs=self.georeference.crs, transform=self.georeference.transform, compress="deflate", zlevel=1,
-            tiled=False, blockysize=64,
+            self.path, "w", driver="GTiff", height=self.shape[0], width=self.shape[1], count=self.bands,
+            dtype="uint8", crs=self.georeference.crs, transform=self.georeference.transform, compress="deflate",
+            zlevel=1, tiled=False, blockysize=64,
         )  # fmt: skip
         return self
 
-    def write(self, top: int, missing: np.ndarray, truth: np.ndarray) -> None:
+    def write(self, top: int, *bands: np.ndarray) -> None:
         from rasterio.windows import Window
 
-        self.file.write(np.stack([missing, truth]), window=Window(0, top, self.shape[1], len(missing)))
+        self.file.write(np.stack(bands), window=Window(0, top, self.shape[1], len(bands[0])))
+
+    def write_band(self, band: int, top: int, rows: np.ndarray) -> None:
+        from rasterio.windows import Window
+
+        self.file.write(rows, band, window=Window(0, top, self.shape[1], len(rows)))
 
     def __exit__(self, *exc):
         try:
@@ -342,17 +354,31 @@ def _simplified(polygon, tolerance: float):
 
 
 def _segment_features(mask_path: Path, names: list[str], transform, simplify: float, min_area: float):
-    dataset, read = _band_rows(mask_path, 1)
+    """segments.geojson's features: the mask's regions of at least min_area square metres.
+
+    Regions are chosen by their area in raster space first (polygonize.select_regions), so
+    that the many specks of a noisy mask are never made into polygons at all.
+    """
+    import rasterio
+
     tolerance = simplify * abs(transform.a)
-    with dataset:
-        for value, polygon in polygonize.raster_polygons(read, dataset.height, transform):
-            if value >= len(names):
-                continue
-            area = polygonize.ground_area(polygon)
-            if area < min_area:
-                continue
+    chosen_path = mask_path.with_name(mask_path.name + ".chosen.tif")
+    try:
+        with rasterio.open(mask_path) as mask, _DiffRaster(chosen_path, mask.height, mask.width, mask, bands=1) as chosen:
+
+            def ground(top: int, bottom: int) -> np.ndarray:
+                return np.broadcast_to(_row_areas(transform, top, bottom - top)[:, None], (bottom - top, mask.width))
+
+            polygonize.select_regions(
+                lambda top, bottom: mask.read(1, window=((top, bottom), (0, mask.width))), [ground], mask.height,
+                lambda values, counts, sums: (values > 0) & (values < len(names)) & (sums[0] >= min_area),
+                lambda top, rows: chosen.write_band(1, top, rows),
+            )  # fmt: skip
+        for value, polygon, area in _regions(chosen_path, 1, len(names), transform, 0.0):
             properties = {"class": names[value], "class_index": value, "area_m2": round(area, 1)}
             yield polygonize.feature(_simplified(polygon, tolerance), properties)
+    finally:
+        chosen_path.unlink(missing_ok=True)
 
 
 def _inside(dataset, band: int, polygon) -> tuple[np.ndarray, np.ndarray]:
@@ -372,23 +398,48 @@ def _mean_inside(dataset, band: int, polygon) -> float:
     return float(values[inside].mean()) if inside.any() else 0.0
 
 
-def _diff_features(diff_path, mask_path, probabilities_path, names, transform, simplify, options: DiffOptions):
-    """The ranked places of osm-diff.geojson (see the module docstring)."""
+def _diff_features(diff_path: Path, names: list[str], transform, simplify: float, options: DiffOptions):
+    """The ranked places of osm-diff.geojson (see the module docstring).
+
+    Regions are first chosen by their statistics in raster space (polygonize.select_regions:
+    area, mean confidence or agreement), then only the chosen ones are vectorised.
+    """
     import rasterio
 
     tolerance = simplify * abs(transform.a)
-    found = []
-    with rasterio.open(probabilities_path) as probabilities, rasterio.open(mask_path) as mask:
-        for value, polygon, area in _regions(diff_path, 1, len(names), transform, options.min_area):
-            confidence = _mean_inside(probabilities, value + 1, polygon) / 255
-            if confidence >= options.min_confidence:
+    chosen_path = diff_path.with_name(diff_path.name.replace(".partial", ".chosen.partial"))
+    try:
+        with rasterio.open(diff_path) as diff, _DiffRaster(chosen_path, diff.height, diff.width, diff, bands=2) as chosen:
+
+            def band(number: int):
+                return lambda top, bottom: diff.read(number, window=((top, bottom), (0, diff.width)))
+
+            def ground(top: int, bottom: int) -> np.ndarray:
+                return np.broadcast_to(_row_areas(transform, top, bottom - top)[:, None], (bottom - top, diff.width))
+
+            def confident(values, counts, sums):
+                area, confidence = sums
+                return (values < len(names)) & (area >= options.min_area) & (confidence / counts / 255 >= options.min_confidence)
+
+            def unseen(values, counts, sums):
+                area, seen = sums
+                return (values < len(names)) & (area >= options.min_area) & (seen / counts <= options.max_agreement)
+
+            rows = diff.height
+            polygonize.select_regions(band(1), [ground, band(3)], rows, confident, lambda t, r: chosen.write_band(1, t, r))
+            polygonize.select_regions(band(2), [ground, band(4)], rows, unseen, lambda t, r: chosen.write_band(2, t, r))
+        found = []
+        with rasterio.open(diff_path) as diff:
+            for value, polygon, area in _regions(chosen_path, 1, len(names), transform, 0.0):
+                confidence = _mean_inside(diff, 3, polygon) / 255
                 found.append(("missing in OSM", value, polygon, area, {"confidence": round(confidence, 3)},
                               area * confidence))  # fmt: skip
-        for value, polygon, area in _regions(diff_path, 2, len(names), transform, options.min_area):
-            agreement = _share_seen(mask, value, polygon)
-            if agreement <= options.max_agreement:
+            for value, polygon, area in _regions(chosen_path, 2, len(names), transform, 0.0):
+                agreement = _mean_inside(diff, 4, polygon)
                 found.append(("check in OSM", value, polygon, area, {"agreement": round(agreement, 3)},
                               area * (1 - agreement)))  # fmt: skip
+    finally:
+        chosen_path.unlink(missing_ok=True)
     found.sort(key=lambda item: -item[5])
     for rank, (kind, value, polygon, area, extra, score) in enumerate(found, start=1):
         properties = {"kind": kind, "class": names[value], "class_index": value, "area_m2": round(area, 1),
@@ -404,10 +455,3 @@ def _regions(path: Path, band: int, num_classes: int, transform, min_area: float
             area = polygonize.ground_area(polygon)
             if value < num_classes and area >= min_area:
                 yield value, polygon, area
-
-
-def _share_seen(mask, value: int, polygon) -> float:
-    """The share of a polygon's pixels that the mask gives class `value` or a class painted over it."""
-    labels, inside = _inside(mask, 1, polygon)
-    seen = (labels >= value) & (labels != NODATA)
-    return float(seen[inside].mean()) if inside.any() else 0.0

@@ -128,3 +128,96 @@ def write_features(path: str | os.PathLike, features: Iterable[dict], members: d
             count += 1
         out.write("\n]}\n")
     return count
+
+
+# --- Regions chosen by their statistics, a block of rows at a time ----------------------------
+
+
+def _label_block(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Component ids (int64 (rows, W), 0: none) of the 4-connected regions of each non-zero value
+    other than NODATA, numbered from 1 within the block, and the value of each id (index 0: 0)."""
+    import cv2
+
+    labels = np.zeros(values.shape, dtype=np.int64)
+    id_values = [0]
+    for value in np.unique(values):
+        if value == 0 or value == NODATA:
+            continue
+        count, components = cv2.connectedComponents((values == value).astype(np.uint8), connectivity=4, ltype=cv2.CV_32S)
+        inside = components > 0
+        labels[inside] = components[inside] + (len(id_values) - 1)
+        id_values.extend([int(value)] * (count - 1))
+    return labels, np.array(id_values, dtype=np.int64)
+
+
+def select_regions(read_values, measures, height: int, keep, write, block_rows: int = BLOCK_ROWS) -> int:
+    """Keep the regions of a raster that `keep` accepts by their statistics, and write them out.
+
+    Regions are 4-connected pixels of equal non-zero value (NODATA aside), whole across block
+    borders: two passes over the raster, a block of rows at a time. The first labels each
+    block's regions, sums `measures` over them and joins those that touch across block borders
+    (union-find); the second labels the blocks again and writes the accepted regions' values.
+    Memory holds one block and a few numbers per region.
+
+    Args:
+        read_values: (top, bottom) -> uint8 (rows, W) region values.
+        measures: functions (top, bottom) -> float (rows, W) to sum over each region.
+        height: the raster's rows.
+        keep: (values, counts, sums) -> bool per region: values and pixel counts int64 (R,),
+            sums a list of float64 (R,), one per measure.
+        write: called with (top, uint8 (rows, W)): each block's accepted regions' values, 0 elsewhere.
+        block_rows: rows a block.
+
+    Returns:
+        The number of regions kept.
+    """
+    parent: list[int] = [0]
+    values, counts, sums = [np.zeros(1, np.int64)], [np.zeros(1, np.int64)], [[np.zeros(1)] for _ in measures]
+    offsets: list[int] = []
+    last_ids = last_values = None
+
+    def find(node: int) -> int:
+        root = node
+        while parent[root] != root:
+            root = parent[root]
+        while parent[node] != root:
+            parent[node], node = root, parent[node]
+        return root
+
+    for top in range(0, height, block_rows):
+        bottom = min(top + block_rows, height)
+        block = read_values(top, bottom)
+        local, local_values = _label_block(block)
+        offset = len(parent) - 1
+        offsets.append(offset)
+        found = len(local_values) - 1
+        parent.extend(range(offset + 1, offset + 1 + found))
+        flat = local.ravel()
+        values.append(local_values[1:])
+        counts.append(np.bincount(flat, minlength=found + 1)[1:])
+        for index, measure in enumerate(measures):
+            sums[index].append(np.bincount(flat, weights=measure(top, bottom).ravel(), minlength=found + 1)[1:])
+        ids = np.where(local > 0, local + offset, 0)
+        if last_ids is not None:
+            touching = (last_ids > 0) & (ids[0] > 0) & (last_values == block[0])
+            for above, below in set(zip(last_ids[touching].tolist(), ids[0][touching].tolist())):
+                a, b = find(above), find(below)
+                if a != b:
+                    parent[max(a, b)] = min(a, b)
+        last_ids, last_values = ids[-1], block[-1]
+    roots = np.array([find(node) for node in range(len(parent))], dtype=np.int64)
+    every_value = np.concatenate(values)
+    total = len(parent)
+    region_counts = np.bincount(roots, weights=np.concatenate(counts), minlength=total)
+    region_sums = [np.bincount(roots, weights=np.concatenate(parts), minlength=total) for parts in sums]
+    chosen = np.zeros(total, dtype=bool)
+    heads = np.unique(roots[1:])
+    chosen[heads] = keep(every_value[heads], region_counts[heads].astype(np.int64), [s[heads] for s in region_sums])
+    kept_ids = chosen[roots]
+    for number, top in enumerate(range(0, height, block_rows)):
+        bottom = min(top + block_rows, height)
+        block = read_values(top, bottom)
+        local, _ = _label_block(block)
+        ids = np.where(local > 0, local + offsets[number], 0)
+        write(top, np.where(kept_ids[ids], block, 0).astype(np.uint8))
+    return int(chosen[heads].sum())

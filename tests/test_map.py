@@ -277,6 +277,23 @@ def _rings(geometry: dict):
         yield from polygon
 
 
+def test_tiles_that_fail_leave_nodata_and_the_map_is_redone_next_time(weights, tmp_path, capsys):
+    from demo_faults import FaultyTileServer
+
+    out = tmp_path / "map"
+    with FaultyTileServer(seed=0, error_every=3) as server:  # every third request fails, retries off
+        argv = ["map", "--weights", str(weights), BOX, "--image-tiles", server.tilejson_url, "--retries", "0",
+                "--tiles", str(tmp_path / "t"), "--out", str(out), "--heatmap-size", "32"]  # fmt: skip
+        assert cli.run(prepare.main, argv) == 0
+        record = json.loads((out / "counts.json").read_text())
+        assert record["failed_tiles"] >= 1 and record["no_imagery_pixels"] == record["failed_tiles"] * 256 * 256
+        assert "run again to retry them" in capsys.readouterr().err
+        server.set_faults(error_every=0)
+        assert cli.run(prepare.main, argv) == 0  # not "already mapped": the holes are filled
+    record = json.loads((out / "counts.json").read_text())
+    assert "failed_tiles" not in record and record["no_imagery_pixels"] == 0
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
@@ -353,3 +370,32 @@ def test_results_page_layers_toggle_in_headless_chromium(tmp_path):
     assert count(imagery_only, shown[1]) < 50 and count(segments, shown[1]) > 50_000
     assert count(segments, shown[2]) > 5_000  # the building square, in its display colour
     assert count(imagery_only, (255, 0, 255)) < 20 and count(with_diff, (255, 0, 255)) > 500
+
+
+def test_regions_are_chosen_whole_by_their_statistics_across_blocks():
+    values = np.zeros((40, 30), dtype=np.uint8)
+    values[2:38, 2:6] = 1  # tall: crosses every block border
+    values[10:14, 20:24] = 1  # small
+    values[18:26, 10:16] = 2  # crosses one border
+    values[30:40, 25:30] = polygonize.NODATA
+    weight = np.zeros((40, 30))
+    weight[2:20, 2:6] = 1.0  # half of the tall region
+    weight[18:26, 10:16] = 1.0  # all of region 2
+    for rows in (5, 9, 40):
+        kept = {}
+
+        def keep(region_values, counts, sums):
+            for value, count, total in zip(region_values, counts, sums[0]):
+                kept.setdefault(int(value), []).append((int(count), float(total)))
+            return counts >= 20
+
+        out = np.zeros_like(values)
+
+        def write(top, block):
+            out[top : top + len(block)] = block
+
+        assert polygonize.select_regions(lambda t, b: values[t:b], [lambda t, b: weight[t:b]], 40, keep, write, rows) == 2
+        assert sorted(kept[1]) == [(16, 0.0), (36 * 4, 18 * 4.0)] and kept[2] == [(48, 48.0)], rows
+        expected = np.where(np.isin(values, (1, 2)), values, 0)
+        expected[10:14, 20:24] = 0  # the small region is left out
+        np.testing.assert_array_equal(out, expected)

@@ -44,6 +44,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--tile-size", type=int, default=256, help="the imagery tiles' width and height in pixels")
     parser.add_argument("--workers", type=int, default=8, help="concurrent downloads")
     parser.add_argument("--rps", type=options.rps, default=None, help="at most this many requests per second")
+    parser.add_argument("--retries", type=int, default=5, help="retries per tile (timeouts, 5xx, cut transfers)")
     parser.add_argument(
         "--osm", default=None,
         help="an OSM source to compare with (as for prepare.py labels; default: none, and no osm-diff.geojson)",
@@ -90,8 +91,8 @@ def _check(args, block: tiles.TileBlock) -> None:
         )
     if not 0 <= args.overlap < 1:
         raise UserError(f"--overlap {args.overlap}: use a fraction in [0, 1), e.g. 0.25")
-    if args.tile_size < 1 or args.simplify < 0 or args.min_area < 0:
-        raise UserError("--tile-size must be positive, --simplify and --min-area at least 0")
+    if args.tile_size < 1 or args.simplify < 0 or args.min_area < 0 or args.retries < 0:
+        raise UserError("--tile-size must be positive, --simplify, --min-area and --retries at least 0")
     for name in ("min_confidence", "max_agreement"):
         if not 0 <= getattr(args, name) <= 1:
             raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: use a fraction in [0, 1]")
@@ -150,7 +151,7 @@ class RowDownloads:
                 self.summaries.append(
                     download_tiles(
                         wanted, self.source, self.folder, workers=self.args.workers, rps=self.args.rps,
-                        tile_size=self.args.tile_size, progress=False, session=session,
+                        tile_size=self.args.tile_size, retries=self.args.retries, progress=False, session=session,
                     )
                 )  # fmt: skip
                 with self._changed:
