@@ -4,7 +4,8 @@
 rows, so that memory holds one block and the polygons open across its lower edge, never the
 whole raster; regions cut by block edges are merged and come back whole. `write_features`
 streams RFC 7946 GeoJSON (WGS84 longitude/latitude, exterior rings counterclockwise) into a
-file written atomically. Areas are ground square metres: Web Mercator scales areas by
+file. `select_regions` chooses regions by statistics summed over them (area, confidence...)
+before any is vectorised. Areas are ground square metres: Web Mercator scales areas by
 1 / cos²(latitude) (tiles.ground_scale), taken at each polygon's centroid.
 """
 
@@ -16,7 +17,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 
-from osmseg import atomic, tiles
+from osmseg import tiles
 
 NODATA = 255  # label value of pixels without imagery: never vectorised
 BLOCK_ROWS = 2048
@@ -110,15 +111,15 @@ def feature(geometry_3857, properties: dict, digits: int = 7) -> dict:
 
 
 def write_features(path: str | os.PathLike, features: Iterable[dict], members: dict | None = None) -> int:
-    """Stream a GeoJSON FeatureCollection to `path` atomically; returns the number of features.
+    """Stream a GeoJSON FeatureCollection into `path`; returns the number of features.
 
     Args:
-        path: the .geojson file.
+        path: the .geojson file (a temporary one of osmseg.atomic's: written in place).
         features: GeoJSON Feature dicts (feature()), written as they come.
         members: more top-level members (foreign members, RFC 7946 6.1), e.g. a bbox.
     """
     count = 0
-    with atomic.atomic_path(path) as tmp, open(tmp, "w") as out:
+    with open(path, "w") as out:
         out.write('{"type": "FeatureCollection"')
         for key, value in (members or {}).items():
             out.write(f", {json.dumps(key)}: {json.dumps(value)}")

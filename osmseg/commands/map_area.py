@@ -58,9 +58,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--overlap", type=float, default=0.25, help="fraction of a window shared with its neighbour")
     parser.add_argument("--batch-size", type=options.positive_int, default=8, help="windows per model call")
     parser.add_argument("--simplify", type=float, default=1.0, help="polygon simplification tolerance, in pixels")
-    parser.add_argument("--min-area", type=float, default=20.0, help="leave out polygons below this many m²")
+    parser.add_argument("--min-area", type=float, default=20.0, help="segments.geojson leaves out polygons below this many m²")
     parser.add_argument(
-        "--min-confidence", type=float, default=0.5,
+        "--diff-min-area", type=float, default=50.0, help="osm-diff.geojson leaves out places below this many m²"
+    )
+    parser.add_argument(
+        "--min-confidence", type=float, default=0.6,
         help="'missing in OSM' needs the model's mean probability at least this",
     )  # fmt: skip
     parser.add_argument(
@@ -91,8 +94,8 @@ def _check(args, block: tiles.TileBlock) -> None:
         )
     if not 0 <= args.overlap < 1:
         raise UserError(f"--overlap {args.overlap}: use a fraction in [0, 1), e.g. 0.25")
-    if args.tile_size < 1 or args.simplify < 0 or args.min_area < 0 or args.retries < 0:
-        raise UserError("--tile-size must be positive, --simplify, --min-area and --retries at least 0")
+    if args.tile_size < 1 or min(args.simplify, args.min_area, args.diff_min_area, args.retries) < 0:
+        raise UserError("--tile-size must be positive, --simplify, --min-area, --diff-min-area and --retries at least 0")
     for name in ("min_confidence", "max_agreement"):
         if not 0 <= getattr(args, name) <= 1:
             raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: use a fraction in [0, 1]")
@@ -205,6 +208,7 @@ def main(args) -> int:
         "overlap": args.overlap,
         "simplify": args.simplify,
         "min_area": args.min_area,
+        "diff_min_area": args.diff_min_area,
         "min_confidence": args.min_confidence,
         "max_agreement": args.max_agreement,
         "heatmap_size": args.heatmap_size,
@@ -251,8 +255,8 @@ def main(args) -> int:
         try:
             result = areamap.map_area(
                 reader, predict, classes, args.out, windows, osm_labels=osm_labels,
-                diff=areamap.DiffOptions(args.min_area, args.min_confidence, args.max_agreement),
-                simplify=args.simplify, heatmap_size=args.heatmap_size, inputs=inputs, progress=True,
+                diff=areamap.DiffOptions(args.diff_min_area, args.min_confidence, args.max_agreement),
+                min_area=args.min_area, simplify=args.simplify, heatmap_size=args.heatmap_size, inputs=inputs, progress=True,
             )  # fmt: skip
         finally:
             reader.close()
