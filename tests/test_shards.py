@@ -18,7 +18,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import prepare
-from osmseg import labels, shards
+from osmseg import atomic, datafiles, labels, shards
+from osmseg.imagery import download
 from osmseg.shards import Shard
 
 # --- the split rule and --shard -------------------------------------------------------------
@@ -36,7 +37,7 @@ from osmseg.shards import Shard
         ("", "is not I/N"),
     ],
 )
-@pytest.mark.parametrize("stage", ["labels"])
+@pytest.mark.parametrize("stage", ["labels", "images"])
 def test_bad_shards_exit_2_saying_how_to_write_one(stage, text, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_:
         prepare.main([stage, f"--shard={text}", "--sample", str(tmp_path / "none.txt")])
@@ -115,3 +116,30 @@ def test_the_split_is_the_same_in_another_process_with_another_hash_seed(tmp_pat
     assert out.strip() == str([tuple(t) for t in shards.pick(tiles, Shard(1, 3))])
 
 
+# --- shards writing into one images folder at once -------------------------------------------
+
+
+def test_an_image_shard_removes_only_its_own_tiles_leftovers(tmp_path):
+    mine, theirs = mercantile.Tile(65536, 65536, 17), mercantile.Tile(65537, 65536, 17)
+    (tmp_path / "rejected").mkdir()
+    own = tmp_path / f".{datafiles.tile_stem(mine)}.x1y2z3ab.partial.jpg"
+    other = tmp_path / f".{datafiles.tile_stem(theirs)}.x1y2z3ab.partial.jpg"
+    other_rejected = tmp_path / "rejected" / f".{datafiles.tile_stem(theirs)}.q1w2e3r4.partial.bin"
+    for path in (own, other, other_rejected):
+        path.write_bytes(b"half")
+    download._clean_partials(tmp_path, {datafiles.tile_stem(mine)})
+    assert not own.exists() and other.exists() and other_rejected.exists()
+    download._clean_partials(tmp_path)  # an unsharded run owns the folder
+    assert not other.exists() and not other_rejected.exists()
+
+
+def test_locked_makes_another_process_wait(tmp_path):
+    lock = tmp_path / ".tile-logs.lock"
+    probe = (
+        "import fcntl, sys; handle = open(sys.argv[1], 'a')\n"
+        "try:\n    fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)\nexcept OSError:\n    sys.exit(3)\n"
+    )
+    with atomic.locked(lock):
+        held = subprocess.run([sys.executable, "-c", probe, str(lock)]).returncode
+    free = subprocess.run([sys.executable, "-c", probe, str(lock)]).returncode
+    assert (held, free) == (3, 0)
