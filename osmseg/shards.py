@@ -32,6 +32,7 @@ The cache stage splits differently, because its rows have an order to keep: see
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -161,3 +162,15 @@ def shard_path(path: str | Path, shard: Shard) -> Path:
     """The file shard I/N of `path` is written to: ``training.hdf5`` -> ``training.shard-I-of-N.hdf5``."""
     path = Path(path)
     return path.with_name(f"{path.stem}.{shard.name}{path.suffix}")
+
+
+def usable_cores() -> int:
+    """The cores this process may run on: a scheduler's allocation, not the machine's count.
+
+    Slurm (task/affinity, task/cgroup) and Kubernetes CPU managers confine a job to a CPU
+    set, which the affinity mask shows; os.cpu_count() counts the whole node, and a stage
+    that started a worker per core would run 64 processes on an 8-core allocation.
+    """
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1

@@ -121,6 +121,20 @@ def test_the_split_is_the_same_in_another_process_with_another_hash_seed(tmp_pat
     assert out.strip() == str([tuple(t) for t in shards.pick(tiles, Shard(1, 3))])
 
 
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or (os.cpu_count() or 1) < 2, reason="needs 2 cores")
+def test_default_workers_follow_the_cores_a_job_was_given():
+    # As when Slurm or Kubernetes confines a job to one core of a larger machine.
+    script = (
+        "import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+        "from osmseg.cache.build import default_workers; import prepare; "
+        "p = prepare.options.parser(); prepare.labels.add_arguments(p); "
+        "print(default_workers(), p.parse_args([]).workers)"
+    )
+    env = dict(os.environ, PYTHONPATH=str(prepare.__file__).rsplit("/", 1)[0])
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["1", "1"]
+
+
 # --- cache shards and merge-cache (tiny PNG world, no mapnik) ---------------------------------
 
 

@@ -30,6 +30,7 @@ from osmseg.classes import IGNORE, Classes
 from osmseg.datafiles import find_image, label_path, tile_stem
 from osmseg.errors import CacheError, UserError
 from osmseg.rasters import NotEightBit, read_rgb
+from osmseg.shards import usable_cores
 
 _WRITE_BLOCK = 32  # rows allocated at least, before the datasets double as they fill
 _LIST_LIMIT = 20  # skipped items named in full before "... and N more"
@@ -286,8 +287,8 @@ def ordered_map(function: Callable, items: Iterable, workers: int, window: int |
 
 
 def default_workers() -> int:
-    """Threads for building: the machine's cores, at most 8."""
-    return max(1, min(8, os.cpu_count() or 1))
+    """Threads for building: the cores this process may use (a job's allocation), at most 8."""
+    return max(1, min(8, usable_cores()))
 
 
 def progress_bar(total: int | None, description: str, unit: str = "tile"):

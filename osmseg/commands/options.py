@@ -150,7 +150,9 @@ def add_tile_size(parser, help_: str = "label size in pixels", default=DEFAULT_T
 
 
 def add_workers(parser, help_: str, default: int | None = None) -> None:
-    parser.add_argument("--workers", type=int, default=default or os.cpu_count() or 1, help=help_)
+    from osmseg.shards import usable_cores
+
+    parser.add_argument("--workers", type=int, default=default or usable_cores(), help=help_)
 
 
 def open_osm_source(args, bbox):
