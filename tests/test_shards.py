@@ -222,6 +222,18 @@ def test_each_shard_and_the_merge_resume(world, capsys):
     assert _merge(world, 2) == 0  # up to date: needs no shards any more
     assert capsys.readouterr().out.count("up to date, not merged again") == 2
     assert merged == {p: p.stat().st_mtime_ns for p in merged}
+    # A label re-rendered: its shard is rebuilt, and the merge replaces the stale cache, saying why.
+    _shard(world, 0, 2)
+    _shard(world, 1, 2)
+    label = datafiles.label_path(world["labels"], _tile_in(root / "training.shard-1-of-2.hdf5"))
+    os.utime(label, ns=(1, 1))
+    _shard(world, 1, 2)
+    capsys.readouterr()
+    assert _merge(world, 2) == 0
+    out = capsys.readouterr().out
+    assert "training.hdf5: rebuilding: image or label files changed" in out and "testing.hdf5: up to date" in out
+    assert cli.run(prepare.main, _argv(world, "whole")) == 0
+    _assert_same_cache(world["root"] / "whole" / "training.hdf5", root / "training.hdf5")
 
 
 def _tile_in(path, row=0):

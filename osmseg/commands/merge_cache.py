@@ -12,7 +12,14 @@ shard files are deleted.
 from __future__ import annotations
 
 from osmseg.cache import merge
-from osmseg.cache.build import is_up_to_date, resolve_entries, tiles_digest, tiles_fingerprint
+from osmseg.cache.build import (
+    BuildSummary,
+    is_up_to_date,
+    needs_build,
+    resolve_entries,
+    tiles_digest,
+    tiles_fingerprint,
+)
 from osmseg.commands import cache, options
 from osmseg.shards import Shard
 
@@ -55,5 +62,7 @@ def main(args) -> int:
         checked.append((role, out, shards, fingerprint))
     # Only once every shard of both caches passed: nothing is written for a merge that would fail.
     for role, out, shards, fingerprint in checked:
+        # As a build does: a stale cache goes first, so that an interrupted merge leaves none.
+        needs_build(out, fingerprint, BuildSummary(out), print)
         merge.merge(shards, out, work.classes, args.tile_size, dict(work.params, role=role), fingerprint)
     return 0
