@@ -34,6 +34,25 @@ OSM_PREREQ := $(if $(filter overpass,$(OSM_SOURCE)),,$(OSM))
 # environment, so it never shows in make's echo of a command line.
 IMAGE_TILES ?= tilejson+https://a.tiles.mapbox.com/v4/mapbox.satellite.json?access_token=$$(MapboxAccessToken)
 WORKERS ?= 8
+# One machine's part of the labels, images and cache stages: SHARD=I SHARDS=N does part I
+# (0..N-1) of N (prepare.py --shard I/N), e.g. SHARD=$$SLURM_ARRAY_TASK_ID in an array job.
+# SHARDS=N without SHARD on data/training.hdf5 joins the N shard caches (prepare.py merge-cache).
+SHARD ?=
+SHARDS ?=
+SHARD_FLAG := $(if $(SHARD),--shard $(SHARD)/$(SHARDS))
+CACHE_COMMAND := $(if $(SHARD),cache $(SHARD_FLAG),$(if $(SHARDS),merge-cache --shards $(SHARDS),cache))
+# Every shard changes the folders' times, so make cannot tell from them whether this machine's
+# part is done: in a shard run (SHARD set) the labels and images targets, and with SHARDS set
+# the cache target, always run their command (which skips finished work) and build none of
+# their prerequisites (make those first, in one job: README, "Preparing data on many machines").
+ifneq ($(SHARD),)
+.PHONY: data/labels/color data/images
+endif
+ifneq ($(SHARDS),)
+.PHONY: data/training.hdf5 data/testing.hdf5
+endif
+UNLESS_SHARD = $(if $(SHARD),,$(1))
+UNLESS_SHARDS = $(if $(SHARDS),,$(1))
 
 # Training and evaluation (train.py's defaults are the seed's).
 MODEL ?= segnet
@@ -94,8 +113,8 @@ data/all_tiles.txt: $(OSM_PREREQ) | $(INSTALLED)
 data/sample.txt: data/all_tiles.txt
 	$(PY) prepare.py sample --all-tiles $< --zoom $(ZOOM_LEVEL) --count $(TRAIN_SIZE) --seed $(SEED) --out $@
 
-data/labels/color: data/sample.txt $(CLASSES)
-	$(PY) prepare.py labels --sample $< --classes $(CLASSES) --tile-size $(TILE_SIZE) --out $@
+data/labels/color: $(call UNLESS_SHARD,data/sample.txt $(CLASSES))
+	$(PY) prepare.py labels --sample data/sample.txt --classes $(CLASSES) --tile-size $(TILE_SIZE) --out $@ $(SHARD_FLAG)
 	touch $@
 
 data/sample-filtered.txt: data/labels/color
@@ -104,10 +123,11 @@ data/sample-filtered.txt: data/labels/color
 
 # --- Imagery ------------------------------------------------------------------------
 
-data/images: data/sample-filtered.txt
-	@echo "$(PY) prepare.py images --sample $< --out $@ (IMAGE_TILES not echoed: it may hold a token)"
-	@$(PY) prepare.py images --sample $< --image-tiles '$(IMAGE_TILES)' --out $@ \
-		--labels data/labels/color --workers $(WORKERS)
+data/images: $(call UNLESS_SHARD,data/sample-filtered.txt)
+	@echo "$(PY) prepare.py images --sample data/sample-filtered.txt --out $@ $(SHARD_FLAG)" \
+		"(IMAGE_TILES not echoed: it may hold a token)"
+	@$(PY) prepare.py images --sample data/sample-filtered.txt --image-tiles '$(IMAGE_TILES)' --out $@ \
+		--labels data/labels/color --workers $(WORKERS) $(SHARD_FLAG)
 	touch $@
 
 # Needs only the labels, so you can look before paying for imagery; images show as they arrive.
@@ -119,8 +139,10 @@ serve-demo: | $(INSTALLED)
 
 # --- Cache --------------------------------------------------------------------------
 
-data/training.hdf5 data/testing.hdf5 &: data/images
-	$(PY) prepare.py cache --sample data/sample-filtered.txt --images data/images \
+# With SHARD=I SHARDS=N this writes data/training.shard-I-of-N.hdf5 and data/testing.shard-I-of-N.hdf5
+# instead; with SHARDS=N alone it merges them into these two.
+data/training.hdf5 data/testing.hdf5 &: $(call UNLESS_SHARDS,data/images)
+	$(PY) prepare.py $(CACHE_COMMAND) --sample data/sample-filtered.txt --images data/images \
 		--labels data/labels/color --test-size $(TEST_SIZE) --test-list data/test-sample-filtered.txt \
 		--out data/training.hdf5 --test-out data/testing.hdf5
 

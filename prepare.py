@@ -22,6 +22,7 @@ from osmseg.commands import (
     import_masks,
     labels,
     map_area,
+    merge_cache,
     options,
     preview,
     sample,
@@ -42,6 +43,7 @@ COMMANDS = {
         images,
         preview,
         cache,
+        merge_cache,
         import_masks,
         map_area,
     )

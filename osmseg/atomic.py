@@ -3,13 +3,16 @@
 An interrupted or failed write never leaves a file that looks complete, and never clobbers
 a previous complete file with a partial one. Temporary names start with a dot and contain
 ``.partial`` (``.<stem>.XXXX.partial<suffix>``), so a stage that finds them after a kill
-knows they are leftovers.
+knows they are leftovers. `locked` lets processes (shards, on one host or several) update a
+shared file in turn.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -65,3 +68,40 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
     """Write bytes to `path` through a temporary file and a rename."""
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
+
+
+_UNLOCKABLE = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
+_warned_unlocked: set[str] = set()
+
+
+@contextlib.contextmanager
+def locked(path: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive lock on the file `path` (created empty if need be) while the block runs.
+
+    For processes that update one file in turn, possibly from other hosts: shards of a stage
+    writing into one folder on a shared filesystem. POSIX record locks (fcntl.lockf) rather
+    than flock, because NFS clients pass them to the server's lock manager (NFSv3's NLM, NFSv4
+    itself) and so they hold across hosts; the lock file is never replaced, so every process
+    locks the same inode. On a filesystem without locks (some Lustre or FUSE mounts) the
+    block runs unlocked, with one warning on stderr.
+    """
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        try:
+            fcntl.lockf(handle, fcntl.LOCK_EX)
+        except OSError as error:
+            if error.errno not in _UNLOCKABLE:
+                raise
+            if str(path) not in _warned_unlocked:
+                _warned_unlocked.add(str(path))
+                print(f"warning: {path}: this filesystem takes no locks ({error.strerror}); "
+                      "processes writing here at once may lose each other's updates", file=sys.stderr)
+            yield
+            return
+        try:
+            yield
+        finally:
+            fcntl.lockf(handle, fcntl.LOCK_UN)

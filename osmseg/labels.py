@@ -426,6 +426,22 @@ def _tasks(tiles: Iterable[mercantile.Tile], source_zoom: int) -> list[list[merc
     return tasks
 
 
+def shard_tiles(tiles: Iterable[mercantile.Tile], shard, source_zoom: int) -> list[mercantile.Tile]:
+    """Shard I/N's part of a labels run over `tiles` (prepare.py labels --shard, osmseg.shards).
+
+    Whole tasks of one run over all the tiles (runs of up to _MAX_GROUP tiles of one source
+    tile), so that every label is drawn in the same group as without shards: a label can
+    differ by a pixel with its group, whose bounds the features are clipped to. render_labels
+    given this part makes the same tasks again (whole source tiles, or pieces cut at the same
+    multiples of _MAX_GROUP).
+    """
+    from osmseg import shards
+
+    tasks = _tasks(dict.fromkeys(tiles), source_zoom)
+    first, stop = shards.cut([len(task) for task in tasks], shard)
+    return [tile for task in tasks[first:stop] for tile in task]
+
+
 def render_labels(
     tiles: Iterable[mercantile.Tile],
     source,

@@ -51,6 +51,11 @@ def _write_png(path, rgb):
 @pytest.fixture
 def world(tmp_path):
     """A tiny pipeline data folder: 12 tiles with PNG images, colour labels, a sample list."""
+    return make_world(tmp_path)
+
+
+def make_world(tmp_path):
+    """The `world` fixture's folder, made in tmp_path (also used by tests/test_shards.py)."""
     rng = np.random.default_rng(1)
     images_dir, labels_dir = tmp_path / "images", tmp_path / "labels"
     images_dir.mkdir()

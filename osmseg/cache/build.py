@@ -30,6 +30,7 @@ from osmseg.classes import IGNORE, Classes
 from osmseg.datafiles import find_image, label_path, tile_stem
 from osmseg.errors import CacheError, UserError
 from osmseg.rasters import NotEightBit, read_rgb
+from osmseg.shards import usable_cores
 
 _WRITE_BLOCK = 32  # rows allocated at least, before the datasets double as they fill
 _LIST_LIMIT = 20  # skipped items named in full before "... and N more"
@@ -125,7 +126,7 @@ def file_stamp(path: Path | None) -> str:
 
 
 # The order in which fingerprint parts are compared, and how a difference is explained.
-_FINGERPRINT_REASONS = {
+FINGERPRINT_REASONS = {
     "classes": "the classes changed (another classes file, or its names or colours were edited)",
     "tile_size": "the tile size changed",
     "stride": "the stride changed",
@@ -158,7 +159,7 @@ def _stale_reason(out_path: Path, fingerprint: dict) -> str | None:
         old = json.loads(attrs["params"]).get("fingerprint", {})
     except (json.JSONDecodeError, AttributeError):
         return "its creation parameters are unreadable"
-    for key, reason in _FINGERPRINT_REASONS.items():
+    for key, reason in FINGERPRINT_REASONS.items():
         if old.get(key) != fingerprint.get(key):
             if key in ("tile_size", "stride"):
                 return f"{reason} ({old.get(key)} -> {fingerprint.get(key)})"
@@ -168,11 +169,24 @@ def _stale_reason(out_path: Path, fingerprint: dict) -> str | None:
     return None
 
 
+def is_up_to_date(out_path: Path, fingerprint: dict) -> bool:
+    """Whether out_path is a cache made from exactly the inputs this fingerprint describes.
+
+    Raises:
+        CacheError: out_path exists but is not one of our caches.
+    """
+    return out_path.exists() and _stale_reason(out_path, fingerprint) is None
+
+
 def needs_build(out_path: Path, fingerprint: dict, summary: BuildSummary, log: Log) -> bool:
     """Decide whether to build; delete a stale cache first so it can never be used."""
     # A killed build (SIGKILL, power cut) leaves its temporary file (see atomic.atomic_path):
     # as large as the cache, hidden, and of no use, since a build never resumes half-way.
     for leftover in out_path.parent.glob(f".{out_path.stem}.*.partial{out_path.suffix}"):
+        # .training.<random>.partial.hdf5 only: not a shard's (.training.shard-0-of-2.<random>...),
+        # which may be in flight; atomic_path's random part has no dot.
+        if "." in leftover.name[len(out_path.stem) + 2 : -len(".partial" + out_path.suffix)]:
+            continue
         log(f"{leftover}: removing what an interrupted build left")
         leftover.unlink(missing_ok=True)
     if not out_path.exists():
@@ -273,8 +287,8 @@ def ordered_map(function: Callable, items: Iterable, workers: int, window: int |
 
 
 def default_workers() -> int:
-    """Threads for building: the machine's cores, at most 8."""
-    return max(1, min(8, os.cpu_count() or 1))
+    """Threads for building: the cores this process may use (a job's allocation), at most 8."""
+    return max(1, min(8, usable_cores()))
 
 
 def progress_bar(total: int | None, description: str, unit: str = "tile"):
@@ -351,6 +365,35 @@ class Prepared:
 # --- Writer 1: the pipeline's tiles --------------------------------------------------------
 
 
+Resolved = tuple[str, mercantile.Tile, "Path | None", "Path | None"]  # source, tile, image, label
+
+
+def resolve_entries(entries: Iterable[Entry], images_dir: Path, labels_dir: Path) -> list[Resolved]:
+    """Each entry with its image and label files (None where there is none)."""
+    resolved = []
+    for source, tile in entries:
+        tile = mercantile.Tile(*tile)
+        label = label_path(labels_dir, tile)
+        resolved.append((source, tile, find_image(images_dir, tile), label if label.is_file() else None))
+    return resolved
+
+
+def tiles_fingerprint(resolved: Sequence[Resolved], classes: Classes, tile_size: int) -> dict:
+    """The fingerprint build_cache records for these tiles: a cache of them is up to date while it holds."""
+    return {
+        "classes": digest([classes.to_json()]),
+        "tile_size": int(tile_size),
+        "tiles": tiles_digest((source, tile) for source, tile, _, _ in resolved),
+        "files": digest(f"{file_stamp(image)} {file_stamp(label)}" for _, _, image, label in resolved),
+    }
+
+
+def tiles_digest(entries: Iterable[Entry]) -> str:
+    """The fingerprint's `tiles`: which tiles, of which source, in which order."""
+    return digest(f"{source} {tile.z} {tile.x} {tile.y}" for source, tile in entries)
+
+
+
 _TILE_WORDS = PairWords(
     "corrupt image (delete it and re-download)",
     "corrupt label (delete it and re-render)",
@@ -369,6 +412,7 @@ def build_cache(
     params: dict | None = None,
     log: Log = print,
     workers: int | None = None,
+    allow_empty: bool = False,
 ) -> BuildSummary:
     """Cache the images and colour labels of these tiles to out_path, streaming.
 
@@ -387,6 +431,8 @@ def build_cache(
         log: where progress messages go.
         workers: threads that decode and compress (default: cores, at most 8); the file
             is the same whatever their number.
+        allow_empty: write a cache of no rows rather than fail when no tile can be cached
+            (a shard's part, which osmseg.cache.merge joins with the others).
 
     Returns:
         What was written and skipped (tiles without image or label, corrupt files,
@@ -400,17 +446,8 @@ def build_cache(
     summary = BuildSummary(out_path)
     if tile_size < 1:
         raise CacheError(f"tile size {tile_size}: must be a positive number of pixels")
-    resolved = []
-    for source, tile in entries:
-        tile = mercantile.Tile(*tile)
-        label = label_path(labels_dir, tile)
-        resolved.append((source, tile, find_image(images_dir, tile), label if label.is_file() else None))
-    fingerprint = {
-        "classes": digest([classes.to_json()]),
-        "tile_size": int(tile_size),
-        "tiles": digest(f"{source} {tile.z} {tile.x} {tile.y}" for source, tile, _, _ in resolved),
-        "files": digest(f"{file_stamp(image)} {file_stamp(label)}" for _, _, image, label in resolved),
-    }
+    resolved = resolve_entries(entries, images_dir, labels_dir)
+    fingerprint = tiles_fingerprint(resolved, classes, tile_size)
     if not needs_build(out_path, fingerprint, summary, log):
         return summary
 
@@ -436,7 +473,8 @@ def build_cache(
         return Prepared([compress_tile(image, labels)], (tile.z, tile.x, tile.y), source, ignored, unknown)
 
     meta = (classes, tile_size, record, fingerprint)
-    write_cache(out_path, resolved, prepare, workers, summary, meta, expected=len(resolved), nothing="no tile could be cached")
+    write_cache(out_path, resolved, prepare, workers, summary, meta, expected=len(resolved),
+                nothing=None if allow_empty else "no tile could be cached")
     return summary
 
 
@@ -454,7 +492,7 @@ def write_cache(
         meta: (classes, tile_size, record, fingerprint) for the file's attributes.
         options: expected (rows to allocate at first), window (items in flight, default
             4 × workers), unit and description of the progress bar, nothing (the message
-            when no row could be written).
+            when no row could be written; None: write a file of no rows).
 
     Raises:
         CacheError: no row could be written (naming what was skipped).
@@ -468,7 +506,7 @@ def write_cache(
                 bar.update()
                 prepared.add_to(writer, summary)
         summary.written = writer.close()
-        if not summary.written:
+        if not summary.written and options.get("nothing", "") is not None:
             raise CacheError(f"{out_path}: {options.get('nothing', 'nothing could be cached')}{skipped_text(summary)}")
         record.update(written=summary.written, skipped=summary.skipped_count, ignored_pixels=summary.ignored_pixels)
         write_attrs(file, classes, tile_size, dict(record, fingerprint=fingerprint))

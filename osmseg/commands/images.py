@@ -2,7 +2,9 @@
 
 Writes data/images/{z}-{x}-{y}.{jpg,png,webp}, rejected.txt and missing.txt (formats in
 osmseg.imagery.download), resumably, and ends with a summary and how many tiles have both a
-label and an image.
+label and an image. With --shard I/N, only part I of the list's tiles (osmseg.shards); shards
+may run at once into one folder (a shared filesystem): each touches only its own tiles' files,
+and they take turns at rejected.txt and missing.txt.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from pathlib import Path
 
 import mercantile
 
+from osmseg import shards
 from osmseg.commands import options
 from osmseg.datafiles import MISSING, REJECTED, find_image, label_path, read_tile_list, read_tile_log, tile_stem
 from osmseg.errors import SourceError, UserError
@@ -37,6 +40,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--retries", type=int, default=5, help="retries per tile (timeouts, 5xx, cut transfers)")
     parser.add_argument("--retry-rejected", action="store_true",
                         help="ask again for tiles an earlier run rejected (listed in rejected.txt)")
+    options.add_shard(parser, "the list's tiles")
 
 
 def training_set_report(entries: Sequence[tuple[str, mercantile.Tile]], images: Path, labels: Path,
@@ -71,6 +75,9 @@ def main(args) -> int:
     listed = read_tile_list(args.sample, make_hint="run `make data/sample-filtered.txt`")
     options.fill_from_record(args, listed.made_by, tile_size=options.DEFAULT_TILE_SIZE)
     entries = listed.entries
+    if args.shard is not None:
+        entries = shards.pick(entries, args.shard, tile_of=lambda entry: entry[1])
+        print(f"images: shard {args.shard}: {len(entries)} of the {len(listed)} tiles of {args.sample}")
     if args.tile_size < 1:
         raise UserError(f"--tile-size {args.tile_size}: give a positive number of pixels")
     if args.retries < 0:
@@ -89,7 +96,8 @@ def main(args) -> int:
         try:
             summary = download_tiles((tile for _, tile in entries), source, args.out, workers=args.workers,
                                      rps=args.rps, tile_size=args.tile_size, timeout=args.timeout,
-                                     retries=args.retries, retry_rejected=args.retry_rejected)
+                                     retries=args.retries, retry_rejected=args.retry_rejected,
+                                     shared_folder=args.shard is not None)
         except SourceError as error:
             if getattr(error, "summary", None) is not None:
                 print(error.summary.line())

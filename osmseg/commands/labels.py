@@ -2,6 +2,9 @@
 
 Writes data/labels/color/{z}-{x}-{y}.png (format in osmseg.labels) for every tile of
 data/sample.txt that has no label yet, so a re-run resumes; the work uses every core.
+With --shard I/N, only part I of the sample's tiles (osmseg.labels.shard_tiles: runs of
+neighbouring tiles, so that each part reads about 1/N of the OSM source tiles, cut where a
+run over the whole sample would start a new group, so that each label comes out the same).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ def add_arguments(parser) -> None:
     options.add_tile_size(parser)
     parser.add_argument("--out", default="data/labels/color", help="folder of label PNGs {z}-{x}-{y}.png")
     options.add_workers(parser, "processes to render with")
+    options.add_shard(parser, "the sample's tiles")
 
 
 def read_sample(path) -> datafiles.TileList:
@@ -64,11 +68,13 @@ def main(args) -> int:
     entries = sample.entries
     with options.open_osm_source(args, tiles.parse_bbox(args.bbox)) as source:
         check_source_names(entries, source, args.sample)
-        summary = labels.render_labels(
-            [t for _, t in entries], source, classes, args.out, args.tile_size, args.workers
-        )
+        todo = [t for _, t in entries]
+        if args.shard is not None:
+            todo = labels.shard_tiles(todo, args.shard, source.zoom)
+        summary = labels.render_labels(todo, source, classes, args.out, args.tile_size, args.workers)
+    part = "" if args.shard is None else f" (shard {args.shard}: {len(todo)} of the sample's tiles)"
     print(
-        f"labels: {summary['rendered']} rendered, {summary['skipped']} already there, in {args.out}",
+        f"labels{part}: {summary['rendered']} rendered, {summary['skipped']} already there, in {args.out}",
         file=sys.stderr,
     )
     return 0

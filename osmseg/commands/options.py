@@ -150,7 +150,9 @@ def add_tile_size(parser, help_: str = "label size in pixels", default=DEFAULT_T
 
 
 def add_workers(parser, help_: str, default: int | None = None) -> None:
-    parser.add_argument("--workers", type=int, default=default or os.cpu_count() or 1, help=help_)
+    from osmseg.shards import usable_cores
+
+    parser.add_argument("--workers", type=int, default=default or usable_cores(), help=help_)
 
 
 def open_osm_source(args, bbox):
@@ -259,3 +261,29 @@ def open_imagery(spec: str, token: str | None = None, timeout: float = 30.0):
     source.description = f"the demo server ({server.url})"
     source.on_close(server.close)
     return source
+
+
+# --- Sharding: one machine's part of a stage (osmseg.shards) ------------------------------------
+
+
+def shard(text: str):
+    """``I/N``: part I (0..N-1) of N, as an osmseg.shards.Shard."""
+    from osmseg.shards import Shard
+
+    try:
+        return Shard.parse(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def add_shard(parser, what: str) -> None:
+    """--shard I/N (the Makefile's SHARD=I SHARDS=N)."""
+    parser.add_argument(
+        "--shard",
+        type=shard,
+        default=None,
+        metavar="I/N",
+        help=f"do only part I of N (I from 0 to N-1) of {what}, for array jobs on many machines "
+        "(the split is the same on every host; see the README's 'Preparing data on many machines'); "
+        "none: all of it",
+    )

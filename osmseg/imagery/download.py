@@ -15,11 +15,15 @@ Files written (all under the output directory, default data/images/):
 - ``missing.txt``: ``z-x-y<TAB>reason`` for tiles the source does not have (HTTP 404/410/204,
   no such local file, outside the source's bounds). Rewritten at the end of every run;
   missing tiles are asked for again on a re-run.
+- ``.tile-logs.lock``: an empty file, made only by runs told that others write into the same
+  folder at once (shards: `prepare.py images --shard`); they lock it in turn to update the
+  two logs (osmseg.atomic.locked).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import os
 import random
@@ -246,12 +250,46 @@ class _Downloader:
             self.stop.wait(delay / 2 + random.uniform(0, delay / 2))
 
 
-def _clean_partials(out_dir: Path) -> None:
-    """Remove temporary files a killed run left behind (see osmseg.atomic.atomic_path)."""
+LOG_LOCK = ".tile-logs.lock"
+
+
+def _clean_partials(out_dir: Path, stems: set[str] | None = None) -> None:
+    """Remove temporary files a killed run left behind (see osmseg.atomic.atomic_path).
+
+    Args:
+        out_dir: the images directory.
+        stems: remove only those of these tiles (``z-x-y``): other runs writing into the
+            folder at the same time have theirs in flight. None: every one.
+    """
     for folder in (out_dir, out_dir / "rejected"):
         if folder.is_dir():
             for path in folder.glob(".*.partial*"):
-                path.unlink(missing_ok=True)
+                # atomic_path names them .<stem>.<random>.partial<suffix>; the stem is z-x-y.
+                if stems is None or path.name[1:].split(".", 1)[0] in stems:
+                    path.unlink(missing_ok=True)
+
+
+class _AppendLog:
+    """rejected.txt, appended a line at a time: opened for each line, under the lock when shared.
+
+    Opened afresh each time because a run that ends with --retry-rejected rewrites the file
+    (a new inode): a handle held open would append to the old one. Rejections are rare.
+    """
+
+    def __init__(self, path: Path, lock: Callable):
+        self.path, self.lock = path, lock
+        with self.lock(), open(path, "a"):
+            pass  # the file exists from the start of a run, as it always has
+
+    def __enter__(self) -> _AppendLog:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def append(self, line: str) -> None:
+        with self.lock(), open(self.path, "a") as log:
+            log.write(line)
 
 
 def download_tiles(tiles: Iterable[mercantile.Tile], source: TileSource, out_dir: str | os.PathLike,
@@ -259,7 +297,8 @@ def download_tiles(tiles: Iterable[mercantile.Tile], source: TileSource, out_dir
                    timeout: float = 30.0, retries: int = 5, backoff: float = 0.5,
                    max_backoff: float = 30.0, max_retry_after: float = 300.0,
                    retry_rejected: bool = False, progress: bool = True, session=None,
-                   on_tile: Callable[[mercantile.Tile, str], None] | None = None) -> DownloadSummary:
+                   on_tile: Callable[[mercantile.Tile, str], None] | None = None,
+                   shared_folder: bool = False) -> DownloadSummary:
     """Download image tiles into out_dir/{z}-{x}-{y}.{ext}, resumably and politely.
 
     Tiles already there (and decodable) are skipped; tiles rejected by an earlier run (listed
@@ -282,6 +321,9 @@ def download_tiles(tiles: Iterable[mercantile.Tile], source: TileSource, out_dir
         progress: show a tqdm bar on stderr.
         session: a requests.Session to use (default: a pooled one sized for `workers`).
         on_tile: called with (tile, outcome) after each tile, in the calling thread.
+        shared_folder: other runs (shards of the list) write into out_dir at the same time:
+            remove only this run's tiles' leftovers, and update rejected.txt and missing.txt
+            holding out_dir/.tile-logs.lock.
 
     Returns:
         A DownloadSummary.
@@ -297,8 +339,10 @@ def download_tiles(tiles: Iterable[mercantile.Tile], source: TileSource, out_dir
         raise UserError(f"--workers {workers}: need at least one worker")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _clean_partials(out_dir)
     ordered = list(dict.fromkeys(mercantile.Tile(*t) for t in tiles))
+    own = {tile_stem(t) for t in ordered} if shared_folder else None
+    log_lock = (lambda: atomic.locked(out_dir / LOG_LOCK)) if shared_folder else contextlib.nullcontext
+    _clean_partials(out_dir, own)
     zooms = sorted({t.z for t in ordered})
     bad = [z for z in zooms if not source.serves_zoom(z)]
     if bad:
@@ -329,7 +373,7 @@ def download_tiles(tiles: Iterable[mercantile.Tile], source: TileSource, out_dir
     fatal: str | None = None
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="imagery")
     try:
-        with open(rejected_path, "a") as rejected_log:
+        with _AppendLog(rejected_path, log_lock) as rejected_log:
             futures = {pool.submit(run.process, tile): tile for tile in todo}
             for future in concurrent.futures.as_completed(futures):
                 tile = futures[future]
@@ -352,8 +396,7 @@ def download_tiles(tiles: Iterable[mercantile.Tile], source: TileSource, out_dir
                     summary.failed[stem] = reason
                 elif outcome == "rejected":
                     summary.rejected[stem] = reason
-                    rejected_log.write(f"{stem}\t{reason}\n")
-                    rejected_log.flush()
+                    rejected_log.append(f"{stem}\t{reason}\n")
                 run.finished.add(stem)
                 bar.update(1)
                 if outcome in ("missing", "failed", "rejected"):
@@ -367,16 +410,17 @@ def download_tiles(tiles: Iterable[mercantile.Tile], source: TileSource, out_dir
         run.stop.set()
         pool.shutdown(wait=True, cancel_futures=True)
         bar.close()
-        _clean_partials(out_dir)
-        # Tiles finished this run replace what an earlier run said about them.
-        missing = {s: r for s, r in read_tile_log(missing_path).items() if s not in run.finished}
-        missing.update(summary.missing)
-        write_tile_log(missing_path, dict(sorted(missing.items())))
-        # A tile rejected before and accepted now (--retry-rejected) leaves the rejected list.
-        rejected = read_tile_log(rejected_path)
-        accepted = {s for s in rejected if s in run.finished and s not in summary.rejected}
-        if accepted:
-            write_tile_log(rejected_path, {s: r for s, r in rejected.items() if s not in accepted})
+        _clean_partials(out_dir, own)
+        with log_lock():
+            # Tiles finished this run replace what an earlier run said about them.
+            missing = {s: r for s, r in read_tile_log(missing_path).items() if s not in run.finished}
+            missing.update(summary.missing)
+            write_tile_log(missing_path, dict(sorted(missing.items())))
+            # A tile rejected before and accepted now (--retry-rejected) leaves the rejected list.
+            rejected = read_tile_log(rejected_path)
+            accepted = {s for s in rejected if s in run.finished and s not in summary.rejected}
+            if accepted:
+                write_tile_log(rejected_path, {s: r for s, r in rejected.items() if s not in accepted})
         summary.seconds = time.perf_counter() - started
         if run.session is not None and session is None:
             run.session.close()
