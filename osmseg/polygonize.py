@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -28,15 +29,18 @@ def raster_polygons(
     height: int,
     transform,
     block_rows: int = BLOCK_ROWS,
+    nodata: int | None = NODATA,
 ) -> Iterator[tuple[int, object]]:
     """(value, shapely Polygon in the transform's CRS) for every 4-connected region of equal,
-    non-zero values other than NODATA.
+    non-zero values other than `nodata`.
 
     Args:
-        read_rows: (top, bottom) -> uint8 (bottom - top, W) rows of the raster.
+        read_rows: (top, bottom) -> uint8 or int32 (bottom - top, W) rows of the raster (class
+            values, or select_regions' region ids).
         height: the raster's rows.
         transform: its affine transform (pixel -> CRS), north up.
         block_rows: rows read at a time.
+        nodata: a value never vectorised (None: every non-zero value is).
     """
     import shapely
     from affine import Affine
@@ -47,10 +51,12 @@ def raster_polygons(
     tolerance = abs(transform.e) * 1e-3
     for top in range(0, height, block_rows):
         bottom = min(top + block_rows, height)
-        block = np.ascontiguousarray(read_rows(top, bottom), dtype=np.uint8)
+        block = np.ascontiguousarray(read_rows(top, bottom))
+        if block.dtype not in (np.uint8, np.int32):
+            block = block.astype(np.int32)
         block_transform = transform @ Affine.translation(0, top)
         upper, lower = transform.f + transform.e * top, transform.f + transform.e * bottom
-        mask = (block != 0) & (block != NODATA)
+        mask = (block != 0) if nodata is None else (block != 0) & (block != nodata)
         joining: dict[int, list] = {value: list(polygons) for value, polygons in pending.items()}
         pending = {}
         for geometry, value in features.shapes(block, mask=mask, connectivity=4, transform=block_transform):
@@ -151,13 +157,26 @@ def _label_block(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return labels, np.array(id_values, dtype=np.int64)
 
 
-def select_regions(read_values, measures, height: int, keep, write, block_rows: int = BLOCK_ROWS) -> int:
-    """Keep the regions of a raster that `keep` accepts by their statistics, and write them out.
+@dataclass
+class Regions:
+    """The regions select_regions kept, by the id it wrote for them (1..len; row 0 unused):
+    their value, pixel count and the sums of its measures over them."""
+
+    values: np.ndarray
+    counts: np.ndarray
+    sums: list[np.ndarray]
+
+    def __len__(self) -> int:
+        return len(self.values) - 1
+
+
+def select_regions(read_values, measures, height: int, keep, write, block_rows: int = BLOCK_ROWS) -> Regions:
+    """Keep the regions of a raster that `keep` accepts by their statistics, and write their ids.
 
     Regions are 4-connected pixels of equal non-zero value (NODATA aside), whole across block
     borders: two passes over the raster, a block of rows at a time. The first labels each
     block's regions, sums `measures` over them and joins those that touch across block borders
-    (union-find); the second labels the blocks again and writes the accepted regions' values.
+    (union-find); the second labels the blocks again and writes each accepted region's id.
     Memory holds one block and a few numbers per region.
 
     Args:
@@ -166,11 +185,12 @@ def select_regions(read_values, measures, height: int, keep, write, block_rows: 
         height: the raster's rows.
         keep: (values, counts, sums) -> bool per region: values and pixel counts int64 (R,),
             sums a list of float64 (R,), one per measure.
-        write: called with (top, uint8 (rows, W)): each block's accepted regions' values, 0 elsewhere.
+        write: called with (top, int32 (rows, W)): each block's kept regions' ids (1, 2, ...),
+            0 elsewhere.
         block_rows: rows a block.
 
     Returns:
-        The number of regions kept.
+        The kept regions' statistics, by id.
     """
     parent: list[int] = [0]
     values, counts, sums = [np.zeros(1, np.int64)], [np.zeros(1, np.int64)], [[np.zeros(1)] for _ in measures]
@@ -207,18 +227,24 @@ def select_regions(read_values, measures, height: int, keep, write, block_rows: 
                     parent[max(a, b)] = min(a, b)
         last_ids, last_values = ids[-1], block[-1]
     roots = np.array([find(node) for node in range(len(parent))], dtype=np.int64)
-    every_value = np.concatenate(values)
     total = len(parent)
     region_counts = np.bincount(roots, weights=np.concatenate(counts), minlength=total)
     region_sums = [np.bincount(roots, weights=np.concatenate(parts), minlength=total) for parts in sums]
-    chosen = np.zeros(total, dtype=bool)
+    every_value = np.concatenate(values)
     heads = np.unique(roots[1:])
-    chosen[heads] = keep(every_value[heads], region_counts[heads].astype(np.int64), [s[heads] for s in region_sums])
-    kept_ids = chosen[roots]
+    chosen = heads[keep(every_value[heads], region_counts[heads].astype(np.int64), [s[heads] for s in region_sums])]
+    if len(chosen) >= 2**31 - 1:
+        raise ValueError(f"{len(chosen)} regions are too many to number in int32")
+    numbers = np.zeros(total, dtype=np.int32)  # old root -> new id, 0: not kept
+    numbers[chosen] = np.arange(1, len(chosen) + 1, dtype=np.int32)
+    kept = numbers[roots]
     for number, top in enumerate(range(0, height, block_rows)):
         bottom = min(top + block_rows, height)
-        block = read_values(top, bottom)
-        local, _ = _label_block(block)
-        ids = np.where(local > 0, local + offsets[number], 0)
-        write(top, np.where(kept_ids[ids], block, 0).astype(np.uint8))
-    return int(chosen[heads].sum())
+        local, _ = _label_block(read_values(top, bottom))
+        write(top, kept[np.where(local > 0, local + offsets[number], 0)])
+    pick = np.concatenate([[0], chosen])
+    return Regions(
+        np.where(pick > 0, every_value[pick], 0),
+        region_counts[pick].astype(np.int64),
+        [region_sum[pick] for region_sum in region_sums],
+    )

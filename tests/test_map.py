@@ -382,20 +382,23 @@ def test_regions_are_chosen_whole_by_their_statistics_across_blocks():
     weight[2:20, 2:6] = 1.0  # half of the tall region
     weight[18:26, 10:16] = 1.0  # all of region 2
     for rows in (5, 9, 40):
-        kept = {}
+        seen = {}
 
         def keep(region_values, counts, sums):
             for value, count, total in zip(region_values, counts, sums[0]):
-                kept.setdefault(int(value), []).append((int(count), float(total)))
+                seen.setdefault(int(value), []).append((int(count), float(total)))
             return counts >= 20
 
-        out = np.zeros_like(values)
+        ids = np.full(values.shape, -1, dtype=np.int32)
 
         def write(top, block):
-            out[top : top + len(block)] = block
+            ids[top : top + len(block)] = block
 
-        assert polygonize.select_regions(lambda t, b: values[t:b], [lambda t, b: weight[t:b]], 40, keep, write, rows) == 2
-        assert sorted(kept[1]) == [(16, 0.0), (36 * 4, 18 * 4.0)] and kept[2] == [(48, 48.0)], rows
-        expected = np.where(np.isin(values, (1, 2)), values, 0)
-        expected[10:14, 20:24] = 0  # the small region is left out
-        np.testing.assert_array_equal(out, expected)
+        regions = polygonize.select_regions(lambda t, b: values[t:b], [lambda t, b: weight[t:b]], 40, keep, write, rows)
+        assert sorted(seen[1]) == [(16, 0.0), (36 * 4, 18 * 4.0)] and seen[2] == [(48, 48.0)], rows
+        assert len(regions) == 2 and sorted(regions.values[1:].tolist()) == [1, 2]
+        for number in (1, 2):  # each kept region has one id, its statistics in the table
+            inside = ids == number
+            assert regions.counts[number] == inside.sum() and set(values[inside].tolist()) == {regions.values[number]}
+            assert regions.sums[0][number] == pytest.approx(weight[inside].sum())
+        assert (ids[values == 0] == 0).all() and (ids[10:14, 20:24] == 0).all()  # the small one is left out
