@@ -125,7 +125,7 @@ def bench_throughput(weights: Path, workdir: Path, demo_osm: Path) -> dict:
             osm_labels = None
             if with_osm:
                 osm_labels = areamap.OsmLabelRows(block, open_source("qa-tiles", demo_osm), classes)
-            areamap.map_area(reader, predict, classes, workdir / name, windows, osm_labels=osm_labels)
+            areamap.map_area(reader, predict, classes, workdir / name, areamap.MapOptions(windows, osm_labels))
             runs[name] = time.perf_counter() - started
             reader.close()
             downloads.close()

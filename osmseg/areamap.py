@@ -119,28 +119,12 @@ def _row_areas(transform, top: int, rows: int) -> np.ndarray:
     return (abs(transform.a * transform.e)) * tiles.ground_scale(centres) ** 2
 
 
-def map_area(
-    reader: MosaicReader,
-    predict: Predict,
-    classes: Classes,
-    outdir: Path,
-    windows: Windows,
-    *,
-    osm_labels=None,
-    diff: DiffOptions = DiffOptions(),
-    min_area: float = 20.0,
-    simplify: float = 1.0,
-    heatmap_size: int = HEATMAP_SIZE,
-    inputs: dict | None = None,
-    progress: bool = False,
-) -> MapResult:
-    """Segment a mosaic and write the map's outputs (see the module docstring) into outdir.
+@dataclass(frozen=True)
+class MapOptions:
+    """How map_area segments and what it writes.
 
-    Args:
-        reader: the mosaic (its georeference is the tile grid's, EPSG:3857).
-        predict, windows: as for osmseg.segment.segment_strips.
-        classes: the model's classes.
-        outdir: the output folder (created if missing).
+    Attributes:
+        windows: the model's windows (osmseg.segment.Windows: size, overlap, batch).
         osm_labels: (top, bottom) -> uint8 OSM class indices of those rows (OsmLabelRows), or
             None for no comparison with OSM.
         diff: osm-diff.geojson's thresholds.
@@ -149,6 +133,27 @@ def map_area(
         heatmap_size: the heatmaps' longest side at most.
         inputs: recorded in counts.json (what the map was made from).
         progress: show a progress bar.
+    """
+
+    windows: Windows
+    osm_labels: object = None
+    diff: DiffOptions = DiffOptions()
+    min_area: float = 20.0
+    simplify: float = 1.0
+    heatmap_size: int = HEATMAP_SIZE
+    inputs: dict | None = None
+    progress: bool = False
+
+
+def map_area(reader: MosaicReader, predict: Predict, classes: Classes, outdir: Path, options: MapOptions) -> MapResult:
+    """Segment a mosaic and write the map's outputs (see the module docstring) into outdir.
+
+    Args:
+        reader: the mosaic (its georeference is the tile grid's, EPSG:3857).
+        predict: as for osmseg.segment.segment_strips.
+        classes: the model's classes.
+        outdir: the output folder (created if missing).
+        options: the windows, the OSM labels to compare with, the thresholds (MapOptions).
 
     Every file is written under a temporary name and renamed when the whole map is done,
     counts.json last; a failure leaves no output behind.
@@ -160,9 +165,10 @@ def map_area(
     outdir.mkdir(parents=True, exist_ok=True)
     counts = np.zeros(num_classes, dtype=np.int64)
     metres = np.zeros(num_classes, dtype=np.float64)
+    osm_labels, diff, windows = options.osm_labels, options.diff, options.windows
     confusion = np.zeros((num_classes, num_classes), dtype=np.int64) if osm_labels is not None else None
     no_imagery = np.zeros(1, dtype=np.int64)
-    heat = AreaMean(height, width, num_classes, heatmap_size)
+    heat = AreaMean(height, width, num_classes, options.heatmap_size)
     overview = AreaMean(height, width, 3, OVERVIEW_SIZE)
     with contextlib.ExitStack() as stack:
         temporary = OutputFiles(stack, outdir)
@@ -212,7 +218,7 @@ def map_area(
                     seen = ((labels >= truth) & (truth > 0) & valid).astype(np.uint8)
                     comparison.write(top, missing, truth, confidence, seen)
 
-            strips = segment_strips(reader, predict, num_classes, windows, progress=progress)
+            strips = segment_strips(reader, predict, num_classes, windows, progress=options.progress)
             run_outputs(strips, [draw, account])
         # The GeoTIFFs are complete COGs now: vectorise from them.
         means = heat.means() / 255
@@ -221,11 +227,11 @@ def map_area(
             list(pool.map(lambda i: visualise.write_png(heatmap_paths[i], visualise.heatmap(means[:, :, i], names[i])),
                           range(num_classes)))  # fmt: skip
         written_segments = polygonize.write_features(
-            temporary("segments.geojson"), _segment_features(mask_path, names, transform, simplify, min_area)
+            temporary("segments.geojson"), _segment_features(mask_path, names, transform, options.simplify, options.min_area)
         )
         diff_features = None
         if diff_path is not None:
-            diff_features = list(_diff_features(diff_path, names, transform, simplify, diff))
+            diff_features = list(_diff_features(diff_path, names, transform, options.simplify, diff))
             polygonize.write_features(temporary("osm-diff.geojson"), diff_features)
         square_metres = {name: round(float(value), 1) for name, value in zip(names, metres)}
         agreement = _agreement(confusion, names) if confusion is not None else None
@@ -241,7 +247,7 @@ def map_area(
             bounds=reader.georeference.transform,
             shape=(height, width),
             agreement=agreement,
-            title=(inputs or {}).get("title", "osmseg map"),
+            title=(options.inputs or {}).get("title", "osmseg map"),
         )
         temporary("index.html").write_text(page)
     result = MapResult(
@@ -264,7 +270,7 @@ def map_area(
         "window": windows.size,
         "overlap": windows.overlap,
         "files": temporary.names,
-        "inputs": inputs or {},
+        "inputs": options.inputs or {},
     }  # fmt: skip
     if agreement is not None:
         record["agreement"] = agreement

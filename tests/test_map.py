@@ -157,10 +157,11 @@ def test_the_diff_finds_what_osm_misses_and_what_the_model_does_not_see(tmp_path
 
     reader = MosaicReader(BLOCK, tmp_path / "tiles")
     out = tmp_path / "map"
-    result = areamap.map_area(
-        reader, red_is_building, CLASSES, out, Windows(WINDOW, 0.25, 4), osm_labels=lambda top, bottom: osm[top:bottom],
+    options = areamap.MapOptions(
+        Windows(WINDOW, 0.25, 4), osm_labels=lambda top, bottom: osm[top:bottom],
         diff=areamap.DiffOptions(min_area=30.0, min_confidence=0.5, max_agreement=0.25),
-    )  # fmt: skip
+    )
+    result = areamap.map_area(reader, red_is_building, CLASSES, out, options)
     reader.close()
     places = json.loads((out / "osm-diff.geojson").read_text())["features"]
     kinds = [(p["properties"]["kind"], p["properties"]["class"]) for p in places]

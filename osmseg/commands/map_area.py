@@ -253,11 +253,11 @@ def main(args) -> int:
             downloads = RowDownloads(block, source, folder, args).start()
         reader = MosaicReader(block, folder, args.tile_size, ready=downloads.ready if downloads else None)
         try:
-            result = areamap.map_area(
-                reader, predict, classes, args.out, windows, osm_labels=osm_labels,
-                diff=areamap.DiffOptions(args.diff_min_area, args.min_confidence, args.max_agreement),
-                min_area=args.min_area, simplify=args.simplify, heatmap_size=args.heatmap_size, inputs=inputs, progress=True,
+            settings = areamap.MapOptions(
+                windows, osm_labels, areamap.DiffOptions(args.diff_min_area, args.min_confidence, args.max_agreement),
+                args.min_area, args.simplify, args.heatmap_size, inputs, progress=True,
             )  # fmt: skip
+            result = areamap.map_area(reader, predict, classes, args.out, settings)
         finally:
             reader.close()
     finally:
