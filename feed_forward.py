@@ -49,6 +49,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-area", type=float, default=16.0, help="--geojson: drop polygons below this many pixels")
     parser.add_argument("--simplify", type=float, default=1.0, help="--geojson: simplification tolerance in pixels")
     parser.add_argument("--heatmap-size", type=int, default=scene.HEATMAP_SIZE, help="longest side of the heatmaps, at most")
+    parser.add_argument("--tta", type=int, default=1, choices=segment.TTA_CHOICES, help="test-time augmentation: average the predictions of this many turned and mirrored copies of every window (1 off, 2 mirror, 4 turns, 8 all; costs that many model calls)")
     parser.add_argument("--force", action="store_true", help="redo images whose outputs are already complete")
 
 
@@ -155,7 +156,7 @@ def _segment_all(args: argparse.Namespace, jobs: list[tuple[Path, Path]], opened
         raise UserError(f"--window {window}: {error}") from None
     classes = parse_classes(config["classes"], origin=f"{args.weights} (classes)", require_filters=False)
 
-    predict = segment.model_predict(segnet.inference(keras_model), args.batch_size)
+    predict = segment.tta_predict(segment.model_predict(segnet.inference(keras_model), args.batch_size), args.tta)
     windows = segment.Windows(window, args.overlap, args.batch_size)
 
     failed: list[str] = []
@@ -165,6 +166,7 @@ def _segment_all(args: argparse.Namespace, jobs: list[tuple[Path, Path]], opened
             "weights": _stamp(args.weights),
             "window": window,
             "overlap": args.overlap,
+            "tta": args.tta,
             "geojson": args.geojson,
             "min_area": args.min_area,
             "simplify": args.simplify,

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from osmseg import atomic, cli
+from osmseg import atomic, cli, segment
 from osmseg.commands import options
 from osmseg.errors import UserError
 
@@ -49,6 +49,7 @@ def build_parser():
     parser.add_argument("--weights", default="weights.hdf5", help="the weights to evaluate (train.py's output)")
     parser.add_argument("--data", default="data/testing.hdf5", help="the cache to evaluate on")
     parser.add_argument("--batch-size", type=int, default=16, help="tiles per batch")
+    parser.add_argument("--tta", type=int, default=1, choices=segment.TTA_CHOICES, help="test-time augmentation: average the predictions of this many turned and mirrored copies of every window (1 off, 2 mirror, 4 turns, 8 all; costs that many model calls)")
     parser.add_argument("--out-dir", default=".", help="where metrics.json, confusion.csv/.png and predictions.hdf5 go")
     parser.add_argument(
         "--predictions",
@@ -182,9 +183,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     print(
         f"evaluating {args.weights} ({config['name']}, width {config['width']}) on {info.length} tiles of {args.data}"
+        + (f", averaging {args.tta} turned and mirrored copies of each" if args.tta > 1 else "")
     )
     confusion, loss, count = evaluate(
-        model_module.inference(net),
+        segment.tta_predict(model_module.inference(net), args.tta),
         args.data,
         info,
         args.batch_size,
@@ -204,6 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "pixels": int(confusion.sum()),
         "weights": str(args.weights),
         "data": str(args.data),
+        "tta": args.tta,
     }
     atomic.write_text_atomic(out_dir / "metrics.json", json.dumps(report, indent=1, allow_nan=False) + "\n")
     atomic.write_text_atomic(out_dir / "confusion.csv", confusion_csv_text(confusion, names))

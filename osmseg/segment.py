@@ -148,6 +148,52 @@ def model_predict(run: Callable[[np.ndarray], np.ndarray], batch_size: int) -> P
     return predict
 
 
+# Test-time augmentation: how many of the square's eight symmetries (turns, then a mirror) to average.
+TTA_CHOICES = (1, 2, 4, 8)
+
+
+def symmetries(count: int) -> list[tuple[int, bool]]:
+    """The first `count` (1, 2, 4 or 8) symmetries of the square as (quarter turns, mirrored):
+    1 the identity, 2 adds the left-right mirror, 4 the four turns, 8 all eight."""
+    if count not in TTA_CHOICES:
+        raise ValueError(f"test-time augmentation {count!r}: choose one of {', '.join(map(str, TTA_CHOICES))}")
+    if count == 2:
+        return [(0, False), (0, True)]
+    return [(turns, mirrored) for mirrored in (False, True) for turns in range(4)][:count]
+
+
+def _transform(batch: np.ndarray, turns: int, mirrored: bool) -> np.ndarray:
+    batch = np.rot90(batch, turns, axes=(1, 2))
+    return batch[:, :, ::-1] if mirrored else batch
+
+
+def _untransform(batch: np.ndarray, turns: int, mirrored: bool) -> np.ndarray:
+    if mirrored:
+        batch = batch[:, :, ::-1]
+    return np.rot90(batch, -turns, axes=(1, 2))
+
+
+def tta_predict(predict: Predict, count: int) -> Predict:
+    """Test-time augmentation: predict each of `count` turned and mirrored copies of a batch
+    of square windows, turn the probabilities back and average them (count model calls a
+    batch). A model trained on turned and mirrored tiles errs differently on each copy, so
+    the average errs less; count 8 makes the result exactly equivariant: mirroring or
+    turning the input mirrors or turns the output."""
+    chosen = symmetries(count)
+    if count == 1:
+        return predict
+
+    def predict_all(batch: np.ndarray) -> np.ndarray:
+        total = None
+        for turns, mirrored in chosen:
+            view = np.ascontiguousarray(_transform(batch, turns, mirrored))
+            back = _untransform(np.asarray(predict(view), dtype=np.float32), turns, mirrored)
+            total = back.copy() if total is None else total + back
+        return total / np.float32(len(chosen))
+
+    return predict_all
+
+
 # --- Sliding windows in strips -------------------------------------------------------------
 
 

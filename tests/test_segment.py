@@ -463,3 +463,87 @@ def test_sixteen_bit_geotiff_is_read_in_windows_and_scaled(tmp_path):
         assert any("uint16" in note for note in reader.notes) and any("greyscale" in n for n in reader.notes)
     finally:
         reader.close()
+
+
+# --- Test-time augmentation ---------------------------------------------------------------
+
+
+def _pixelwise_softmax(seed=0):
+    """A fake model that looks at each pixel alone: it commutes with every turn and mirror."""
+    weights = np.random.default_rng(seed).normal(size=(3, 4)).astype(np.float32) / 50
+
+    def predict(batch):
+        z = batch @ weights
+        e = np.exp(z - z.max(-1, keepdims=True))
+        return e / e.sum(-1, keepdims=True)
+
+    return predict
+
+
+def _position_aware(batch):
+    """A fake model that is not equivariant: its output depends on where a pixel is."""
+    height, width = batch.shape[1:3]
+    ramp = np.linspace(0, 1, height * width, dtype=np.float32).reshape(1, height, width, 1)
+    first = np.clip(batch[..., :1] / 255 * ramp, 0, 1)
+    return np.concatenate([first, 1 - first], axis=-1)
+
+
+@pytest.mark.parametrize("count", segment.TTA_CHOICES)
+def test_tta_equals_the_plain_prediction_for_an_equivariant_model(count):
+    predict = _pixelwise_softmax()
+    batch = np.random.default_rng(1).uniform(0, 255, (3, 16, 16, 3)).astype(np.float32)
+    np.testing.assert_allclose(segment.tta_predict(predict, count)(batch), predict(batch), atol=1e-6)
+
+
+def _blurred_softmax(batch):
+    """A fake model mixing each pixel with its neighbours through a 3 × 3 box (same under every
+    turn and mirror of the square), so it sees context as a convolution does."""
+    padded = np.pad(batch, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
+    height, width = batch.shape[1:3]
+    blurred = sum(padded[:, i : i + height, j : j + width] for i in range(3) for j in range(3)) / 9
+    return _pixelwise_softmax()(blurred)
+
+
+def test_tta_equals_the_plain_prediction_on_a_symmetric_input():
+    # An input the same under every turn and mirror: every copy the model sees is the input.
+    grid = np.random.default_rng(2).uniform(0, 255, (8, 8)).astype(np.float32)
+    grid = np.maximum(grid, grid.T)
+    grid = np.maximum.reduce([np.rot90(grid, turns) for turns in range(4)])
+    symmetric = np.repeat(grid[None, :, :, None], 3, axis=-1) * np.float32([1.0, 0.5, 0.2])
+    plain = _blurred_softmax(symmetric)
+    for count in segment.TTA_CHOICES:
+        np.testing.assert_allclose(segment.tta_predict(_blurred_softmax, count)(symmetric), plain, atol=1e-6)
+
+
+@pytest.mark.parametrize("turns,mirrored", [(1, False), (2, False), (0, True), (3, True)])
+def test_tta8_output_turns_and_mirrors_with_its_input(turns, mirrored):
+    batch = np.random.default_rng(3).uniform(0, 255, (2, 16, 16, 3)).astype(np.float32)
+    tta = segment.tta_predict(_position_aware, 8)
+
+    def move(x):
+        x = np.rot90(x, turns, axes=(1, 2))
+        return x[:, :, ::-1] if mirrored else x
+
+    np.testing.assert_allclose(tta(np.ascontiguousarray(move(batch))), move(tta(batch)), atol=1e-6)
+    # Without TTA this model is not equivariant: the test above could fail.
+    assert not np.allclose(_position_aware(np.ascontiguousarray(move(batch))), move(_position_aware(batch)))
+
+
+@pytest.mark.parametrize("count", segment.TTA_CHOICES)
+def test_tta_calls_the_model_once_per_copy(count):
+    calls = []
+
+    def predict(batch):
+        calls.append(batch.copy())
+        return _pixelwise_softmax()(batch)
+
+    batch = np.random.default_rng(4).uniform(0, 255, (2, 8, 8, 3)).astype(np.float32)
+    segment.tta_predict(predict, count)(batch)
+    assert len(calls) == count
+    distinct = {c.tobytes() for c in calls}
+    assert len(distinct) == count  # each copy is another view of the batch
+
+
+def test_tta_refuses_other_counts():
+    with pytest.raises(ValueError, match="choose one of 1, 2, 4, 8"):
+        segment.tta_predict(_pixelwise_softmax(), 3)

@@ -128,6 +128,36 @@ def test_without_predictions(tmp_path, weights):
     assert (out / "metrics.json").exists() and not (out / "predictions.hdf5").exists()
 
 
+def test_tta_averages_the_turned_and_mirrored_predictions(tmp_path, weights):
+    weights_path, net = weights
+    data, images, labels, _ = make_cache(tmp_path / "testing.hdf5", n=3)
+    out = tmp_path / "out"
+    argv = ["--weights", str(weights_path), "--data", str(data), "--out-dir", str(out), "--tta", "8"]
+    assert run(validate.main, argv) == 0
+    with h5py.File(out / "predictions.hdf5", "r") as file:
+        stored = file["probabilities"][()].astype(np.float32)
+    # The reference: the eight copies through the model at once, turned back by hand.
+    inputs = images.astype(np.float32)
+    copies = []
+    for mirrored in (False, True):
+        for turns in range(4):
+            view = np.rot90(inputs, turns, axes=(1, 2))
+            view = view[:, :, ::-1] if mirrored else view
+            predicted = np.asarray(net.predict_on_batch(np.ascontiguousarray(view)))
+            predicted = predicted[:, :, ::-1] if mirrored else predicted
+            copies.append(np.rot90(predicted, -turns, axes=(1, 2)))
+    np.testing.assert_allclose(stored, np.mean(copies, axis=0), atol=2e-3)
+    assert json.loads((out / "metrics.json").read_text())["tta"] == 8
+
+
+def test_tta_takes_only_the_square_symmetries(tmp_path, weights, capsys):
+    data, *_ = make_cache(tmp_path / "testing.hdf5", n=1)
+    with pytest.raises(SystemExit) as stopped:
+        validate.main(["--weights", str(weights[0]), "--data", str(data), "--tta", "3"])
+    assert stopped.value.code == 2
+    assert "--tta" in capsys.readouterr().err
+
+
 def test_classes_differing_from_the_weights(tmp_path, weights, capsys):
     other = parse_classes(
         json.dumps([{"name": "road", "color": "#010101"}, {"name": "water", "color": "#020202"}]), require_filters=False

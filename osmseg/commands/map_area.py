@@ -22,7 +22,7 @@ import sys
 import threading
 from pathlib import Path
 
-from osmseg import atomic, datafiles, tiles
+from osmseg import atomic, datafiles, segment, tiles
 from osmseg.commands import options
 from osmseg.errors import SourceError, UserError
 
@@ -56,6 +56,7 @@ def add_arguments(parser) -> None:
         parser, "the classes file whose filters draw the OSM labels (default: the one in the weights)", None
     )
     parser.add_argument("--overlap", type=float, default=0.25, help="fraction of a window shared with its neighbour")
+    parser.add_argument("--tta", type=int, default=1, choices=segment.TTA_CHOICES, help="test-time augmentation: average the predictions of this many turned and mirrored copies of every window (1 off, 2 mirror, 4 turns, 8 all; costs that many model calls)")
     parser.add_argument("--batch-size", type=options.positive_int, default=8, help="windows per model call")
     parser.add_argument("--simplify", type=float, default=1.0, help="polygon simplification tolerance, in pixels")
     parser.add_argument("--min-area", type=float, default=20.0, help="segments.geojson leaves out polygons below this many m²")
@@ -206,6 +207,7 @@ def main(args) -> int:
         "tile_size": args.tile_size,
         "osm": None if args.osm is None else [args.osm_source, str(args.osm)],
         "overlap": args.overlap,
+        "tta": args.tta,
         "simplify": args.simplify,
         "min_area": args.min_area,
         "diff_min_area": args.diff_min_area,
@@ -232,7 +234,7 @@ def main(args) -> int:
     keras_model, config = segnet.load(args.weights)
     classes = parse_classes(config["classes"], origin=f"{args.weights} (classes)", require_filters=False)
     windows = segment.Windows(int(config["input_size"]), args.overlap, args.batch_size)
-    predict = segment.model_predict(segnet.inference(keras_model), args.batch_size)
+    predict = segment.tta_predict(segment.model_predict(segnet.inference(keras_model), args.batch_size), args.tta)
 
     osm_labels, osm_source = None, None
     if args.osm is not None:
