@@ -78,6 +78,8 @@ ARCHITECTURES = {"segnet": VGG16_BLOCKS, "segnet-basic": BASIC_BLOCKS}
 
 # ImageNet's mean RGB, which Keras's VGG16 weights expect subtracted ("caffe" preprocessing).
 IMAGENET_MEAN_RGB = (123.68, 116.779, 103.939)
+# Keras's default running-average momentum of batch norm; train.py chooses its own for new runs.
+BN_MOMENTUM = 0.99
 REQUIRED_CONFIG = ("name", "width", "input_size", "num_classes", "classes", "mixed_precision")
 
 
@@ -295,7 +297,8 @@ def build(name: str, num_classes: int, input_size: int = 256, width: float = 1.0
         width: channel multiplier (0.125 gives a tiny model for tests).
         **options: encoder_weights (None | "imagenet" | path to Keras's VGG16 weights .h5;
             segnet at width 1 only), mixed_precision (bool or a policy name), seed (int,
-            for the initial weights).
+            for the initial weights), bn_momentum (the batch-norm layers' running-average
+            momentum; default BN_MOMENTUM).
 
     Returns:
         A keras.Model from float32 (B, S, S, 3) RGB 0..255 to float32 (B, S, S, num_classes)
@@ -305,9 +308,14 @@ def build(name: str, num_classes: int, input_size: int = 256, width: float = 1.0
         ValueError: unknown name or option, bad input size, width or class count.
         WeightsError: encoder weights that cannot be had or do not fit.
     """
-    unknown = set(options) - {"encoder_weights", "mixed_precision", "seed"}
+    unknown = set(options) - {"encoder_weights", "mixed_precision", "seed", "bn_momentum"}
     if unknown:
-        raise ValueError(f"unknown model option(s) {sorted(unknown)}: use encoder_weights, mixed_precision, seed")
+        raise ValueError(
+            f"unknown model option(s) {sorted(unknown)}: use encoder_weights, mixed_precision, seed, bn_momentum"
+        )
+    bn_momentum = float(options.get("bn_momentum", BN_MOMENTUM))
+    if not 0 <= bn_momentum < 1:
+        raise ValueError(f"batch-norm momentum {bn_momentum!r}: use a fraction in [0, 1), e.g. 0.9")
     if name not in MODELS:
         raise ValueError(f"model {name!r}: choose one of {', '.join(MODELS)}")
     if not isinstance(num_classes, int) or num_classes < 2:
@@ -340,7 +348,7 @@ def build(name: str, num_classes: int, input_size: int = 256, width: float = 1.0
         x = layers.Conv2D(
             filters, 3, padding="same", kernel_initializer=initializer(), name=f"{block}_conv{index}", dtype=policy
         )(x)
-        x = BatchNormalization(name=f"{block}_bn{index}", dtype=policy)(x)
+        x = BatchNormalization(name=f"{block}_bn{index}", momentum=bn_momentum, dtype=policy)(x)
         return layers.ReLU(name=f"{block}_relu{index}", dtype=policy)(x)
 
     inputs = keras.Input((input_size, input_size, 3), dtype="float32", name="image")
@@ -603,7 +611,7 @@ def load(path: str | os.PathLike, input_size: int | None = None, expect: dict | 
     size = config["input_size"] if input_size is None else input_size
     model = build(
         config["name"], config["num_classes"], input_size=size, width=config["width"],
-        mixed_precision=config["mixed_precision"],
+        mixed_precision=config["mixed_precision"], bn_momentum=config.get("bn_momentum", BN_MOMENTUM),
     )
     with _open(path) as f:
         stored = set(json.loads(f.attrs["variables"])) if "variables" in f.attrs else None

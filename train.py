@@ -28,7 +28,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from osmseg import cli, distributed
+from osmseg import cli, distributed, recipe
 from osmseg.commands import options
 from osmseg.errors import UserError
 
@@ -75,10 +75,59 @@ def build_parser():
         "or a file (JSON list or {class: weight}, or CSV name,weight)",
     )
     parser.add_argument(
+        "--schedule",
+        default="cosine",
+        choices=recipe.SCHEDULES,
+        help="learning rate over the run: cosine (linear warm-up to --learning-rate, then half a cosine down to "
+        f"{recipe.FLOOR:g} of it at the last step) or constant (the seed's)",
+    )
+    parser.add_argument(
+        "--warmup-epochs",
+        type=options.non_negative_float,
+        default=1.0,
+        help="cosine: epochs of linear warm-up (fractions allowed)",
+    )
+    parser.add_argument(
+        "--loss",
+        default="ce",
+        choices=recipe.LOSSES,
+        help="ce: cross-entropy weighted by the class weights; +dice / +lovasz add a term that targets IoU "
+        "(soft Dice, or Lovász-softmax), averaged over the classes present in a batch",
+    )
+    parser.add_argument(
+        "--background-weight",
+        type=options.non_negative_float,
+        default=1.0,
+        help="multiply background's loss weight by this (below 1: an unlabelled OSM pixel is often an unmapped "
+        "object, so calling it what the imagery shows costs less)",
+    )
+    parser.add_argument(
         "--augment",
         action=argparse.BooleanOptionalAction,
-        default=False,
-        help="random flips and rotations of training tiles",
+        default=True,
+        help="random flips and 90° turns of training tiles, with --jitter colour changes",
+    )
+    parser.add_argument(
+        "--jitter",
+        type=options.fraction,
+        default=0.1,
+        help="with --augment: brightness, contrast and per-channel colour changes of up to this fraction "
+        "(0: none); imagery providers and seasons differ in these",
+    )
+    parser.add_argument(
+        "--bn-momentum",
+        type=options.fraction,
+        default=0.9,
+        help="batch norm's running-average momentum (Keras's 0.99 needs hundreds of steps to settle; "
+        "0.9 suits short runs)",
+    )
+    parser.add_argument(
+        "--time-budget",
+        type=options.positive_float,
+        default=None,
+        metavar="MINUTES",
+        help="time the first epoch, then train only as many epochs as fit (at most --epochs), the schedule "
+        "planned to end with them; recorded in the state, so --resume keeps the plan",
     )
     parser.add_argument(
         "--mixed-precision",
@@ -137,7 +186,7 @@ def is_chief(tf_config: str | None) -> bool:
     return not tf_config or distributed.parse_tf_config(tf_config).is_chief
 
 
-def _make_optimizer(name: str, learning_rate: float):
+def _make_optimizer(name: str, learning_rate):
     import keras
 
     if name == "adam":
@@ -169,6 +218,13 @@ def run_settings(args, info) -> dict:
         "optimizer": args.optimizer,
         "class_weights": args.class_weights,
         "augment": args.augment,
+        "jitter": args.jitter if args.augment else 0.0,
+        "schedule": args.schedule,
+        "warmup_epochs": args.warmup_epochs if args.schedule == "cosine" else None,
+        "loss": args.loss,
+        "background_weight": args.background_weight,
+        "bn_momentum": args.bn_momentum,
+        "time_budget": args.time_budget,
         "mixed_precision": args.mixed_precision,
         "encoder_weights": args.encoder_weights,
         "seed": args.seed,
@@ -206,8 +262,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if resuming:
         state = training.read_state(state_file)
         training.check_resumable(state, settings, state_file)
-        if state.epoch >= args.epochs:
-            print(f"{state_file}: {state.epoch} epochs already trained (--epochs {args.epochs}); nothing to do")
+        if state.epoch >= (state.planned_epochs or args.epochs):
+            planned = f"the time budget's {state.planned_epochs}" if state.planned_epochs else f"--epochs {args.epochs}"
+            print(f"{state_file}: {state.epoch} epochs already trained ({planned}); nothing to do")
             return 0
     else:
         state = training.TrainState(settings=settings, monitor=monitor)
@@ -217,9 +274,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{state_file}: starting over (pass --resume to continue the run recorded there)", file=sys.stderr)
 
     class_weights = training.resolve_class_weights(args.class_weights, args.data, train_indices, names)
+    class_weights = recipe.background_weights(class_weights, len(names), args.background_weight)
     if class_weights is not None:
         listed = ", ".join(f"{name} {weight:.3g}" for name, weight in zip(names, class_weights))
-        print(f"class weights ({args.class_weights}): {listed}")
+        background = f", background × {args.background_weight:g}" if args.background_weight != 1 else ""
+        print(f"class weights ({args.class_weights}{background}): {listed}")
+    if args.time_budget is not None and cluster is not None:
+        raise UserError(
+            "--time-budget across machines: each worker would plan its own epoch count; pass --epochs instead"
+        )
+    # The schedule runs over the epochs planned: --epochs, or what the time budget fixed.
+    steps_per_epoch = -(-len(train_indices) // args.batch_size)
+    planned_epochs = state.planned_epochs or args.epochs
 
     keras = cli.import_keras()  # without TensorFlow's start-up chatter
 
@@ -241,16 +307,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                 encoder_weights=encoder_weights,
                 mixed_precision=args.mixed_precision,
                 seed=args.seed,
+                bn_momentum=args.bn_momentum,
             )
         except ValueError as error:
             raise UserError(f"cannot build {args.model} for {args.data}: {error}") from None
-        optimizer = model_module.training_optimizer(
-            _make_optimizer(args.optimizer, args.learning_rate), args.mixed_precision
+        learning_rate = recipe.learning_rate(
+            args.schedule, args.learning_rate, steps_per_epoch, planned_epochs, args.warmup_epochs
         )
+        optimizer = model_module.training_optimizer(_make_optimizer(args.optimizer, learning_rate), args.mixed_precision)
         jit_compile = model_module.jit_compile_default() if args.jit_compile is None else args.jit_compile
         net.compile(
             optimizer=optimizer,
-            loss=keras.losses.SparseCategoricalCrossentropy(),
+            loss=recipe.segmentation_loss(args.loss, info.classes.num_classes),
             weighted_metrics=training.streaming_metrics(names),
             jit_compile=jit_compile,
         )
@@ -273,6 +341,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "num_classes": info.classes.num_classes,
         "classes": info.classes.to_json(),
         "mixed_precision": args.mixed_precision,
+        "bn_momentum": args.bn_momentum,
         "training": {key: value for key, value in settings.items() if key not in ("classes", "tile_size")}
         | {"class_weight_values": None if class_weights is None else [float(w) for w in class_weights]},
     }
@@ -299,6 +368,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         augment=args.augment,
         seed=args.seed,
         class_weights=class_weights,
+        jitter=args.jitter,
         **loader,
     )
     validation_batches = None
@@ -320,12 +390,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"training {args.model} (width {args.width}) on {len(train_indices)} tiles, validating on "
         f"{len(validation_indices)}, epochs {state.epoch + 1}..{args.epochs}"
     )
-    callbacks = [training.progress_callback(), checkpoint]
+    callbacks = [training.progress_callback()]
+    if args.time_budget is not None:
+        schedule = learning_rate if args.schedule == "cosine" else None
+        callbacks.append(
+            recipe.budget_callback(state, args.time_budget * 60, args.epochs, steps_per_epoch, schedule)
+        )
+    callbacks.append(checkpoint)  # last: it saves what the others decided (the budget's plan)
     if cluster is None:
         net.fit(
             train_batches,
             validation_data=validation_batches,
-            epochs=args.epochs,
+            epochs=planned_epochs,
             initial_epoch=state.epoch,
             shuffle=False,  # the batches reshuffle themselves from (seed, epoch); fit's shuffle is unseeded
             callbacks=callbacks,
@@ -339,7 +415,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 cluster,
                 train_batches,
                 validation_batches,
-                epochs=args.epochs,
+                epochs=planned_epochs,
                 initial_epoch=state.epoch,
                 callbacks=callbacks,
                 make_metrics=lambda: training.streaming_metrics(names),

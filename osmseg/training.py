@@ -301,6 +301,7 @@ class TrainState:
     best_epoch: int = 0
     monitor: str = MONITOR
     rows: list = field(default_factory=list)
+    planned_epochs: int | None = None  # fixed by --time-budget after the first epoch
 
 
 def _write_variables(group, variables) -> None:
@@ -322,6 +323,7 @@ def save_state(path: str | Path, state: TrainState, model, optimizer) -> None:
         file.attrs["monitor"] = state.monitor
         file.attrs["settings"] = json.dumps(state.settings, sort_keys=True)
         file.attrs["log"] = json.dumps(state.rows)
+        file.attrs["planned_epochs"] = -1 if state.planned_epochs is None else state.planned_epochs
         _write_variables(file.create_group("model"), model.weights)
         _write_variables(file.create_group("optimizer"), optimizer.variables)
 
@@ -350,6 +352,7 @@ def read_state(path: str | Path) -> TrainState:
                 best_epoch=int(file.attrs["best_epoch"]),
                 monitor=str(file.attrs["monitor"]),
                 rows=json.loads(file.attrs["log"]),
+                planned_epochs=None if int(file.attrs.get("planned_epochs", -1)) < 0 else int(file.attrs["planned_epochs"]),
             )
     except (OSError, KeyError, ValueError) as error:
         raise TrainingError(f"{path}: corrupt resume state ({error}); delete it and train from scratch") from None

@@ -76,6 +76,23 @@ def augment_tile(image: np.ndarray, labels: np.ndarray, rotations: int, flip_h: 
     return image, labels
 
 
+def jitter_colours(image: np.ndarray, draws: np.ndarray, amount: float) -> np.ndarray:
+    """Mild photometric jitter of one float32 image (H, W, 3) 0..255, labels untouched.
+
+    `draws` holds five numbers in [-1, 1): brightness, contrast and a gain per channel, each
+    scaled by `amount` (the channel gains by half of it): contrast stretches about the tile's
+    mean, brightness and gains multiply, and the result is clipped to 0..255. Imagery
+    providers, seasons and sensors differ in exactly these ways, so a model that has seen
+    them keys on texture and shape more than on one provider's colours.
+    """
+    brightness, contrast = 1 + amount * draws[0], 1 + amount * draws[1]
+    gains = (1 + 0.5 * amount * draws[2:5]).astype(np.float32) * np.float32(brightness)
+    mean = image.mean(axis=(0, 1), keepdims=True)
+    out = (image - mean) * np.float32(contrast) + mean
+    out *= gains
+    return np.clip(out, 0, 255, out=out)
+
+
 # Label value → training target: class indices stay, IGNORE becomes 0 (its weight is 0).
 _TARGETS = np.arange(256, dtype=np.int32)
 _TARGETS[IGNORE] = 0
@@ -93,7 +110,7 @@ class BatchReader:
     file is opened lazily in each process that reads, never inherited across a fork.
     """
 
-    def __init__(self, path, indices, batch_size, shuffle=True, augment=False, seed=0, class_weights=None):
+    def __init__(self, path, indices, batch_size, shuffle=True, augment=False, seed=0, class_weights=None, jitter=0.0):
         info = open_cache(path)
         self.path = info.path
         self.indices = check_indices(indices, info.length, info.path)
@@ -103,6 +120,9 @@ class BatchReader:
             raise UserError(f"batch size {batch_size}: must be at least 1")
         self.batch_size = int(batch_size)
         self.shuffle, self.augment, self.seed = bool(shuffle), bool(augment), int(seed)
+        if not 0 <= jitter < 1:
+            raise UserError(f"colour jitter {jitter}: use a fraction in [0, 1), e.g. 0.1 (0: none)")
+        self.jitter = float(jitter)
         self.epoch = 0
         self._begun = False
         self.weights = np.zeros(256, dtype=np.float32)  # label value → sample weight; 255 stays 0
@@ -188,6 +208,11 @@ class BatchReader:
             source_labels, labels = labels, np.empty_like(labels)
             for i in range(len(chosen)):
                 inputs[i], labels[i] = augment_tile(images[i], source_labels[i], turns[i], *flips[i])
+            if self.jitter:
+                # Drawn after the flips, so a run without jitter keeps its flips and turns.
+                draws = rng.uniform(-1, 1, (len(whole), 5))[picked]
+                for i in range(len(chosen)):
+                    jitter_colours(inputs[i], draws[i], self.jitter)
         # np.take: twice as fast as fancy indexing for a 256-entry lookup table.
         return inputs, np.take(_TARGETS, labels), np.take(self.weights, labels)
 
@@ -218,9 +243,9 @@ def _batches_class():
 
         class CacheBatches(BatchReader, keras.utils.PyDataset):
             def __init__(self, path, indices, batch_size, shuffle=True, augment=False, seed=0,
-                         class_weights=None, **pydataset_kwargs):
+                         class_weights=None, jitter=0.0, **pydataset_kwargs):
                 keras.utils.PyDataset.__init__(self, **pydataset_kwargs)
-                BatchReader.__init__(self, path, indices, batch_size, shuffle, augment, seed, class_weights)
+                BatchReader.__init__(self, path, indices, batch_size, shuffle, augment, seed, class_weights, jitter)
 
         # Pickle (worker processes started with spawn) finds the class as osmseg.cache.batches.CacheBatches.
         CacheBatches.__module__ = __name__
@@ -243,6 +268,7 @@ def make_batches(
     augment: bool = False,
     seed: int = 0,
     class_weights: Sequence[float] | None = None,
+    jitter: float = 0.0,
     **pydataset_kwargs,
 ):
     """A keras.utils.PyDataset of training batches from the cache (see BatchReader).
@@ -258,6 +284,9 @@ def make_batches(
         augment: random flips and 90° rotations, the same for image and label.
         seed: the seed of order and augmentation.
         class_weights: (num_classes,) weight per class for sample_weight (None: all 1).
+        jitter: with augment, the amount of colour jitter (jitter_colours; 0: none).
         **pydataset_kwargs: workers, use_multiprocessing, max_queue_size.
     """
-    return _batches_class()(path, indices, batch_size, shuffle, augment, seed, class_weights, **pydataset_kwargs)
+    return _batches_class()(
+        path, indices, batch_size, shuffle, augment, seed, class_weights, jitter, **pydataset_kwargs
+    )
