@@ -49,7 +49,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-area", type=float, default=16.0, help="--geojson: drop polygons below this many pixels")
     parser.add_argument("--simplify", type=float, default=1.0, help="--geojson: simplification tolerance in pixels")
     parser.add_argument("--heatmap-size", type=int, default=scene.HEATMAP_SIZE, help="longest side of the heatmaps, at most")
-    parser.add_argument("--tta", type=int, default=1, choices=segment.TTA_CHOICES, help="test-time augmentation: average the predictions of this many turned and mirrored copies of every window (1 off, 2 mirror, 4 turns, 8 all; costs that many model calls)")
+    options.add_tta(parser)
     parser.add_argument("--force", action="store_true", help="redo images whose outputs are already complete")
 
 

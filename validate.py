@@ -6,7 +6,7 @@ Streams data/testing.hdf5 through the model a batch at a time and writes, in --o
 - metrics.json: {"loss", "pixel_accuracy", "mean_iou", "frequency_weighted_iou",
   "per_class": {class: {"iou", "precision", "recall", "f1", "support"}}, "classes" (names,
   background first), "confusion" (rows truth, columns prediction, pixel counts), "tiles",
-  "pixels", "weights", "data"}. loss is the mean cross-entropy over labelled pixels (no class
+  "pixels", "weights", "data", "tta"}. loss is the mean cross-entropy over labelled pixels (no class
   weights); an undefined score (a class absent from truth and prediction) is null.
 - confusion.csv: the confusion matrix in pixels, a header row `truth\\predicted,<classes...>`
   then one row per true class.
@@ -15,10 +15,12 @@ Streams data/testing.hdf5 through the model a batch at a time and writes, in --o
   order, chunked one tile per chunk, shuffled and gzip level 1; ``tiles`` int32 (N, 3)
   z x y (-1 for imported tiles) and ``sources`` (N,) strings copied from the cache;
   ``indices`` int64 (N,) row numbers in the cache; attrs ``classes`` (Classes.to_json()
-  text), ``weights``, ``data``. Written as it goes under a temporary name, renamed when
+  text), ``weights``, ``data``, ``tta``. Written as it goes under a temporary name, renamed when
   complete.
 
-Pixels whose label is 255 (ignore) count in no score.
+Pixels whose label is 255 (ignore) count in no score. With --tta N each tile's probabilities
+are the mean over N turned and mirrored copies of it (osmseg.segment.tta_predict), at N times
+the model's time.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ def build_parser():
     parser.add_argument("--weights", default="weights.hdf5", help="the weights to evaluate (train.py's output)")
     parser.add_argument("--data", default="data/testing.hdf5", help="the cache to evaluate on")
     parser.add_argument("--batch-size", type=int, default=16, help="tiles per batch")
-    parser.add_argument("--tta", type=int, default=1, choices=segment.TTA_CHOICES, help="test-time augmentation: average the predictions of this many turned and mirrored copies of every window (1 off, 2 mirror, 4 turns, 8 all; costs that many model calls)")
+    options.add_tta(parser)
     parser.add_argument("--out-dir", default=".", help="where metrics.json, confusion.csv/.png and predictions.hdf5 go")
     parser.add_argument(
         "--predictions",
@@ -191,7 +193,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         info,
         args.batch_size,
         predictions_path=out_dir / "predictions.hdf5" if args.predictions else None,
-        attrs={"classes": info.classes.to_json(), "weights": str(args.weights), "data": str(args.data)},
+        attrs={
+            "classes": info.classes.to_json(),
+            "weights": str(args.weights),
+            "data": str(args.data),
+            "tta": args.tta,
+        },
     )
     result = scores(confusion, names)
     report = {

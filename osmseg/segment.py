@@ -177,19 +177,30 @@ def tta_predict(predict: Predict, count: int) -> Predict:
     """Test-time augmentation: predict each of `count` turned and mirrored copies of a batch
     of square windows, turn the probabilities back and average them (count model calls a
     batch). A model trained on turned and mirrored tiles errs differently on each copy, so
-    the average errs less; count 8 makes the result exactly equivariant: mirroring or
-    turning the input mirrors or turns the output."""
+    the average errs less. Turning or mirroring the input by one of the chosen symmetries
+    (any, for count 8) turns or mirrors the output exactly, to the bit, whenever `predict`
+    answers a window the same wherever it is in a batch.
+
+    Raises:
+        ValueError: count is not one of TTA_CHOICES, or the windows are not square (turns).
+    """
     chosen = symmetries(count)
     if count == 1:
         return predict
 
     def predict_all(batch: np.ndarray) -> np.ndarray:
-        total = None
-        for turns, mirrored in chosen:
-            view = np.ascontiguousarray(_transform(batch, turns, mirrored))
-            back = _untransform(np.asarray(predict(view), dtype=np.float32), turns, mirrored)
-            total = back.copy() if total is None else total + back
-        return total / np.float32(len(chosen))
+        if count > 2 and batch.shape[1] != batch.shape[2]:
+            raise ValueError(f"test-time augmentation {count} turns windows, which must be square: {batch.shape[1:3]}")
+        copies = None
+        for index, (turns, mirrored) in enumerate(chosen):
+            predicted = np.asarray(predict(np.ascontiguousarray(_transform(batch, turns, mirrored))), np.float32)
+            if copies is None:
+                copies = np.empty((count,) + predicted.shape, np.float32)
+            copies[index] = _untransform(predicted, turns, mirrored)
+        # A symmetry of the input permutes the copies at each pixel; summed in sorted order,
+        # the mean does not depend on that order (float addition does), so it is exact.
+        copies.sort(axis=0)
+        return copies.sum(axis=0, dtype=np.float32) / np.float32(count)
 
     return predict_all
 

@@ -302,3 +302,33 @@ def test_scene_of_known_tiles_with_a_pixelwise_keras_model(tmp_path):
     together = [labels[r : r + tile, c : c + tile] for r in range(0, 3 * tile, tile) for c in range(0, 4 * tile, tile)]
     np.testing.assert_array_equal(np.stack(together), np.stack(alone))
     assert sum(result.counts.values()) == image.shape[0] * image.shape[1]
+
+
+def test_tta_mirrors_with_the_image_and_is_a_recorded_option(weights, tmp_path, capsys):
+    image = scene(WINDOW, WINDOW, seed=7)
+    write_rgb(tmp_path / "plain.png", image)
+    write_rgb(tmp_path / "mirrored.png", np.ascontiguousarray(image[:, ::-1]))
+    for name in ("plain", "mirrored"):
+        argv = [str(weights), str(tmp_path / f"{name}.png"), str(tmp_path / name), "--tta", "8"]
+        assert cli.run(feed_forward.main, argv) == 0
+    # The eight copies of a window are averaged exactly, so not one pixel's class differs.
+    plain, mirrored = (cv2.imread(str(tmp_path / name / "mask.png")) for name in ("plain", "mirrored"))
+    np.testing.assert_array_equal(mirrored, plain[:, ::-1])
+    assert json.loads((tmp_path / "plain" / "counts.json").read_text())["inputs"]["tta"] == 8
+    stamp = (tmp_path / "plain" / "mask.png").stat().st_mtime_ns
+    capsys.readouterr()
+    argv = [str(weights), str(tmp_path / "plain.png"), str(tmp_path / "plain")]
+    assert cli.run(feed_forward.main, argv + ["--tta", "8"]) == 0
+    assert "already done" in capsys.readouterr().err
+    assert cli.run(feed_forward.main, argv) == 0  # --tta 1 is another result: redone
+    assert (tmp_path / "plain" / "mask.png").stat().st_mtime_ns != stamp
+    assert json.loads((tmp_path / "plain" / "counts.json").read_text())["inputs"]["tta"] == 1
+
+
+def test_tta_takes_only_the_square_symmetries(weights, tmp_path, capsys):
+    image = write_rgb(tmp_path / "image.png", scene(WINDOW, WINDOW))
+    with pytest.raises(SystemExit) as stopped:
+        feed_forward.main([str(weights), str(image), str(tmp_path / "out"), "--tta", "3"])
+    assert stopped.value.code == 2
+    assert "--tta: invalid choice: 3" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -270,6 +270,14 @@ def test_map_of_the_demo_world(weights, demo_osm, tmp_path, capsys):
     assert "already mapped" in capsys.readouterr().err and (out / "mask.tif").stat().st_mtime_ns == stamp
     assert cli.run(prepare.main, argv + ["--force"]) == 0
     assert (out / "mask.tif").stat().st_mtime_ns != stamp
+    # Test-time augmentation is one of the inputs: another --tta maps again, and says so.
+    stamp = (out / "mask.tif").stat().st_mtime_ns
+    assert cli.run(prepare.main, argv + ["--tta", "2"]) == 0
+    assert (out / "mask.tif").stat().st_mtime_ns != stamp
+    assert json.loads((out / "counts.json").read_text())["inputs"]["tta"] == 2
+    with pytest.raises(SystemExit) as stopped:
+        prepare.main(argv + ["--tta", "3"])
+    assert stopped.value.code == 2 and "--tta: invalid choice: 3" in capsys.readouterr().err
 
 
 def _rings(geometry: dict):

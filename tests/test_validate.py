@@ -136,6 +136,7 @@ def test_tta_averages_the_turned_and_mirrored_predictions(tmp_path, weights):
     assert run(validate.main, argv) == 0
     with h5py.File(out / "predictions.hdf5", "r") as file:
         stored = file["probabilities"][()].astype(np.float32)
+        assert file.attrs["tta"] == 8
     # The reference: the eight copies through the model at once, turned back by hand.
     inputs = images.astype(np.float32)
     copies = []

@@ -22,7 +22,7 @@ import sys
 import threading
 from pathlib import Path
 
-from osmseg import atomic, datafiles, segment, tiles
+from osmseg import atomic, datafiles, tiles
 from osmseg.commands import options
 from osmseg.errors import SourceError, UserError
 
@@ -56,7 +56,7 @@ def add_arguments(parser) -> None:
         parser, "the classes file whose filters draw the OSM labels (default: the one in the weights)", None
     )
     parser.add_argument("--overlap", type=float, default=0.25, help="fraction of a window shared with its neighbour")
-    parser.add_argument("--tta", type=int, default=1, choices=segment.TTA_CHOICES, help="test-time augmentation: average the predictions of this many turned and mirrored copies of every window (1 off, 2 mirror, 4 turns, 8 all; costs that many model calls)")
+    options.add_tta(parser)
     parser.add_argument("--batch-size", type=options.positive_int, default=8, help="windows per model call")
     parser.add_argument("--simplify", type=float, default=1.0, help="polygon simplification tolerance, in pixels")
     parser.add_argument("--min-area", type=float, default=20.0, help="segments.geojson leaves out polygons below this many m²")

@@ -149,6 +149,17 @@ def add_tile_size(parser, help_: str = "label size in pixels", default=DEFAULT_T
     parser.add_argument("--tile-size", type=int, default=default, help=help_)
 
 
+def add_tta(parser) -> None:
+    """--tta: test-time augmentation (osmseg.segment.tta_predict), one of 1, 2, 4, 8."""
+    from osmseg.segment import TTA_CHOICES
+
+    parser.add_argument(
+        "--tta", type=int, default=1, choices=TTA_CHOICES,
+        help="test-time augmentation: average the model's probabilities over this many turned and mirrored "
+        "copies of each window (1 off, 2 the mirror, 4 the quarter turns, 8 both); costs that many model calls",
+    )  # fmt: skip
+
+
 def add_workers(parser, help_: str, default: int | None = None) -> None:
     from osmseg.shards import usable_cores
 
