@@ -80,6 +80,11 @@ ARCHITECTURES = {"segnet": VGG16_BLOCKS, "segnet-basic": BASIC_BLOCKS}
 IMAGENET_MEAN_RGB = (123.68, 116.779, 103.939)
 # Keras's default running-average momentum of batch norm; train.py chooses its own for new runs.
 BN_MOMENTUM = 0.99
+# Keras's published VGG16 convolutions without the classifier, as keras.applications.VGG16
+# (include_top=False) fetches and checks them, into Keras's cache under the same name.
+VGG16_NOTOP = "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
+VGG16_NOTOP_URL = "https://storage.googleapis.com/tensorflow/keras-applications/vgg16/" + VGG16_NOTOP
+VGG16_NOTOP_MD5 = "6d6bbae143d832006294945121d1f1fc"
 REQUIRED_CONFIG = ("name", "width", "input_size", "num_classes", "classes", "mixed_precision")
 
 
@@ -381,33 +386,47 @@ def build(name: str, num_classes: int, input_size: int = 256, width: float = 1.0
 
 
 def _vgg16_convs(encoder_weights: str) -> tuple[str, list]:
-    """(origin, [(name, kernel, bias), ...]) of VGG16's convolutions, from a file or Keras."""
+    """(origin, [(name, kernel, bias), ...]) of VGG16's convolutions, from a file or Keras's cache."""
     if encoder_weights != "imagenet":
         path = Path(encoder_weights)
         if not path.is_file():
             raise WeightsError(
                 f"encoder weights {encoder_weights}: no such file; pass Keras's VGG16 weights "
-                "(vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5), 'imagenet' or none"
+                f"({VGG16_NOTOP}), 'imagenet' or none"
             )
         return str(path), _read_vgg16_convs(path)
+    path = imagenet_vgg16_file()
+    return f"Keras's VGG16 ImageNet weights ({path})", _read_vgg16_convs(path)
+
+
+def imagenet_vgg16_file() -> Path:
+    """Keras's VGG16 ImageNet weights without the classifier: the copy in Keras's cache,
+    $KERAS_HOME/models (default ~/.keras/models), else downloaded there once, checksum checked.
+
+    A copy already there is read unchecked: whoever put it there (a download from another
+    machine, a mirror) chose it, and one that is not VGG16's fails in load_vgg16_encoder.
+
+    Raises:
+        WeightsError: no copy in the cache and the download failed (offline, say).
+    """
+    # Read here, not from Keras's config: Keras reads KERAS_HOME once, when imported.
+    cached = Path(os.environ.get("KERAS_HOME") or Path.home() / ".keras") / "models" / VGG16_NOTOP
+    if cached.is_file():
+        return cached
     import keras
 
     try:
-        # Keras knows the address and checksum of its ImageNet weights and caches them in
-        # ~/.keras/models; the network is only touched when that cache is empty.
-        vgg = keras.applications.VGG16(weights="imagenet", include_top=False, input_shape=(32, 32, 3))
+        downloaded = keras.utils.get_file(
+            VGG16_NOTOP, VGG16_NOTOP_URL, cache_dir=str(cached.parent.parent), cache_subdir="models",
+            file_hash=VGG16_NOTOP_MD5,
+        )  # fmt: skip
     except Exception as error:  # noqa: BLE001  (keras raises a bare Exception when a download fails)
         raise WeightsError(
-            f"encoder weights 'imagenet': could not get Keras's VGG16 ImageNet weights ({error}); "
-            "this needs network access once. Download vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5 "
-            "elsewhere and pass its PATH, or use --encoder-weights none"
+            f"encoder weights 'imagenet': {cached} is missing and Keras's VGG16 ImageNet weights could not be "
+            f"downloaded ({error}); this needs network access once. Download {VGG16_NOTOP_URL} elsewhere and "
+            f"put it at {cached} (or pass its PATH), or use --encoder-weights none"
         ) from None
-    convs = [
-        (layer.name, keras.ops.convert_to_numpy(layer.kernel), keras.ops.convert_to_numpy(layer.bias))
-        for layer in vgg.layers
-        if layer.__class__.__name__ == "Conv2D"
-    ]
-    return "Keras's VGG16 ImageNet weights", convs
+    return Path(downloaded)
 
 
 def _read_vgg16_convs(path: Path) -> list[tuple[str, Any, Any]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -471,14 +472,49 @@ def test_encoder_weights_that_do_not_fit_are_refused(tmp_path):
         model.build("segnet", 3, input_size=32, encoder_weights=str(short))
 
 
-def test_imagenet_offline_says_it_needs_network_and_how_to_avoid_it(monkeypatch):
+def test_imagenet_weights_are_read_from_keras_cache_without_a_download(tmp_path, monkeypatch):
+    # Keras 3's save_weights writes only .weights.h5; save_weights_to_hdf5_group writes the
+    # Keras 2 layout that keras.applications publishes its VGG16 files in (layer_names, weight_names).
+    import keras
+    from keras.src.applications import vgg16
+    from keras.src.legacy.saving.legacy_h5_format import save_weights_to_hdf5_group
+
+    assert vgg16.WEIGHTS_PATH_NO_TOP == model.VGG16_NOTOP_URL  # the file Keras's get_file caches
+    vgg = keras.applications.VGG16(weights=None, include_top=False, input_shape=(32, 32, 3))
+    for layer in vgg.layers:  # biases start at zero: make them tell the layers apart too
+        if isinstance(layer, keras.layers.Conv2D):
+            layer.bias.assign(np.random.default_rng(len(layer.name)).normal(size=layer.bias.shape))
+    (tmp_path / "models").mkdir()
+    with h5py.File(tmp_path / "models" / model.VGG16_NOTOP, "w") as f:
+        save_weights_to_hdf5_group(f, vgg)
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("tried to download though the cache holds the file")
+
+    monkeypatch.setattr(keras.utils, "get_file", no_download)
+    m = model.build("segnet", 3, input_size=32, encoder_weights="imagenet")
+    sources = [layer for layer in vgg.layers if isinstance(layer, keras.layers.Conv2D)]
+    targets = [m.get_layer(f"encoder{block}_conv{index}")
+               for block, (_, convs) in enumerate(model.VGG16_BLOCKS, start=1) for index in range(1, convs + 1)]  # fmt: skip
+    assert len(sources) == len(targets) == 13
+    for number, (source, target) in enumerate(zip(sources, targets)):
+        kernel = source.kernel.numpy()
+        # VGG16 saw blue-green-red: the first kernel's input channels are reversed for RGB.
+        np.testing.assert_array_equal(target.kernel.numpy(), kernel[:, :, ::-1] if number == 0 else kernel)
+        np.testing.assert_array_equal(target.bias.numpy(), source.bias.numpy())
+
+
+def test_imagenet_offline_says_it_needs_network_and_how_to_avoid_it(tmp_path, monkeypatch):
     import keras
 
     def offline(*args, **kwargs):
         raise Exception("URL fetch failure on https://example.invalid/vgg16.h5: None -- offline")  # noqa: TRY002
 
-    monkeypatch.setattr(keras.applications, "VGG16", offline)
-    with pytest.raises(WeightsError, match="needs network access.*PATH"):
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))  # an empty cache
+    monkeypatch.setattr(keras.utils, "get_file", offline)
+    expected = re.escape(f"{tmp_path / 'models' / model.VGG16_NOTOP} is missing") + ".*needs network access.*PATH"
+    with pytest.raises(WeightsError, match=expected):
         model.build("segnet", 3, input_size=32, encoder_weights="imagenet")
 
 
