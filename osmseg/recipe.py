@@ -34,6 +34,7 @@ import numpy as np
 SCHEDULES = ("cosine", "constant")
 LOSSES = ("ce", "ce+dice", "ce+lovasz", "dice", "lovasz")
 FLOOR = 0.01  # the cosine's last learning rate, as a share of the peak
+CLOCK = time.perf_counter  # what the time budget reads (tests put a fake clock here)
 
 
 def warmup_cosine(peak: float, warmup_steps: int, total_steps: int, floor: float = FLOOR):
@@ -208,8 +209,7 @@ def plan_epochs(budget_seconds: float, first_epoch_seconds: float, most: int) ->
     return max(1, min(most, int(budget_seconds // first_epoch_seconds)))
 
 
-def budget_callback(state, budget_seconds: float, max_epochs: int, steps_per_epoch: int, schedule=None,
-                    clock=time.perf_counter, log=print):
+def budget_callback(state, budget_seconds: float, max_epochs: int, steps_per_epoch: int, schedule=None, log=print):
     """A Keras callback for --time-budget: after the run's first epoch it fixes the epoch count
     (state.planned_epochs, saved with the resume state), re-plans the schedule's total steps
     to end with it, and stops training once that many epochs are done. A resumed run keeps
@@ -218,11 +218,11 @@ def budget_callback(state, budget_seconds: float, max_epochs: int, steps_per_epo
 
     class Budget(keras.callbacks.Callback):
         def on_epoch_begin(self, epoch, logs=None):
-            self.started = clock()
+            self.started = CLOCK()
 
         def on_epoch_end(self, epoch, logs=None):
             if state.planned_epochs is None:
-                seconds = clock() - self.started
+                seconds = CLOCK() - self.started
                 state.planned_epochs = plan_epochs(budget_seconds, seconds, max_epochs)
                 if schedule is not None:
                     schedule.total_steps.assign(float(state.planned_epochs * steps_per_epoch))

@@ -212,7 +212,7 @@ class BatchReader:
                 # Drawn after the flips, so a run without jitter keeps its flips and turns.
                 draws = rng.uniform(-1, 1, (len(whole), 5))[picked]
                 for i in range(len(chosen)):
-                    jitter_colours(inputs[i], draws[i], self.jitter)
+                    inputs[i] = jitter_colours(inputs[i], draws[i], self.jitter)
         # np.take: twice as fast as fancy indexing for a 256-entry lookup table.
         return inputs, np.take(_TARGETS, labels), np.take(self.weights, labels)
 

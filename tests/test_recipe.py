@@ -1,0 +1,223 @@
+"""The training recipe (osmseg/recipe.py and train.py's flags): schedule, losses, background
+weight, colour jitter, batch-norm momentum and the time budget."""
+
+from __future__ import annotations
+
+import itertools
+
+import h5py
+import numpy as np
+import pytest
+from test_train import CLASSES, NAMES, TINY, _read_csv, _run, _state_arrays, make_cache
+
+import model
+from osmseg import cache, recipe, training
+
+# --- Schedule -------------------------------------------------------------------------
+
+
+def test_warmup_cosine_at_known_steps():
+    schedule = recipe.warmup_cosine(0.01, warmup_steps=4, total_steps=14)
+    value = lambda step: float(np.asarray(schedule(step)))  # noqa: E731
+    assert value(0) == pytest.approx(0.0025)  # (0 + 1) / 4 of the peak: never 0
+    assert value(2) == pytest.approx(0.0075)
+    assert value(3) == pytest.approx(0.01)
+    assert value(4) == pytest.approx(0.01)  # the cosine starts at the peak
+    assert value(9) == pytest.approx((0.01 + 0.0001) / 2)  # half-way down
+    assert value(14) == pytest.approx(0.0001)  # the floor, FLOOR of the peak
+    assert value(40) == pytest.approx(0.0001)
+    # Re-planned (as the time budget does): the same step is now earlier in the decay.
+    schedule.total_steps.assign(24.0)
+    assert value(14) == pytest.approx((0.01 + 0.0001) / 2)
+    assert schedule.get_config()["total_steps"] == 24
+
+
+def test_constant_schedule_is_the_seeds_learning_rate():
+    assert recipe.learning_rate("constant", 0.003, 27, 20, 1) == 0.003
+    schedule = recipe.learning_rate("cosine", 0.003, 27, 20, 1)
+    assert schedule.warmup_steps == 27 and float(np.asarray(schedule.total_steps)) == 540
+
+
+# --- Losses ---------------------------------------------------------------------------
+
+# Two classes, four counted pixels (truth 1, 1, 0, 0) and a fifth pixel labelled 255 (weight 0).
+TRUTH = np.array([[[1, 1, 0, 0, 0]]], np.int32)
+P1 = np.array([0.9, 0.4, 0.3, 0.0, 0.8], np.float32)
+PREDICTED = np.stack([1 - P1, P1], axis=-1)[None, None]
+WEIGHTS = np.array([[[1, 1, 1, 1, 0]]], np.float32)
+
+
+def _value(loss, truth=TRUTH, predicted=PREDICTED, weights=WEIGHTS):
+    return float(np.asarray(loss(truth, predicted, weights)))
+
+
+def test_lovasz_softmax_on_a_hand_worked_case():
+    # Class 1: errors 0.1, 0.6, 0.3, 0.0; in decreasing order (fg, bg, fg, bg) the Jaccard loss
+    # of the first k mispredicted is 1/2, 2/3, 3/3, 4/4: gradient .5, 1/6, 1/3, 0
+    # -> 0.6·.5 + 0.3/6 + 0.1/3 = 0.38333. Class 0 (truth 0, 0, 1, 1; same errors, order
+    # bg, fg, bg, fg): 1/3, 2/3, 3/4, 1 -> 0.6/3 + 0.3/3 + 0.1/12 = 0.308333.
+    expected = (0.383333 + 0.308333) / 2
+    assert _value(lambda *a: recipe.lovasz_softmax(*a, num_classes=2)) == pytest.approx(expected, abs=1e-5)
+
+
+def test_soft_dice_on_a_hand_worked_case():
+    # Class 1: 1 - 2·1.3 / (1.6 + 2); class 0: 1 - 2·1.7 / (2.4 + 2).
+    expected = ((1 - 2.6 / 3.6) + (1 - 3.4 / 4.4)) / 2
+    assert _value(lambda *a: recipe.soft_dice(*a, num_classes=2)) == pytest.approx(expected, abs=1e-5)
+
+
+@pytest.mark.parametrize("name", recipe.LOSSES)
+def test_every_loss_ignores_pixels_of_weight_0(name):
+    loss = recipe.segmentation_loss(name, 2)
+    changed = PREDICTED.copy()
+    changed[..., 4, :] = [0.99, 0.01]  # the ignored pixel, predicted otherwise
+    truth = TRUTH.copy()
+    truth[..., 4] = 0
+    assert _value(loss) == pytest.approx(_value(loss, truth, changed), abs=1e-6)
+
+
+@pytest.mark.parametrize("name", ["dice", "lovasz"])
+def test_iou_losses_vanish_for_a_certain_right_answer(name):
+    loss = recipe.segmentation_loss(name, 2)
+    perfect = np.eye(2, dtype=np.float32)[TRUTH]
+    assert _value(loss, predicted=perfect) == pytest.approx(0.0, abs=1e-6)
+    assert _value(loss) > 0.1
+
+
+def test_combined_loss_is_the_sum_of_its_terms():
+    import keras
+
+    ce = _value(keras.losses.SparseCategoricalCrossentropy())
+    lovasz = _value(lambda *a: recipe.lovasz_softmax(*a, num_classes=2))
+    assert _value(recipe.segmentation_loss("ce+lovasz", 2)) == pytest.approx(ce + lovasz, rel=1e-5)
+    with pytest.raises(ValueError, match="choose one of"):
+        recipe.segmentation_loss("focal", 2)
+
+
+# --- Background weight and jitter ------------------------------------------------------
+
+
+def test_background_weight_scales_background_pixels_only(tmp_path):
+    path, labels = make_cache(tmp_path / "training.hdf5", n=4)
+    weights = recipe.background_weights([0.5, 2.0, 3.0], 3, 0.25)
+    np.testing.assert_allclose(weights, [0.125, 2.0, 3.0])
+    np.testing.assert_allclose(recipe.background_weights(None, 3, 0.5), [0.5, 1, 1])
+    assert recipe.background_weights(None, 3, 1.0) is None  # 1: today's weights, untouched
+    reader = cache.BatchReader(path, np.arange(4), 4, shuffle=False, class_weights=weights)
+    _, _, sample_weight = reader[0]
+    np.testing.assert_allclose(sample_weight[labels == 0], 0.125)
+    np.testing.assert_allclose(sample_weight[labels == 1], 2.0)
+    assert (sample_weight[labels == 255] == 0).all()
+
+
+def test_colour_jitter_changes_images_only_and_reproducibly(tmp_path):
+    path, _ = make_cache(tmp_path / "training.hdf5", n=6)
+    plain = cache.BatchReader(path, np.arange(6), 3, augment=True, seed=3)
+    jittered = cache.BatchReader(path, np.arange(6), 3, augment=True, seed=3, jitter=0.2)
+    again = cache.BatchReader(path, np.arange(6), 3, augment=True, seed=3, jitter=0.2)
+    for batch in range(2):
+        (x0, y0, w0), (x1, y1, w1), (x2, _, _) = plain[batch], jittered[batch], again[batch]
+        np.testing.assert_array_equal(y0, y1)  # the same turns and flips, labels untouched
+        np.testing.assert_array_equal(w0, w1)
+        np.testing.assert_array_equal(x1, x2)  # drawn from (seed, epoch, batch)
+        assert not np.array_equal(x0, x1)
+        assert x1.min() >= 0 and x1.max() <= 255
+        # Per tile: mean brightness moves by at most about jitter × (1 + jitter / 2).
+        ratio = x1.mean(axis=(1, 2, 3)) / x0.mean(axis=(1, 2, 3))
+        assert (np.abs(ratio - 1) < 0.35).all()
+    with pytest.raises(Exception, match="colour jitter"):
+        cache.BatchReader(path, np.arange(6), 3, jitter=1.5)
+
+
+# --- Batch-norm momentum ---------------------------------------------------------------
+
+
+def test_bn_momentum_reaches_every_batch_norm_and_survives_saving(tmp_path):
+    import keras
+
+    net = model.build("segnet-basic", 3, input_size=32, width=0.0625, bn_momentum=0.9)
+    norms = [layer for layer in net.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    assert norms and all(layer.momentum == pytest.approx(0.9) for layer in norms)
+    default = model.build("segnet-basic", 3, input_size=32, width=0.0625)
+    assert {layer.momentum for layer in default.layers if isinstance(layer, keras.layers.BatchNormalization)} == {
+        model.BN_MOMENTUM
+    }
+    config = {"name": "segnet-basic", "width": 0.0625, "input_size": 32, "num_classes": 3, "bn_momentum": 0.9,
+              "classes": CLASSES.to_json(), "mixed_precision": False}  # fmt: skip
+    model.save(net, tmp_path / "weights.hdf5", config)
+    loaded, _ = model.load(tmp_path / "weights.hdf5")
+    assert {layer.momentum for layer in loaded.layers if isinstance(layer, keras.layers.BatchNormalization)} == {0.9}
+
+
+# --- Training with the recipe ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def recipe_cache(tmp_path_factory):
+    return make_cache(tmp_path_factory.mktemp("recipe") / "training.hdf5")[0]
+
+
+class FakeClock:
+    """30 s per reading; raises KeyboardInterrupt at reading number `interrupt` (1-based)."""
+
+    def __init__(self, interrupt=None):
+        self.readings = itertools.count(1)
+        self.interrupt = interrupt
+
+    def __call__(self):
+        reading = next(self.readings)
+        if reading == self.interrupt:
+            raise KeyboardInterrupt
+        return 30.0 * reading
+
+
+BUDGETED = [*TINY, "--epochs", "6", "--time-budget", "1.5", "--loss", "ce+dice", "--background-weight", "0.5"]
+
+
+def test_time_budget_plans_stops_and_resumes_to_the_same_result(tmp_path, recipe_cache, monkeypatch, capsys):
+    # Epoch 1 "takes" 30 s of a 90 s budget: 3 epochs of the 6 allowed.
+    monkeypatch.setattr(recipe, "CLOCK", FakeClock())
+    straight = tmp_path / "straight" / "weights.hdf5"
+    straight_log = tmp_path / "straight" / "log.csv"
+    straight.parent.mkdir()
+    assert _run(["--data", recipe_cache, *BUDGETED, "--weights", straight, "--log", straight_log]) == 0
+    assert "so the run trains 3 epochs" in capsys.readouterr().out
+    rows = _read_csv(straight_log)
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    # The cosine was re-planned to end with epoch 3: its last rate is the floor.
+    assert float(rows[-1]["learning_rate"]) == pytest.approx(0.01 * recipe.FLOOR, rel=1e-3)
+    assert float(rows[0]["learning_rate"]) == pytest.approx(0.01, rel=1e-3)  # after the warm-up epoch
+    assert training.read_state(training.state_path(straight)).planned_epochs == 3
+
+    # Killed at the start of epoch 3 (the clock's 4th reading), then resumed with a clock
+    # that would plan otherwise: the recorded plan holds, and so does the result.
+    split = tmp_path / "split" / "weights.hdf5"
+    split_log = tmp_path / "split" / "log.csv"
+    split.parent.mkdir()
+    monkeypatch.setattr(recipe, "CLOCK", FakeClock(interrupt=4))
+    with pytest.raises(KeyboardInterrupt):
+        import train
+
+        train.main([str(a) for a in ["--data", recipe_cache, *BUDGETED, "--weights", split, "--log", split_log]])
+    assert len(_read_csv(split_log)) == 2
+    monkeypatch.setattr(recipe, "CLOCK", lambda: 0.0)
+    assert _run(["--data", recipe_cache, *BUDGETED, "--weights", split, "--log", split_log, "--resume"]) == 0
+    a, b = _state_arrays(training.state_path(straight)), _state_arrays(training.state_path(split))
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    # Done by the plan: a further --resume trains nothing.
+    assert _run(["--data", recipe_cache, *BUDGETED, "--weights", split, "--log", split_log, "--resume"]) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    assert len(_read_csv(split_log)) == 3
+
+
+def test_the_seeds_recipe_stays_reachable(tmp_path, recipe_cache):
+    weights, log = tmp_path / "weights.hdf5", tmp_path / "log.csv"
+    seed_flags = ["--schedule", "constant", "--loss", "ce", "--no-augment", "--bn-momentum", "0.99"]
+    assert _run(["--data", recipe_cache, *TINY, "--epochs", "2", *seed_flags, "--weights", weights, "--log", log]) == 0
+    assert all(float(row["learning_rate"]) == pytest.approx(0.01) for row in _read_csv(log))
+    with h5py.File(training.state_path(weights), "r") as file:
+        settings = file.attrs["settings"]
+    assert '"schedule": "constant"' in settings and '"augment": false' in settings and '"jitter": 0.0' in settings
+    assert '"bn_momentum": 0.99' in settings and NAMES[0] == "background"
