@@ -311,6 +311,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         except ValueError as error:
             raise UserError(f"cannot build {args.model} for {args.data}: {error}") from None
+        if cluster is not None:  # its loop leaves out a last batch too small for every replica
+            steps_per_epoch = distributed.steps_per_epoch(
+                len(train_indices), args.batch_size, strategy.num_replicas_in_sync
+            )
         learning_rate = recipe.learning_rate(
             args.schedule, args.learning_rate, steps_per_epoch, planned_epochs, args.warmup_epochs
         )

@@ -177,13 +177,34 @@ def segmentation_loss(name: str, num_classes: int):
                 value = self.cross_entropy(y_true, y_pred, sample_weight)
             for part in parts:
                 if part != "ce":
-                    value = value + terms[part](y_true, y_pred, sample_weight, num_classes)
+                    term = terms[part](y_true, y_pred, sample_weight, num_classes)
+                    value = value + replica_share(term)
             return value
 
         def call(self, y_true, y_pred):  # only __call__ is used: these losses are not per pixel
             raise NotImplementedError
 
     return SegmentationLoss()
+
+
+def replica_share(value):
+    """A replica's share of a loss value under tf.distribute: value / replicas in sync.
+
+    Keras's own losses divide so (keras.src.losses.loss.scale_loss_for_distribution), and
+    fit and osmseg/distributed.py multiply the logged loss back and sum the replicas'
+    gradients; a term that skipped the division would count once per replica. Each replica's
+    IoU term is of its own share of the batch (a set measure, not a mean of pixels), so the
+    sum is the replicas' average of it.
+    """
+    import keras
+
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        if replicas > 1:
+            return value / replicas
+    return value
 
 
 def background_weights(class_weights: Sequence[float] | None, num_classes: int, factor: float):

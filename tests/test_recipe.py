@@ -4,11 +4,15 @@ weight, colour jitter, batch-norm momentum and the time budget."""
 from __future__ import annotations
 
 import itertools
+import os
+import subprocess
+import sys
+import textwrap
 
 import h5py
 import numpy as np
 import pytest
-from test_train import CLASSES, NAMES, TINY, _read_csv, _run, _state_arrays, make_cache
+from test_train import CLASSES, NAMES, ROOT, TINY, _read_csv, _run, _state_arrays, make_cache
 
 import model
 from osmseg import cache, recipe, training
@@ -92,6 +96,40 @@ def test_combined_loss_is_the_sum_of_its_terms():
     assert _value(recipe.segmentation_loss("ce+lovasz", 2)) == pytest.approx(ce + lovasz, rel=1e-5)
     with pytest.raises(ValueError, match="choose one of"):
         recipe.segmentation_loss("focal", 2)
+
+
+@pytest.mark.parametrize("name", ["ce+dice", "lovasz"])
+def test_iou_terms_count_once_over_replicas(name):
+    """Under tf.distribute every term is a replica's share: the replicas' losses sum to the
+    average of the halves' losses, as Keras's cross-entropy does, not to R times a term."""
+    script = textwrap.dedent(
+        f"""
+        import numpy as np
+        import tensorflow as tf
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+        from osmseg import recipe
+        rng = np.random.default_rng(0)
+        truth = rng.integers(0, 3, (2, 4, 4)).astype(np.int32)
+        predicted = rng.dirichlet(np.ones(3), (2, 4, 4)).astype(np.float32)
+        weights = (rng.random((2, 4, 4)) > 0.2).astype(np.float32)
+        loss = recipe.segmentation_loss({name!r}, 3)
+        alone = [float(loss(truth[i : i + 1], predicted[i : i + 1], weights[i : i + 1])) for i in range(2)]
+        strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+        halves = strategy.experimental_distribute_values_from_function(
+            lambda context: tuple(tf.constant(a[context.replica_id_in_sync_group : context.replica_id_in_sync_group + 1])
+                                  for a in (truth, predicted, weights)))
+        summed = strategy.reduce("SUM", strategy.run(lambda t, p, w: loss(t, p, w), args=halves), axis=None)
+        print(float(summed), sum(alone) / 2)
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    summed, expected = map(float, result.stdout.split()[-2:])
+    assert summed == pytest.approx(expected, rel=1e-5)
 
 
 # --- Background weight and jitter ------------------------------------------------------
