@@ -1,0 +1,231 @@
+#!/usr/bin/env python3
+"""Benchmark: model quality on the demo world, today's recipe against the one before, with an ablation.
+
+The demo world (DEMO_SEED 0, the Makefile's demo box and sample) is prepared once in a scratch
+folder with the Makefile's own targets; then every recipe is trained there with `make train`
+and `make demo`'s variables (so "new" is exactly what `make demo` trains), once per training
+seed, and scored on the held-out test cache with validate.py. Reported per recipe: the mean,
+spread (largest minus smallest) and standard deviation over seeds of the test mean IoU, the
+mean test IoU of every class, the mean pixel accuracy and the mean training time; for the new
+recipe also its score with test-time augmentation (--tta 8) and what that costs against
+--tta 1. The recipes (see RECIPES):
+
+- before: the demo as it was (constant learning rate, cross-entropy, no augmentation, Keras's
+  batch-norm momentum 0.99, 20 epochs);
+- new: `make demo` today;
+- new without one ingredient each (schedule, IoU loss term, augmentation, colour jitter,
+  batch-norm momentum), and new with background pixels down-weighted, to show what each one
+  is worth and what did not help.
+
+Every run is resumable (train.py --resume; a finished validation is kept), so an interrupted
+bench continues where it stopped when run again with the same --work folder.
+
+Usage: .venv/bin/python bench/bench_quality.py [--seeds 0,1,2] [--ablation-seeds 0]
+       [--recipes before,new,...] [--work DIR] [--note TEXT]
+Writes bench/results/quality.json and prints the ablation table (bench/README.md, "Quality").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+
+from common import write_result  # noqa: E402
+
+# What a recipe changes from `make demo`'s variables: Makefile variables and train.py flags.
+BEFORE = {
+    "vars": {"EPOCHS": "20", "OPTIMIZER": "adam", "LEARNING_RATE": "0.003"},
+    "flags": "--schedule constant --loss ce --no-augment --bn-momentum 0.99 --background-weight 1",
+}
+RECIPES = {
+    "before": BEFORE,
+    "new": {"vars": {}, "flags": ""},
+    "new, constant learning rate": {"vars": {}, "flags": "--schedule constant"},
+    "new, cross-entropy only": {"vars": {}, "flags": "--loss ce"},
+    "new, no augmentation": {"vars": {}, "flags": "--no-augment"},
+    "new, no colour jitter": {"vars": {}, "flags": "--jitter 0"},
+    "new, batch-norm momentum 0.99": {"vars": {}, "flags": "--bn-momentum 0.99"},
+    "new, background weight 0.5": {"vars": {}, "flags": "--background-weight 0.5"},
+}
+# Which recipes run with every seed (the others with --ablation-seeds).
+MAIN = ("before", "new")
+# The scratch folder sees the project through links, so make's relative paths work there.
+LINKED = ("requirements.txt", "prepare.py", "train.py", "validate.py", "model.py", "feed_forward.py", "osmseg", "classes", ".venv")
+
+
+def demo_vars() -> dict[str, str]:
+    """The Makefile's DEMO_VARS (with DEMO_SEED 0 and the demo box filled in)."""
+    text = (ROOT / "Makefile").read_text()
+    found = re.search(r"^DEMO_VARS\s*:=\s*((?:.*\\\n)*.*)$", text, re.M)
+    if not found:
+        raise SystemExit("Makefile: no DEMO_VARS line")
+    bbox = re.search(r"^DEMO_BBOX\s*:=\s*(\S+)", text, re.M).group(1)
+    words = found.group(1).replace("\\\n", " ").split()
+    values = dict(word.split("=", 1) for word in words)
+    return {key: value.replace("$(DEMO_BBOX)", bbox).replace("$(DEMO_SEED)", "0") for key, value in values.items()}
+
+
+def make(work: Path, variables: dict[str, str], *targets: str, log: Path | None = None) -> float:
+    """Run the project's Makefile in the scratch folder; its wall time in seconds."""
+    command = ["make", "--no-print-directory", "-f", str(ROOT / "Makefile"), "-C", str(work)]
+    command += [f"{key}={value}" for key, value in variables.items()] + list(targets)
+    started = time.perf_counter()
+    with open(log or work / "make.log", "a") as out:
+        out.write("$ " + shlex.join(command) + "\n")
+        out.flush()
+        done = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT)
+    if done.returncode:
+        raise SystemExit(f"{shlex.join(command)} failed (exit {done.returncode}); see {log or work / 'make.log'}")
+    return time.perf_counter() - started
+
+
+def prepare(work: Path) -> None:
+    """The demo world's caches in the scratch folder (skipped where they are there)."""
+    work.mkdir(parents=True, exist_ok=True)
+    for name in LINKED:
+        link = work / name
+        if not link.exists():
+            link.symlink_to(ROOT / name)
+    if not (work / "data/testing.hdf5").exists():
+        print(f"preparing the demo world in {work}", flush=True)
+        make(work, demo_vars(), "data/osm/demo.mbtiles", "data/sample-filtered.txt", "data/training.hdf5")
+
+
+def train(work: Path, recipe: str, seed: int) -> Path:
+    """Train one recipe with one seed (resuming a run that stopped); its run folder."""
+    spec = RECIPES[recipe]
+    run = work / "runs" / f"{re.sub(r'[^a-z0-9]+', '-', recipe)}-seed{seed}"
+    run.mkdir(parents=True, exist_ok=True)
+    variables = demo_vars() | spec["vars"] | {
+        "SEED": str(seed),
+        "WEIGHTS": str(run / "weights.hdf5"),
+        "TRAIN_FLAGS": f"--log {run / 'training_log.csv'} {spec['flags']}".strip(),
+    }
+    finished = run / "train.json"
+    if not finished.exists():
+        print(f"training {recipe!r} with seed {seed}", flush=True)
+        seconds = make(work, variables, "train", log=run / "train.log")
+        finished.write_text(json.dumps({"seconds": seconds, "variables": variables}))
+    return run
+
+
+def validate(work: Path, run: Path, tta: int) -> dict:
+    """The run's test metrics with this test-time augmentation (kept once computed)."""
+    out = run / f"test-tta{tta}"
+    metrics = out / "metrics.json"
+    if not metrics.exists():
+        command = [str(ROOT / ".venv/bin/python"), str(ROOT / "validate.py"), "--weights", str(run / "weights.hdf5")]
+        command += ["--data", str(work / "data/testing.hdf5"), "--out-dir", str(out), "--no-predictions"]
+        if tta > 1:
+            command += ["--tta", str(tta)]
+        started = time.perf_counter()
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode:
+            raise SystemExit(f"{shlex.join(command)} failed:\n{done.stderr[-2000:]}")
+        (out / "seconds.txt").write_text(f"{time.perf_counter() - started:.3f}\n")
+    return json.loads(metrics.read_text()) | {"seconds": float((out / "seconds.txt").read_text())}
+
+
+def summary(results: list[dict]) -> dict:
+    """Mean, spread and deviation over seeds of one recipe's scores."""
+    scores = [r["mean_iou"] for r in results]
+    names = results[0]["classes"]
+    return {
+        "seeds": len(results),
+        "mean_iou": statistics.fmean(scores),
+        "spread": max(scores) - min(scores),
+        "std": statistics.pstdev(scores),
+        "pixel_accuracy": statistics.fmean(r["pixel_accuracy"] for r in results),
+        "per_class": {
+            name: statistics.fmean(r["per_class"][name]["iou"] or 0.0 for r in results) for name in names
+        },
+        "train_seconds": statistics.fmean(r["train_seconds"] for r in results),
+    }
+
+
+def table(summaries: dict[str, dict]) -> str:
+    """The ablation table (markdown), per-class IoU columns included."""
+    names = next(iter(summaries.values()))["per_class"]
+    header = ["recipe", "seeds", "test mIoU", "spread", "pixel acc."] + list(names) + ["train s"]
+    rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for recipe, s in summaries.items():
+        cells = [recipe, str(s["seeds"]), f"{s['mean_iou']:.3f}", f"{s['spread']:.3f}", f"{s['pixel_accuracy']:.3f}"]
+        cells += [f"{s['per_class'][name]:.2f}" for name in names] + [f"{s['train_seconds']:.0f}"]
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", default="0,1,2", help="training seeds of the main recipes (before, new)")
+    parser.add_argument("--ablation-seeds", default="0", help="training seeds of the ablation recipes")
+    parser.add_argument("--recipes", default=",".join(RECIPES), help="which recipes, comma-separated")
+    parser.add_argument("--work", default="/tmp/osmseg-bench-quality", help="scratch folder (kept, for resuming)")
+    parser.add_argument("--note", default="", help="a note stored with the results (e.g. the machine's load)")
+    args = parser.parse_args(argv)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    ablation_seeds = [int(s) for s in args.ablation_seeds.split(",")]
+    recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
+    unknown = [r for r in recipes if r not in RECIPES]
+    if unknown:
+        parser.error(f"unknown recipe(s) {unknown}: choose from {', '.join(RECIPES)}")
+    work = Path(args.work)
+    prepare(work)
+
+    summaries, tta = {}, {}
+    # Seed-major order: an interrupted bench has every recipe's first seed before any second.
+    for seed in sorted(set(seeds) | set(ablation_seeds)):
+        for recipe in recipes:
+            if seed not in (seeds if recipe in MAIN else ablation_seeds):
+                continue
+            train(work, recipe, seed)
+    for recipe in recipes:
+        results = []
+        for seed in seeds if recipe in MAIN else ablation_seeds:
+            run = train(work, recipe, seed)
+            train_seconds = json.loads((run / "train.json").read_text())["seconds"]
+            results.append(validate(work, run, 1) | {"train_seconds": train_seconds})
+            if recipe == "new":
+                tta.setdefault("plain", []).append(results[-1])
+                tta.setdefault("tta8", []).append(validate(work, run, 8))
+        summaries[recipe] = summary(results)
+        print(f"{recipe}: test mIoU {summaries[recipe]['mean_iou']:.3f} (spread {summaries[recipe]['spread']:.3f})")
+
+    figures = {}
+    for recipe, s in summaries.items():
+        key = re.sub(r"[^a-z0-9]+", "_", recipe).strip("_")
+        figures[key] = {
+            "test_mean_iou": {"value": round(s["mean_iou"], 4), "unit": f"mean over {s['seeds']} seeds"},
+            "spread": {"value": round(s["spread"], 4), "unit": "max - min over seeds (goal <= 0.03 for new)"},
+            "pixel_accuracy": {"value": round(s["pixel_accuracy"], 4), "unit": "mean over seeds"},
+            "lowest_class_iou": {"value": round(min(s["per_class"].values()), 4), "unit": "goal >= 0.4 for new"},
+            "train_seconds": {"value": round(s["train_seconds"], 1), "unit": "s, make train (mean)"},
+            "per_class_iou": {name: round(value, 4) for name, value in s["per_class"].items()},
+        }
+    if tta:
+        plain = statistics.fmean(r["mean_iou"] for r in tta["plain"])
+        augmented = statistics.fmean(r["mean_iou"] for r in tta["tta8"])
+        cost = statistics.fmean(a["seconds"] / p["seconds"] for a, p in zip(tta["tta8"], tta["plain"]))
+        figures["tta8"] = {
+            "test_mean_iou": {"value": round(augmented, 4), "unit": "new recipe, validate.py --tta 8"},
+            "gain": {"value": round(augmented - plain, 4), "unit": "mIoU over --tta 1"},
+            "cost": {"value": round(cost, 2), "unit": "x validate.py's time with --tta 1 (start-up included)"},
+        }
+    print(table(summaries))
+    print(write_result("quality", figures, ("tensorflow", "keras"), args.note))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
