@@ -495,8 +495,8 @@ def test_imagenet_weights_are_read_from_keras_cache_without_a_download(tmp_path,
     monkeypatch.setattr(keras.utils, "get_file", no_download)
     m = model.build("segnet", 3, input_size=32, encoder_weights="imagenet")
     sources = [layer for layer in vgg.layers if isinstance(layer, keras.layers.Conv2D)]
-    targets = [m.get_layer(f"encoder{block}_conv{index}")
-               for block, (_, convs) in enumerate(model.VGG16_BLOCKS, start=1) for index in range(1, convs + 1)]  # fmt: skip
+    blocks = enumerate(model.VGG16_BLOCKS, start=1)
+    targets = [m.get_layer(f"encoder{block}_conv{index}") for block, (_, convs) in blocks for index in range(1, convs + 1)]
     assert len(sources) == len(targets) == 13
     for number, (source, target) in enumerate(zip(sources, targets)):
         kernel = source.kernel.numpy()
