@@ -38,15 +38,23 @@ LOVASZ_LEVELS = 4096  # error bins of lovasz_softmax's counting sort
 CLOCK = time.perf_counter  # what the time budget reads (tests put a fake clock here)
 
 
-def warmup_cosine(peak: float, warmup_steps: int, total_steps: int, floor: float = FLOOR):
-    """A keras LearningRateSchedule: linear warm-up over `warmup_steps`, then cosine decay to
-    `floor` × `peak` at `total_steps` (and there after). `schedule.total_steps` is a Keras
-    variable: assign it to re-plan the run."""
+_SCHEDULE_CLASS = None
+
+
+def _schedule_class():
+    """WarmupCosine, defined (and registered for Keras's deserialisation) on first use, so
+    that importing this module never imports Keras."""
+    global _SCHEDULE_CLASS
+    if _SCHEDULE_CLASS is not None:
+        return _SCHEDULE_CLASS
     import keras
     from keras import ops
 
+    @keras.saving.register_keras_serializable(package="osmseg")
     class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
-        def __init__(self, peak, warmup_steps, total_steps, floor):
+        """Linear warm-up to `peak`, then half a cosine down to floor × peak (see warmup_cosine)."""
+
+        def __init__(self, peak, warmup_steps, total_steps, floor=FLOOR):
             self.peak, self.warmup_steps, self.floor = float(peak), int(warmup_steps), float(floor)
             self.total_steps = keras.Variable(
                 float(total_steps), dtype="float32", trainable=False, name="schedule_total_steps"
@@ -71,7 +79,16 @@ def warmup_cosine(peak: float, warmup_steps: int, total_steps: int, floor: float
                 "floor": self.floor,
             }
 
-    return WarmupCosine(peak, warmup_steps, total_steps, floor)
+    _SCHEDULE_CLASS = WarmupCosine
+    return WarmupCosine
+
+
+def warmup_cosine(peak: float, warmup_steps: int, total_steps: int, floor: float = FLOOR):
+    """A keras LearningRateSchedule: linear warm-up over `warmup_steps`, then cosine decay to
+    `floor` × `peak` at `total_steps` (and there after). `schedule.total_steps` is a Keras
+    variable: assign it to re-plan the run. Registered as osmseg>WarmupCosine, so
+    keras.optimizers.schedules.deserialize (and an optimizer's from_config) rebuilds it."""
+    return _schedule_class()(peak, warmup_steps, total_steps, floor)
 
 
 def learning_rate(name: str, peak: float, steps_per_epoch: int, epochs: int, warmup_epochs: float):

@@ -36,6 +36,26 @@ def test_warmup_cosine_at_known_steps():
     assert schedule.get_config()["total_steps"] == 24
 
 
+def test_warmup_cosine_serialises_and_drives_both_optimizers():
+    import keras
+
+    schedule = recipe.warmup_cosine(0.02, warmup_steps=3, total_steps=10)
+    schedule.total_steps.assign(12.0)
+    copy = keras.optimizers.schedules.deserialize(keras.optimizers.schedules.serialize(schedule))
+    assert type(copy) is type(schedule) and copy.get_config() == schedule.get_config()
+    for step in (0, 2, 3, 7, 12):
+        assert float(np.asarray(copy(step))) == pytest.approx(float(np.asarray(schedule(step))))
+    for optimizer in (keras.optimizers.SGD(schedule, momentum=0.9), keras.optimizers.Adam(schedule)):
+        variable = keras.Variable(np.ones(2, np.float32))
+        optimizer.build([variable])
+        for _ in range(3):
+            optimizer.apply_gradients([(np.ones(2, np.float32), variable)])
+        # The log reads optimizer.learning_rate: the schedule's value at the iterations done.
+        assert float(np.asarray(optimizer.learning_rate)) == pytest.approx(0.02)
+        rebuilt = type(optimizer).from_config(optimizer.get_config())
+        assert float(np.asarray(rebuilt.learning_rate)) == pytest.approx(0.02 / 3)  # step 0 of the warm-up
+
+
 def test_constant_schedule_is_the_seeds_learning_rate():
     assert recipe.learning_rate("constant", 0.003, 27, 20, 1) == 0.003
     schedule = recipe.learning_rate("cosine", 0.003, 27, 20, 1)
