@@ -54,7 +54,7 @@ endif
 UNLESS_SHARD = $(if $(SHARD),,$(1))
 UNLESS_SHARDS = $(if $(SHARDS),,$(1))
 
-# Training and evaluation (train.py's defaults are the seed's).
+# Training and evaluation (these are the seed's settings; train.py's recipe flags go in TRAIN_FLAGS).
 MODEL ?= segnet
 WIDTH ?= 1.0
 EPOCHS ?= 10

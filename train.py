@@ -91,8 +91,9 @@ def build_parser():
         "--loss",
         default="ce",
         choices=recipe.LOSSES,
-        help="ce: cross-entropy weighted by the class weights; +dice / +lovasz add a term that targets IoU "
-        "(soft Dice, or Lovász-softmax), averaged over the classes present in a batch",
+        help="ce: cross-entropy weighted by the class weights (the seed's); +dice / +lovasz add a term that "
+        "targets IoU (soft Dice, or Lovász-softmax), averaged over the classes present in a batch; dice and "
+        "lovasz alone drop the cross-entropy. Pixels labelled 255 count in none",
     )
     parser.add_argument(
         "--background-weight",
@@ -126,8 +127,8 @@ def build_parser():
         type=options.positive_float,
         default=None,
         metavar="MINUTES",
-        help="time the first epoch, then train only as many epochs as fit (at most --epochs), the schedule "
-        "planned to end with them; recorded in the state, so --resume keeps the plan",
+        help="time the first epoch (with its validation), then train only as many epochs as fit (at most "
+        "--epochs), the schedule planned to end with them; recorded in the state, so --resume keeps the plan",
     )
     parser.add_argument(
         "--mixed-precision",
@@ -392,7 +393,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     train_batches.set_epoch(state.epoch)
     print(
         f"training {args.model} (width {args.width}) on {len(train_indices)} tiles, validating on "
-        f"{len(validation_indices)}, epochs {state.epoch + 1}..{args.epochs}"
+        f"{len(validation_indices)}, epochs {state.epoch + 1}..{planned_epochs}"
     )
     callbacks = [training.progress_callback()]
     if args.time_budget is not None:

@@ -280,9 +280,10 @@ def budget_callback(state, budget_seconds: float, max_epochs: int, steps_per_epo
                 state.planned_epochs = plan_epochs(budget_seconds, seconds, max_epochs)
                 if schedule is not None:
                     schedule.total_steps.assign(float(state.planned_epochs * steps_per_epoch))
+                short = " (the budget is shorter than one epoch)" if seconds > budget_seconds else ""
                 log(
                     f"time budget {budget_seconds / 60:g} min: epoch 1 took {seconds:.0f} s, "
-                    f"so the run trains {state.planned_epochs} epochs"
+                    f"so the run trains {state.planned_epochs} epochs{short}"
                 )
             if epoch + 1 >= state.planned_epochs:
                 self.model.stop_training = True
