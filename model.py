@@ -39,8 +39,8 @@ weights.hdf5 (written by `save`, read by `read_config` and `load`) is plain HDF5
   of an object with ``name`` ("segnet" | "segnet-basic"), ``width`` (float), ``input_size``
   (int, pixels), ``num_classes`` (int, background included), ``classes`` (the classes file's
   JSON text, `osmseg.classes.Classes.to_json`, background not listed), ``mixed_precision``
-  (bool), plus whatever else the trainer adds (epochs, learning rate...); ``keras_version``,
-  ``backend``.
+  (bool), ``bn_momentum`` (float, optional, 0.99 if absent), plus whatever else the trainer
+  adds (epochs, learning rate...); ``keras_version``, ``backend``.
 - one float32 dataset per model variable, named by its layer path, in model order (attribute
   ``variables`` on the root lists the names in that order):
   ``encoder{k}_conv{i}/kernel`` (3, 3, in, out) and ``/bias`` (out,) for encoder block k=1..5

@@ -23,7 +23,8 @@ weights.state.h5 (beside the weights file: ``<weights stem>.state.h5``)
     - attrs: ``format`` = "osmseg-train-state", ``version`` = 1, ``epoch`` (epochs finished),
       ``best`` (best monitored score so far, NaN if none), ``best_epoch`` (0 if none),
       ``monitor`` (the log key compared), ``settings`` (JSON: every run setting that must
-      match to resume), ``log`` (JSON list of the CSV rows so far).
+      match to resume), ``log`` (JSON list of the CSV rows so far), ``planned_epochs`` (the
+      epoch count --time-budget fixed after the first epoch; -1 without a budget, or before).
 
 The best weights by validation mean IoU go to the weights file itself through
 model.save; this module only decides when.
