@@ -13,9 +13,9 @@ recipe also its score with test-time augmentation (--tta 8) and what that costs 
 - before: the demo as it was (constant learning rate, cross-entropy, no augmentation, Keras's
   batch-norm momentum 0.99, 20 epochs);
 - new: `make demo` today;
-- new without one ingredient each (schedule, IoU loss term, augmentation, colour jitter,
-  batch-norm momentum), and new with background pixels down-weighted, to show what each one
-  is worth and what did not help.
+- new without one ingredient each (schedule, augmentation, colour jitter, batch-norm
+  momentum), new with an IoU loss term added (soft Dice, Lovász-softmax), and new with
+  background pixels down-weighted, to show what each one is worth and what did not help.
 
 Every run is resumable (train.py --resume; a finished validation is kept), so an interrupted
 bench continues where it stopped when run again with the same --work folder.
@@ -51,12 +51,13 @@ BEFORE = {
 RECIPES = {
     "before": BEFORE,
     "new": {"vars": {}, "flags": ""},
-    "new, constant learning rate": {"vars": {}, "flags": "--schedule constant"},
-    "new, cross-entropy only": {"vars": {}, "flags": "--loss ce"},
-    "new, no augmentation": {"vars": {}, "flags": "--no-augment"},
-    "new, no colour jitter": {"vars": {}, "flags": "--jitter 0"},
-    "new, batch-norm momentum 0.99": {"vars": {}, "flags": "--bn-momentum 0.99"},
-    "new, background weight 0.5": {"vars": {}, "flags": "--background-weight 0.5"},
+    "new - constant learning rate": {"vars": {}, "flags": "--schedule constant"},
+    "new + Dice term": {"vars": {}, "flags": "--loss ce+dice"},
+    "new + Lovasz term": {"vars": {}, "flags": "--loss ce+lovasz"},
+    "new - no augmentation": {"vars": {}, "flags": "--no-augment"},
+    "new - no colour jitter": {"vars": {}, "flags": "--jitter 0"},
+    "new - batch-norm momentum 0.99": {"vars": {}, "flags": "--bn-momentum 0.99"},
+    "new + background weight 0.5": {"vars": {}, "flags": "--background-weight 0.5"},
 }
 # Which recipes run with every seed (the others with --ablation-seeds).
 MAIN = ("before", "new")
