@@ -323,3 +323,17 @@ def test_the_seeds_recipe_stays_reachable(tmp_path, recipe_cache):
         settings = file.attrs["settings"]
     assert '"schedule": "constant"' in settings and '"augment": false' in settings and '"jitter": 0.0' in settings
     assert '"bn_momentum": 0.99' in settings and NAMES[0] == "background"
+
+
+def test_lovasz_and_sgd_train_through_fit_on_the_cosine(tmp_path, recipe_cache):
+    """The IoU term trains inside model.fit with SGD, and the log's learning rate is the
+    schedule's at each epoch's end: the peak after the warm-up epoch, half-way, the floor."""
+    weights, log = tmp_path / "weights.hdf5", tmp_path / "log.csv"
+    flags = [*TINY, "--optimizer", "sgd", "--learning-rate", "0.05", "--epochs", "3", "--loss", "ce+lovasz"]
+    assert _run(["--data", recipe_cache, *flags, "--weights", weights, "--log", log]) == 0
+    rows = _read_csv(log)
+    rates = [float(row["learning_rate"]) for row in rows]
+    peak, low = 0.05, 0.05 * recipe.FLOOR
+    assert rates == pytest.approx([peak, (peak + low) / 2, low], rel=1e-4)
+    assert all(np.isfinite(float(row["loss"])) for row in rows)
+    assert float(rows[-1]["loss"]) < float(rows[0]["loss"])
