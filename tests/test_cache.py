@@ -709,6 +709,29 @@ def test_batches_reject_bad_arguments(world):
         cache.make_batches(out, [3, 12], 4)
 
 
+def test_raw_chunk_reads_from_many_threads_match_serial_reads(tmp_path):
+    # h5py 3.14's read_direct_chunk takes no lock of its own: unguarded, four threads
+    # reading one handle failed within a few hundred reads here (and once freed memory twice).
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(0)
+    data = rng.integers(0, 256, (48, 32, 32, 3), dtype=np.uint8)
+    with h5py.File(tmp_path / "rows.hdf5", "w") as file:
+        file.create_dataset("rows", data=data, chunks=(1, 32, 32, 3), compression="gzip")
+    with h5py.File(tmp_path / "rows.hdf5", "r") as file:
+        rows = file["rows"]
+        assert schema.inflatable(rows)
+        draws = [rng.permutation(48)[:6] for _ in range(800)]
+
+        def read(indices):
+            return schema.read_rows(rows, indices, inflate=True)
+
+        with ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(read, draws))
+    for indices, result in zip(draws, results):
+        np.testing.assert_array_equal(result, data[indices])
+
+
 def test_reader_threads_share_one_handle_and_agree_with_serial_reads(world):
     from concurrent.futures import ThreadPoolExecutor
 

@@ -43,6 +43,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+from h5py._objects import phil as _H5PY_LOCK
 
 from osmseg.classes import Classes, parse_classes
 from osmseg.errors import CacheError
@@ -179,7 +180,10 @@ def read_rows(dataset: h5py.Dataset, indices: np.ndarray, inflate: bool = False)
 
     With inflate (see inflatable), each chunk is read raw and decompressed by zlib here:
     h5py runs HDF5's filters under its global lock, so reader threads would take turns,
-    while zlib releases the GIL and lets them decompress side by side.
+    while zlib releases the GIL and lets them decompress side by side. The raw read itself
+    holds h5py's lock: h5py 3.14 does not take it in read_direct_chunk (fixed upstream in
+    h5py pull request 2764), and threads reading at once corrupt HDF5's state, even to a
+    double free.
 
     Raises:
         CacheError: a chunk cannot be read or decompressed (a damaged file).
@@ -195,7 +199,8 @@ def read_rows(dataset: h5py.Dataset, indices: np.ndarray, inflate: bool = False)
             index = int(indices[position])
             where = f"row {index}"
             if inflate:
-                filter_mask, raw = dataset.id.read_direct_chunk((index,) + zeros)
+                with _H5PY_LOCK:
+                    filter_mask, raw = dataset.id.read_direct_chunk((index,) + zeros)
                 if filter_mask == 0:  # 0: gzip was applied (HDF5 may store a chunk unfiltered)
                     rows[position] = np.frombuffer(zlib.decompress(raw), dataset.dtype).reshape(dataset.shape[1:])
                     continue
