@@ -42,9 +42,10 @@ import numpy as np
 from osmseg import polygonize, tiles, visualise
 from osmseg.atomic import write_text_atomic
 from osmseg.classes import Classes
+from osmseg.geotiff import GeoTiffWriters
 from osmseg.mosaic import MosaicReader
 from osmseg.polygonize import NODATA
-from osmseg.scene import HEATMAP_SIZE, AreaMean, GeoTiffWriters, OutputFiles, run_outputs, safe_name
+from osmseg.scene import HEATMAP_SIZE, AreaMean, OutputFiles, run_outputs, safe_name
 from osmseg.segment import Predict, Windows, segment_strips
 
 OVERVIEW_SIZE = 2048  # the results page's pictures, longest side at most

@@ -11,7 +11,8 @@ Files written by `write_scene` into an output directory:
   of that class colour-mapped (viridis, 0 dark to 1 yellow) with a labelled scale bar on the
   right; downscaled (area mean) so that the longer side is at most `heatmap_size` pixels.
 - `mask.tif` and `probabilities.tif` (only for georeferenced input, e.g. a GeoTIFF):
-  GeoTIFFs with the input's CRS and transform, in 64-row strips, deflate-compressed. mask.tif: one uint8 band of
+  GeoTIFFs with the input's CRS and transform, in 64-row strips, deflate-compressed
+  (osmseg.geotiff). mask.tif: one uint8 band of
   class indices (0 background) with a colour table of the display colours. probabilities.tif:
   one uint8 band per class (band i+1 = class i, described by its name), probability × 255
   rounded.
@@ -46,6 +47,7 @@ import numpy as np
 from osmseg import visualise
 from osmseg.atomic import atomic_path, write_text_atomic
 from osmseg.classes import Classes
+from osmseg.geotiff import GeoTiffWriters
 from osmseg.rasters import Georeference, ImageReader
 from osmseg.segment import Predict, Windows, class_counts, segment_strips
 
@@ -334,107 +336,3 @@ def write_scene(
     write_text_atomic(outdir / "counts.json", json.dumps(record, indent=1) + "\n")
     result.files = [*temporary.finals, outdir / "counts.json"]
     return result
-
-
-class GeoTiffWriters:
-    """mask.tif and probabilities.tif written strip by strip with the input's georeference.
-
-    The files are striped (ROWS_PER_STRIP rows a block), and rows are buffered until whole
-    blocks can be written: on a 20,000-pixel-wide scene, 256 × 256 tiles written in partial
-    rows took 7× as long (GDAL re-reads and re-compresses partial blocks) and came out
-    2.5× larger.
-
-    With cog, the striped files are written beside the outputs and, once complete, copied
-    into Cloud-Optimized GeoTIFFs (GDAL's COG driver: 512-pixel tiles, overviews, deflate;
-    the mask's overviews by the most frequent class, the probabilities' by their mean), which
-    web maps and QGIS read a part at a time over HTTP. `nodata` marks pixels of the mask
-    without imagery (the probabilities are 0 there).
-    """
-
-    ROWS_PER_STRIP = 64
-
-    def __init__(self, mask_path, probabilities_path, height, width, georeference, names, display, *,
-                 cog: bool = False, nodata: int | None = None):
-        self._finals = (Path(mask_path), Path(probabilities_path))
-        self._cog = cog
-        self._paths = tuple(p.with_name(p.name + ".striped.tif") for p in self._finals) if cog else self._finals
-        self._nodata = nodata
-        self._args = (height, width, georeference, names, display)
-        self._next_row = 0
-        self._buffered: list[tuple[np.ndarray, np.ndarray]] = []
-
-    def __enter__(self):
-        import rasterio
-
-        height, width, georeference, names, display = self._args
-        profile = {
-            "driver": "GTiff",
-            "height": height,
-            "width": width,
-            "dtype": "uint8",
-            "crs": georeference.crs,
-            "transform": georeference.transform,
-            "compress": "deflate",
-            # Horizontal differencing, then fast deflate: on smooth 7-band probabilities,
-            # level 6 took 15× as long as level 1 for files only 25% smaller.
-            "predictor": 2,
-            "zlevel": 1,
-            "tiled": False,
-            "blockysize": self.ROWS_PER_STRIP,
-        }
-        # GDAL caches blocks up to 5% of RAM by default; a small cache keeps memory bounded.
-        self._env = rasterio.Env(GDAL_CACHEMAX=64)
-        self._env.__enter__()
-        self.mask = rasterio.open(self._paths[0], "w", count=1, nodata=self._nodata, **profile)
-        self.mask.write_colormap(1, {i: tuple(int(v) for v in color) + (255,) for i, color in enumerate(display)})
-        self.mask.set_band_description(1, "class index")
-        self.probabilities = rasterio.open(self._paths[1], "w", count=len(names), **profile)
-        for band, name in enumerate(names, start=1):
-            self.probabilities.set_band_description(band, name)
-        return self
-
-    def write(self, top: int, labels: np.ndarray, probability_bytes: np.ndarray) -> None:
-        """Take rows [top, top + rows) of labels (rows, W) and probability bytes (rows, W, C)."""
-        buffered = sum(len(labels) for labels, _ in self._buffered)
-        if top != self._next_row + buffered:
-            raise ValueError(f"rows must come in order: expected {self._next_row + buffered}, got {top}")
-        self._buffered.append((labels, probability_bytes))
-        buffered += len(labels)
-        height = self._args[0]
-        if buffered >= self.ROWS_PER_STRIP or self._next_row + buffered == height:
-            labels = np.concatenate([labels for labels, _ in self._buffered])
-            probability_bytes = np.concatenate([values for _, values in self._buffered])
-            whole = len(labels) if self._next_row + buffered == height else buffered // self.ROWS_PER_STRIP * self.ROWS_PER_STRIP
-            self._write(labels[:whole], probability_bytes[:whole])
-            self._buffered = [(labels[whole:], probability_bytes[whole:])] if whole < len(labels) else []
-
-    def _write(self, labels: np.ndarray, probability_bytes: np.ndarray) -> None:
-        from rasterio.windows import Window
-
-        rows, width = labels.shape
-        window = Window(0, self._next_row, width, rows)
-        self.mask.write(labels[None], window=window)
-        self.probabilities.write(np.ascontiguousarray(np.moveaxis(probability_bytes, -1, 0)), window=window)
-        self._next_row += rows
-
-    def __exit__(self, kind, value, traceback):
-        try:
-            if kind is None and self._next_row != self._args[0]:
-                raise ValueError(f"GeoTIFFs got {self._next_row} of {self._args[0]} rows")
-            self.mask.close()
-            self.probabilities.close()
-            if kind is None and self._cog:
-                self._to_cog()
-        finally:
-            if self._cog:
-                for path in self._paths:
-                    path.unlink(missing_ok=True)
-            self._env.__exit__(kind, value, traceback)
-        return False
-
-    def _to_cog(self) -> None:
-        from rasterio.shutil import copy
-
-        options = {"COMPRESS": "DEFLATE", "PREDICTOR": "2", "LEVEL": "1", "BLOCKSIZE": "512", "NUM_THREADS": "ALL_CPUS"}
-        copy(self._paths[0], self._finals[0], driver="COG", RESAMPLING="MODE", **options)
-        copy(self._paths[1], self._finals[1], driver="COG", RESAMPLING="AVERAGE", **options)
