@@ -373,9 +373,8 @@ def _simplified(polygons: list, tolerance: float) -> np.ndarray:
     empty = shapely.is_empty(simpler)
     simpler[empty] = polygons[empty]
     for index in np.flatnonzero(~shapely.is_valid(simpler)):
-        repaired = shapely.make_valid(simpler[index])
-        parts = [g for g in getattr(repaired, "geoms", [repaired]) if g.geom_type in ("Polygon", "MultiPolygon")]
-        simpler[index] = shapely.union_all(parts) if parts else polygons[index]
+        fixed = polygonize.repaired(simpler[index])
+        simpler[index] = fixed if fixed.geom_type in ("Polygon", "MultiPolygon") else polygons[index]
     return simpler
 
 

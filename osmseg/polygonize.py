@@ -101,20 +101,42 @@ def _polygon(rings: list):
 
 
 def to_lnglat(geometry, digits: int | None = None):
-    """An EPSG:3857 geometry in WGS84 degrees, exterior rings counterclockwise (RFC 7946, 3.1.6),
-    coordinates rounded to `digits` decimals if given.
+    """EPSG:3857 geometries (an array, or one) in WGS84 degrees, exterior rings counterclockwise
+    (RFC 7946, 3.1.6), coordinates rounded to `digits` decimals if given.
 
-    Rounding is plain: 1e-7° is about 1 cm, far below the pixels these polygons trace, so it
-    cannot fold a ring (GEOS's set_precision, which snaps with topology checks, took a tenth
-    of a map's polygon time).
+    Rounding is plain (GEOS's set_precision, which snaps with topology checks, took a tenth of
+    a map's polygon time), then checked: a polygon left invalid (two rings closer than the
+    grid, as where a hole nearly touches its exterior, end up crossing or sharing an edge) is
+    repaired and snapped again with set_precision, which keeps it valid.
     """
     import shapely
 
     def project(xy: np.ndarray) -> np.ndarray:
-        lnglat = np.column_stack(tiles.xy_to_lnglat(xy[:, 0], xy[:, 1]))
-        return lnglat if digits is None else np.round(lnglat, digits)
+        return np.column_stack(tiles.xy_to_lnglat(xy[:, 0], xy[:, 1]))
 
-    return shapely.orient_polygons(shapely.transform(geometry, project), exterior_cw=False)
+    lnglat = shapely.transform(geometry, project)
+    if digits is not None:
+        rounded = shapely.transform(lnglat, lambda xy: np.round(xy, digits))
+        broken = ~shapely.is_valid(rounded)
+        if np.ndim(rounded) == 0:
+            rounded = shapely.set_precision(repaired(lnglat), 10.0**-digits) if broken else rounded
+        elif broken.any():
+            rounded = np.array(rounded, dtype=object)
+            rounded[broken] = [shapely.set_precision(repaired(g), 10.0**-digits) for g in lnglat[broken]]
+        lnglat = rounded
+    return shapely.orient_polygons(lnglat, exterior_cw=False)
+
+
+def repaired(geometry):
+    """A valid polygonal geometry covering what `geometry` (a polygon, perhaps invalid) covers:
+    GEOS's make_valid, keeping only its polygons (it can add the lines where rings touched)."""
+    import shapely
+
+    if shapely.is_valid(geometry):
+        return geometry
+    valid = shapely.make_valid(geometry)
+    parts = [g for g in getattr(valid, "geoms", [valid]) if g.geom_type in ("Polygon", "MultiPolygon")]
+    return shapely.union_all(parts) if parts else valid
 
 
 @dataclass(frozen=True)

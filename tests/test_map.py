@@ -126,6 +126,32 @@ def test_wgs84_features_and_ground_areas():
     assert np.sum(x[:-1] * y[1:] - x[1:] * y[:-1]) > 0
 
 
+def test_rounding_coordinates_never_leaves_a_polygon_invalid():
+    import shapely
+    from shapely.geometry import Polygon
+
+    # In degrees: a hole whose lower edge lies 4e-8° above its exterior's. Plain rounding to
+    # 7 decimals would put both edges on y = 0, rings sharing a segment: invalid.
+    exterior = [(0, 0), (1e-4, 0), (1e-4, 1e-4), (0, 1e-4)]
+    hole = [(0.3e-4, 0.4e-7), (0.7e-4, 0.4e-7), (0.5e-4, 0.5e-4)]
+
+    def metres(ring):
+        x, y = tiles.lnglat_to_xy(np.array([p[0] for p in ring]), np.array([p[1] for p in ring]))
+        return list(zip(x, y))
+
+    near = Polygon(metres(exterior), [metres(hole)])
+    far = Polygon(metres(exterior))
+    assert near.is_valid
+    rounded = shapely.transform(polygonize.to_lnglat(near), lambda xy: np.round(xy, 7))
+    plain = shapely.transform(shapely.transform(near, lambda xy: np.column_stack(tiles.xy_to_lnglat(*xy.T))),
+                              lambda xy: np.round(xy, 7))  # fmt: skip
+    assert not plain.is_valid  # the case is real: plain rounding breaks it
+    for result in (polygonize.to_lnglat(near, 7), *polygonize.to_lnglat(np.array([far, near]), 7)):
+        assert result.is_valid and not result.is_empty
+        assert np.allclose(shapely.get_coordinates(result), np.round(shapely.get_coordinates(result), 7))
+    assert rounded.area == pytest.approx(polygonize.to_lnglat(near, 7).area, rel=1e-3)
+
+
 # --- The OSM diff on a hand-made case -------------------------------------------------------
 
 
