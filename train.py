@@ -89,7 +89,7 @@ def build_parser():
     )
     parser.add_argument(
         "--loss",
-        default="ce",
+        default="ce+lovasz",
         choices=recipe.LOSSES,
         help="ce: cross-entropy weighted by the class weights (the seed's); +dice / +lovasz add a term that "
         "targets IoU (soft Dice, or Lovász-softmax), averaged over the classes present in a batch; dice and "
