@@ -43,7 +43,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from common import write_result  # noqa: E402
+from common import RESULTS, write_result  # noqa: E402
 
 # What a recipe changes from `make demo`'s variables: Makefile variables and train.py flags.
 BEFORE = {
@@ -234,7 +234,7 @@ def main(argv=None) -> int:
         }
     print(table(summaries))
     # A run of some recipes keeps the figures of the others from earlier runs.
-    earlier = HERE / "results" / "quality.json"
+    earlier = RESULTS / "quality.json"
     if earlier.exists():
         figures = json.loads(earlier.read_text())["figures"] | figures
     print(write_result("quality", figures, ("tensorflow", "keras"), args.note))

@@ -101,7 +101,7 @@ def _polygon(rings: list):
 
 
 def to_lnglat(geometry, digits: int | None = None):
-    """EPSG:3857 geometries (an array, or one) in WGS84 degrees, exterior rings counterclockwise
+    """An array of EPSG:3857 geometries in WGS84 degrees, exterior rings counterclockwise
     (RFC 7946, 3.1.6), coordinates rounded to `digits` decimals if given.
 
     Rounding is plain (GEOS's set_precision, which snaps with topology checks, took a tenth of
@@ -116,13 +116,9 @@ def to_lnglat(geometry, digits: int | None = None):
 
     lnglat = shapely.transform(geometry, project)
     if digits is not None:
-        rounded = shapely.transform(lnglat, lambda xy: np.round(xy, digits))
+        rounded = np.array(shapely.transform(lnglat, lambda xy: np.round(xy, digits)), dtype=object)
         broken = ~shapely.is_valid(rounded)
-        if np.ndim(rounded) == 0:
-            rounded = shapely.set_precision(repaired(lnglat), 10.0**-digits) if broken else rounded
-        elif broken.any():
-            rounded = np.array(rounded, dtype=object)
-            rounded[broken] = [shapely.set_precision(repaired(g), 10.0**-digits) for g in lnglat[broken]]
+        rounded[broken] = [shapely.set_precision(repaired(g), 10.0**-digits) for g in lnglat[broken]]
         lnglat = rounded
     return shapely.orient_polygons(lnglat, exterior_cw=False)
 
