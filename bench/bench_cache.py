@@ -162,8 +162,8 @@ def real_imagery_bytes_per_tile() -> float | None:
     """gzip-1 bytes of the fixtures' real satellite tiles, decoded, per 256-pixel tile image."""
     import h5py
 
-    from osmseg.rasters import read_rgb
     from osmseg.cache.schema import COMPRESSION, COMPRESSION_LEVEL
+    from osmseg.rasters import read_rgb
 
     folder = ROOT.parent / "shared" / "fixtures" / "portugal-z17" / "tiles"
     paths = sorted(folder.glob("*.jpg"))

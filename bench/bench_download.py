@@ -24,8 +24,8 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 import mercantile  # noqa: E402
-
 from common import write_result  # noqa: E402
+
 from osmseg import imagery  # noqa: E402
 
 LATENCY = 0.05
