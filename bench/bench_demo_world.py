@@ -138,9 +138,8 @@ def main() -> None:
 
         # Labels: shares, and recall against labels of every feature.
         classes, noisy = _label_counts(mapped_path, tiles)
-        everything = demo.World(world.seed, world.bbox, [f._replace(mapped=True) for f in world.features])
         truth_path = Path(scratch) / "truth.mbtiles"
-        demo.write_qa_tiles(everything, truth_path)
+        demo.write_qa_tiles(world.fully_mapped(), truth_path)
         _, truth = _label_counts(truth_path, tiles)
     names = classes.names
     counts = np.zeros(len(names), dtype=np.int64)

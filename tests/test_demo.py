@@ -218,6 +218,16 @@ def test_a_smaller_bbox_crops_the_same_town(world):
     assert qatiles.qa_tiles_of(corner) == [mercantile.Tile(2048, 2047, 12)]
 
 
+def test_fully_mapped_maps_every_feature_and_leaves_the_world_as_it_was(world):
+    unmapped = sum(not f.mapped for f in world.features)
+    assert unmapped > 0
+    everything = world.fully_mapped()
+    assert all(f.mapped for f in everything.features)
+    assert [f._replace(mapped=True) for f in world.features] == everything.features
+    assert everything.bbox == world.bbox and everything.seed == world.seed
+    assert sum(not f.mapped for f in world.features) == unmapped
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_every_seed_gives_valid_simple_geometries(seed):
     seeded = built(seed)

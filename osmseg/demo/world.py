@@ -129,6 +129,10 @@ class World:
         inside = shapely.intersects([f.geometry for f in self.features], box(*tiles.bbox_to_xy(bbox)))
         return World(self.seed, bbox, [f for f, keep in zip(self.features, inside) if keep])
 
+    def fully_mapped(self) -> World:
+        """This world with every feature mapped: its QA tiles hold what the imagery shows."""
+        return World(self.seed, self.bbox, [f._replace(mapped=True) for f in self.features])
+
     def mapped(self) -> list[WorldFeature]:
         return [f for f in self.features if f.mapped]
 
