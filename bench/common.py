@@ -49,17 +49,35 @@ def peak_rss_mb() -> float:
 
 
 def write_result(name: str, figures: dict, packages: tuple[str, ...] = (), notes: str = "") -> Path:
-    """Write bench/results/<name>.json with figures, date, machine and versions."""
+    """Write bench/results/<name>.json with figures, date, machine and versions.
+
+    `dates` holds the day each top-level figure was measured: today for every figure that
+    differs from the file's earlier one, the earlier day for one a bench carried over
+    unchanged (a run of part of a bench keeps the rest of its figures), so the README's
+    table dates each figure, not the file's last write.
+    """
     RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, ValueError):
+        earlier = {}
+    earlier_figures, earlier_dates = earlier.get("figures", {}), earlier.get("dates", {})
+    earlier_day = str(earlier.get("date", ""))[:10]
+    dates = {
+        key: earlier_dates.get(key, earlier_day) if key in earlier_figures and earlier_figures[key] == value else now[:10]
+        for key, value in figures.items()
+    }
     record = {
         "name": name,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": now,
         "machine": machine(),
         "versions": versions(*packages),
         "figures": figures,
+        "dates": dates,
         "notes": notes,
     }
-    path = RESULTS / f"{name}.json"
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(record, indent=2) + "\n")
     os.replace(tmp, path)

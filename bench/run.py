@@ -36,11 +36,13 @@ def table() -> str:
         record = json.loads(path.read_text())
         machine = record.get("machine", {})
         where = f"{machine.get('cores', '?')} cores" if isinstance(machine, dict) else str(machine)
-        date = str(record.get("date", ""))[:10]
-        for name, value, unit in _flatten(record.get("figures", {})):
-            if isinstance(value, float):
-                value = f"{value:.4g}"
-            rows.append(f"| {record.get('name', path.stem)} | {name} | {value} | {unit} | {date} | {where} |")
+        day, dates = str(record.get("date", ""))[:10], record.get("dates", {})
+        for key, figure in record.get("figures", {}).items():
+            date = dates.get(key, day)  # when this figure was measured (write_result)
+            for name, value, unit in _flatten({key: figure}):
+                if isinstance(value, float):
+                    value = f"{value:.4g}"
+                rows.append(f"| {record.get('name', path.stem)} | {name} | {value} | {unit} | {date} | {where} |")
     return "\n".join(rows)
 
 
