@@ -62,6 +62,8 @@ BATCH_SIZE ?= 16
 LEARNING_RATE ?= 0.001
 OPTIMIZER ?= sgd
 CLASS_WEIGHTS ?= none
+# yes: train.py --mixed-precision (bfloat16 on CPUs that have it, float16 on GPUs).
+MIXED_PRECISION ?= no
 TRAIN_FLAGS ?=
 WEIGHTS ?= weights.hdf5
 DATA ?= data/training.hdf5
@@ -80,8 +82,8 @@ MAP_FLAGS ?=
 DEMO_SEED ?= 0
 DEMO_BBOX := -0.0275,-0.0275,0.0275,0.0275
 DEMO_VARS := QA_TILES=demo OSM_SOURCE=qa-tiles BBOX=$(DEMO_BBOX) IMAGE_TILES=demo:$(DEMO_SEED) \
-	TRAIN_SIZE=300 ZOOM_LEVEL=17 TILE_SIZE=256 MODEL=segnet-basic WIDTH=0.25 EPOCHS=20 \
-	BATCH_SIZE=8 OPTIMIZER=adam LEARNING_RATE=0.003 CLASS_WEIGHTS=none
+	TRAIN_SIZE=300 ZOOM_LEVEL=17 TILE_SIZE=256 MODEL=segnet-basic WIDTH=0.25 EPOCHS=30 \
+	BATCH_SIZE=8 OPTIMIZER=adam LEARNING_RATE=0.003 CLASS_WEIGHTS=none MIXED_PRECISION=yes
 
 .PHONY: install demo demo-map test bench download-osm-tiles import train validate predict map preview \
 	serve-demo clean clean-all
@@ -158,7 +160,8 @@ import: | $(INSTALLED)
 train: $(DATA)
 	$(PY) train.py --data $< --weights $(WEIGHTS) --model $(MODEL) --width $(WIDTH) \
 		--epochs $(EPOCHS) --batch-size $(BATCH_SIZE) --learning-rate $(LEARNING_RATE) \
-		--optimizer $(OPTIMIZER) --class-weights $(CLASS_WEIGHTS) --seed $(SEED) --resume $(TRAIN_FLAGS)
+		--optimizer $(OPTIMIZER) --class-weights $(CLASS_WEIGHTS) --seed $(SEED) --resume \
+		$(if $(filter yes,$(MIXED_PRECISION)),--mixed-precision) $(TRAIN_FLAGS)
 
 validate: $(TEST_DATA) | $(INSTALLED)
 	$(PY) validate.py --weights $(WEIGHTS) --data $<
