@@ -72,6 +72,9 @@ IMAGES ?=
 MASKS ?=
 IMG ?=
 PREDICT_FLAGS ?=
+# Test-time augmentation of make validate and make predict: the mean of N turned and mirrored
+# copies (1: none; make map takes MAP_FLAGS=--tta N).
+TTA ?= 1
 OUT ?= output
 # make map: the OSM source to compare the map with (none: MAP_OSM=), and more flags.
 MAP_OSM ?= $(OSM)
@@ -83,7 +86,7 @@ DEMO_SEED ?= 0
 DEMO_BBOX := -0.0275,-0.0275,0.0275,0.0275
 DEMO_VARS := QA_TILES=demo OSM_SOURCE=qa-tiles BBOX=$(DEMO_BBOX) IMAGE_TILES=demo:$(DEMO_SEED) \
 	TRAIN_SIZE=300 ZOOM_LEVEL=17 TILE_SIZE=256 MODEL=segnet-basic WIDTH=0.25 EPOCHS=30 \
-	BATCH_SIZE=8 OPTIMIZER=adam LEARNING_RATE=0.003 CLASS_WEIGHTS=none MIXED_PRECISION=yes
+	BATCH_SIZE=8 OPTIMIZER=adam LEARNING_RATE=0.003 CLASS_WEIGHTS=none MIXED_PRECISION=yes TTA=8
 
 .PHONY: install demo demo-map test bench download-osm-tiles import train validate predict map preview \
 	serve-demo clean clean-all
@@ -164,11 +167,11 @@ train: $(DATA)
 		$(if $(filter yes,$(MIXED_PRECISION)),--mixed-precision) $(TRAIN_FLAGS)
 
 validate: $(TEST_DATA) | $(INSTALLED)
-	$(PY) validate.py --weights $(WEIGHTS) --data $<
+	$(PY) validate.py --weights $(WEIGHTS) --data $< --tta $(TTA)
 
 predict: | $(INSTALLED)
 	@test -n "$(IMG)" || { echo "make predict needs IMG=<image or directory> (and OUT=<dir>)" >&2; exit 2; }
-	$(PY) feed_forward.py $(WEIGHTS) $(IMG) $(OUT) $(PREDICT_FLAGS)
+	$(PY) feed_forward.py $(WEIGHTS) $(IMG) $(OUT) --tta $(TTA) $(PREDICT_FLAGS)
 
 # Map an area: make map BBOX=... IMAGE_TILES=... ZOOM_LEVEL=... OUT=output/area
 map: | $(INSTALLED)

@@ -36,7 +36,9 @@ def test_summary_prints_metrics_and_only_outputs_that_exist(tmp_path, monkeypatc
     text = report.summary(metrics, None)
     assert "pixel accuracy 0.812, mean IoU 0.601" in text
     assert "building 0.50" in text
-    assert "weights.hdf5" in text and "training_log.csv" not in text
+    assert "weights.hdf5" in text and "training_log.csv" not in text and "--tta" not in text
+    metrics.write_text(json.dumps({"pixel_accuracy": 0.8, "mean_iou": 0.6, "tta": 8}))
+    assert "mean IoU 0.600 (the mean of 8 turned and mirrored copies of each tile, --tta 8)" in report.summary(metrics, None)
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["summary", "--help"]])

@@ -49,8 +49,10 @@ def summary(metrics: Path, predict_out: Path | None) -> str:
     lines = []
     if metrics.exists():
         scores = json.loads(metrics.read_text())
+        tta = int(scores.get("tta", 1))
         lines.append(
             f"Test set: pixel accuracy {scores['pixel_accuracy']:.3f}, mean IoU {scores['mean_iou']:.3f}"
+            + (f" (the mean of {tta} turned and mirrored copies of each tile, --tta {tta})" if tta > 1 else "")
         )
         per_class = scores.get("per_class", {})
         if per_class:
