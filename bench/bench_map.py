@@ -16,7 +16,8 @@ Figures:
   leaves out (the demo world knows which it dropped) that a "missing in OSM" building polygon
   covers by at least half (goal >= 70%), and the share of those polygons that lie on no
   dropped building (at least half of the polygon's area off them counts as false; goal <=
-  30%). Needs a trained model (--weights, e.g. the one `make demo` writes).
+  30%), at map's default --min-confidence and at a few others (the trade-off a mapper
+  chooses). Needs a trained model (--weights, e.g. the one `make demo` writes).
 
     .venv/bin/python bench/bench_map.py --weights weights.hdf5 [--only throughput|memory|diff]
 """
@@ -183,22 +184,50 @@ def bench_memory(weights: Path, workdir: Path) -> dict:
     }
 
 
+SWEEP = (0.4, 0.5, 0.7)  # --min-confidence values tried beside the default
+
+
 def bench_diff(weights: Path, workdir: Path, demo_osm: Path) -> dict:
-    import shapely
+    """The diff's recall and false share at the default --min-confidence, and at SWEEP's."""
+    import argparse
 
-    from osmseg import demo, tiles
+    from osmseg import demo
+    from osmseg.commands import map_area
 
-    with Server() as server:
-        out = workdir / "demo-map"
-        argv = ["map", "--weights", str(weights), f"--bbox={','.join(map(str, demo.DEMO_BBOX))}", "--image-tiles",
-                server.url, "--tiles", str(workdir / "demo-tiles"), "--osm", str(demo_osm), "--out", str(out)]  # fmt: skip
-        import prepare
-        from osmseg import cli
-
-        if cli.run(prepare.main, argv) != 0:
-            raise SystemExit("map failed on the demo town")
+    parser = argparse.ArgumentParser()
+    map_area.add_arguments(parser)
+    default = parser.get_default("min_confidence")
     world = demo.build_world(0)
     dropped = [f.geometry for f in world.features if not f.mapped and "building" in f.tags]
+    figures, sweep = {}, {}
+    with Server() as server:
+        for confidence in (default, *SWEEP):
+            out = workdir / f"demo-map-{confidence:g}"
+            argv = ["map", "--weights", str(weights), f"--bbox={','.join(map(str, demo.DEMO_BBOX))}", "--image-tiles",
+                    server.url, "--tiles", str(workdir / "demo-tiles"), "--osm", str(demo_osm), "--out", str(out),
+                    "--min-confidence", str(confidence)]  # fmt: skip
+            import prepare
+            from osmseg import cli
+
+            if cli.run(prepare.main, argv) != 0:
+                raise SystemExit("map failed on the demo town")
+            scores = diff_scores(out, dropped)
+            if confidence == default:
+                figures = scores
+            else:
+                sweep[f"{confidence:g}"] = {
+                    "value": f"recall {scores['recall']['value']}, false share {scores['false_share']['value']}",
+                    "unit": f"--min-confidence {confidence:g} (default {default:g})",
+                }
+    return figures | {"min_confidence": {"value": default, "unit": "prepare.py map's default"}, "sweep": sweep}
+
+
+def diff_scores(out: Path, dropped: list) -> dict:
+    """Recall of the dropped buildings and false share of "missing in OSM" building polygons."""
+    import shapely
+
+    from osmseg import tiles
+
     collection = json.loads((out / "osm-diff.geojson").read_text())
     found = []
     for item in collection["features"]:
