@@ -317,9 +317,17 @@ class _Replicas:
             return self._sum_metric_state(context)
 
         def replica_test(images, targets, weights):
-            probabilities = net(images, training=False)
-            loss = net.compute_loss(images, targets, probabilities, weights, training=False)
-            self._count(loss, tf.shape(images)[0], targets, probabilities, weights)
+            # A last validation batch smaller than the replicas leaves some with no tiles, and
+            # they must not run the model: on some CPUs (this project's of 2026-12-04, with
+            # AVX512-BF16) TensorFlow 2.21's convolution of an empty batch returns its input's
+            # shape, not the convolution's, and the next layer fails.
+            def count():
+                probabilities = net(images, training=False)
+                loss = net.compute_loss(images, targets, probabilities, weights, training=False)
+                self._count(loss, tf.shape(images)[0], targets, probabilities, weights)
+                return tf.constant(True)
+
+            tf.cond(tf.shape(images)[0] > 0, count, lambda: tf.constant(False))
 
         def replica_sum():
             return self._sum_metric_state(tf.distribute.get_replica_context())
