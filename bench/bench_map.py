@@ -191,7 +191,8 @@ def bench_diff(weights: Path, workdir: Path, demo_osm: Path) -> dict:
     """The diff's recall and false share at the default --min-confidence, and at SWEEP's."""
     import argparse
 
-    from osmseg import demo
+    import prepare
+    from osmseg import cli, demo
     from osmseg.commands import map_area
 
     parser = argparse.ArgumentParser()
@@ -206,9 +207,6 @@ def bench_diff(weights: Path, workdir: Path, demo_osm: Path) -> dict:
             argv = ["map", "--weights", str(weights), f"--bbox={','.join(map(str, demo.DEMO_BBOX))}", "--image-tiles",
                     server.url, "--tiles", str(workdir / "demo-tiles"), "--osm", str(demo_osm), "--out", str(out),
                     "--min-confidence", str(confidence)]  # fmt: skip
-            import prepare
-            from osmseg import cli
-
             if cli.run(prepare.main, argv) != 0:
                 raise SystemExit("map failed on the demo town")
             scores = diff_scores(out, dropped)
