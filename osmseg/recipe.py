@@ -104,8 +104,15 @@ def learning_rate(name: str, peak: float, steps_per_epoch: int, epochs: int, war
 # --- Losses ---------------------------------------------------------------------------
 
 
+EPSILON = 1e-7  # keras.backend.epsilon(): cross-entropy clips probabilities to [EPSILON, 1 - EPSILON]
+
+
 def _flat(y_true, y_pred, sample_weight, num_classes):
-    """(probabilities (N, C) float32, one-hot truth (N, C), mask (N, 1): 1 where counted)."""
+    """(probabilities (N, C) float32, one-hot truth (N, C), mask (N, 1): 1 where counted).
+
+    The truth is one-hot for every pixel, counted or not: the terms multiply by the mask
+    where it matters.
+    """
     from keras import ops
 
     probabilities = ops.reshape(ops.cast(y_pred, "float32"), (-1, num_classes))
@@ -114,7 +121,49 @@ def _flat(y_true, y_pred, sample_weight, num_classes):
         mask = ops.ones_like(truth[:, :1])
     else:
         mask = ops.cast(ops.reshape(sample_weight, (-1, 1)) > 0, "float32")
-    return probabilities, truth * mask, mask
+    return probabilities, truth, mask
+
+
+def _weights(sample_weight, probabilities):
+    """Sample weights flat (N,), ones where there are none."""
+    from keras import ops
+
+    if sample_weight is None:
+        return ops.ones_like(probabilities[:, 0])
+    return ops.reshape(ops.cast(sample_weight, "float32"), (-1,))
+
+
+def _cross_entropy(probabilities, truth, weights):
+    from keras import ops
+
+    picked = ops.sum(probabilities * truth, axis=1)
+    losses = -ops.log(ops.clip(picked, EPSILON, 1.0 - EPSILON))
+    return ops.sum(losses * weights) / ops.cast(ops.shape(weights)[0], "float32")
+
+
+def cross_entropy(y_true, y_pred, sample_weight=None, num_classes: int | None = None):
+    """Cross-entropy of softmax probabilities, each pixel's weighted, summed over the pixel count.
+
+    The value of Keras's SparseCategoricalCrossentropy (probabilities clipped to [1e-7, 1 - 1e-7],
+    weight-0 pixels in the count), computed as -log p[label] from the one-hot truth. Keras takes
+    the log of every class's probability and hands them to TensorFlow's softmax cross-entropy
+    kernel, which took 41 ms of a 230 ms demo training step on 2 cores; this takes 5.
+    """
+    num_classes = num_classes or y_pred.shape[-1]
+    probabilities, truth, _ = _flat(y_true, y_pred, sample_weight, num_classes)
+    return _cross_entropy(probabilities, truth, _weights(sample_weight, probabilities))
+
+
+def _soft_dice(probabilities, truth, mask):
+    from keras import ops
+
+    truth = truth * mask
+    probabilities = probabilities * mask
+    overlap = ops.sum(probabilities * truth, axis=0)
+    sizes = ops.sum(probabilities, axis=0) + ops.sum(truth, axis=0)
+    present = ops.cast(ops.sum(truth, axis=0) > 0, "float32")
+    dice = 1.0 - 2.0 * overlap / ops.maximum(sizes, 1e-6)
+    return ops.sum(dice * present) / ops.maximum(ops.sum(present), 1.0)
 
 
 def soft_dice(y_true, y_pred, sample_weight=None, num_classes: int | None = None):
@@ -123,16 +172,38 @@ def soft_dice(y_true, y_pred, sample_weight=None, num_classes: int | None = None
     Per class c over the counted pixels: 1 - 2·Σ p_c·y_c / (Σ p_c + Σ y_c), with p the
     probabilities and y the one-hot truth. 0 for a perfect, certain prediction.
     """
+    num_classes = num_classes or y_pred.shape[-1]
+    return _soft_dice(*_flat(y_true, y_pred, sample_weight, num_classes))
+
+
+def _lovasz(probabilities, truth, mask):
     from keras import ops
 
-    num_classes = num_classes or y_pred.shape[-1]
-    probabilities, truth, mask = _flat(y_true, y_pred, sample_weight, num_classes)
-    probabilities = probabilities * mask
-    overlap = ops.sum(probabilities * truth, axis=0)
-    sizes = ops.sum(probabilities, axis=0) + ops.sum(truth, axis=0)
-    present = ops.cast(ops.sum(truth, axis=0) > 0, "float32")
-    dice = 1.0 - 2.0 * overlap / ops.maximum(sizes, 1e-6)
-    return ops.sum(dice * present) / ops.maximum(ops.sum(present), 1.0)
+    num_classes = probabilities.shape[-1]
+    truth = truth * mask
+    errors = ops.abs(truth - probabilities)  # (N, C)
+    levels = LOVASZ_LEVELS
+    level = ops.cast(ops.round(ops.clip(ops.stop_gradient(errors), 0.0, 1.0) * (levels - 1)), "int32")
+    # Bin b of class c, in decreasing error order, foreground (even) before background (odd).
+    bins = (levels - 1 - level) * 2 + (1 - ops.cast(truth, "int32"))
+    bins = bins + ops.arange(num_classes, dtype="int32")[None, :] * (2 * levels)
+    counted = ops.broadcast_to(mask, ops.shape(errors))
+    # A histogram (bincount), not a segment sum: the same counts, 15x faster on the CPU.
+    counts = ops.bincount(ops.reshape(bins, (-1,)), weights=ops.reshape(counted, (-1,)), minlength=num_classes * 2 * levels)
+    counts = ops.reshape(counts, (num_classes, levels, 2))
+    foreground = ops.cumsum(counts[:, :, 0], axis=1)
+    background = ops.cumsum(counts[:, :, 1], axis=1)
+    size = foreground[:, -1:]
+    # The Jaccard loss after each (level, fg) and each (level, bg) bin, in order.
+    after_fg = 1.0 - (size - foreground) / ops.maximum(size + ops.pad(background[:, :-1], ((0, 0), (1, 0))), 1e-6)
+    after_bg = 1.0 - (size - foreground) / ops.maximum(size + background, 1e-6)
+    after = ops.reshape(ops.stack([after_fg, after_bg], axis=-1), (num_classes, 2 * levels))
+    before = ops.pad(after[:, :-1], ((0, 0), (1, 0)))
+    increments = (after - before) / ops.maximum(ops.reshape(counts, (num_classes, 2 * levels)), 1.0)
+    gradient = ops.take(ops.reshape(increments, (-1,)), bins)  # (N, C): each pixel's bin's
+    losses = ops.sum(errors * counted * ops.stop_gradient(gradient), axis=0)
+    present = ops.cast(size[:, 0] > 0, "float32")
+    return ops.sum(losses * present) / ops.maximum(ops.sum(present), 1.0)
 
 
 def lovasz_softmax(y_true, y_pred, sample_weight=None, num_classes: int | None = None):
@@ -152,34 +223,8 @@ def lovasz_softmax(y_true, y_pred, sample_weight=None, num_classes: int | None =
     counting 0.05 s. As in the paper the increments are constants to the gradient, which
     flows through the errors.
     """
-    from keras import ops
-
     num_classes = num_classes or y_pred.shape[-1]
-    probabilities, truth, mask = _flat(y_true, y_pred, sample_weight, num_classes)
-    errors = ops.abs(truth - probabilities)  # (N, C)
-    levels = LOVASZ_LEVELS
-    level = ops.cast(ops.round(ops.clip(ops.stop_gradient(errors), 0.0, 1.0) * (levels - 1)), "int32")
-    # Bin b of class c, in decreasing error order, foreground (even) before background (odd).
-    bins = (levels - 1 - level) * 2 + (1 - ops.cast(truth, "int32"))
-    bins = bins + ops.arange(num_classes, dtype="int32")[None, :] * (2 * levels)
-    counted = ops.broadcast_to(mask, ops.shape(errors))
-    counts = ops.reshape(
-        ops.segment_sum(ops.reshape(counted, (-1,)), ops.reshape(bins, (-1,)), num_segments=num_classes * 2 * levels),
-        (num_classes, levels, 2),
-    )
-    foreground = ops.cumsum(ops.reshape(counts[:, :, 0], (num_classes, levels)), axis=1)
-    background = ops.cumsum(ops.reshape(counts[:, :, 1], (num_classes, levels)), axis=1)
-    size = foreground[:, -1:]
-    # The Jaccard loss after each (level, fg) and each (level, bg) bin, in order.
-    after_fg = 1.0 - (size - foreground) / ops.maximum(size + ops.pad(background[:, :-1], ((0, 0), (1, 0))), 1e-6)
-    after_bg = 1.0 - (size - foreground) / ops.maximum(size + background, 1e-6)
-    after = ops.reshape(ops.stack([after_fg, after_bg], axis=-1), (num_classes, 2 * levels))
-    before = ops.pad(after[:, :-1], ((0, 0), (1, 0)))
-    increments = (after - before) / ops.maximum(ops.reshape(counts, (num_classes, 2 * levels)), 1.0)
-    gradient = ops.take(ops.reshape(increments, (-1,)), bins)  # (N, C): each pixel's bin's
-    losses = ops.sum(errors * counted * ops.stop_gradient(gradient), axis=0)
-    present = ops.cast(size[:, 0] > 0, "float32")
-    return ops.sum(losses * present) / ops.maximum(ops.sum(present), 1.0)
+    return _lovasz(*_flat(y_true, y_pred, sample_weight, num_classes))
 
 
 def segmentation_loss(name: str, num_classes: int):
@@ -187,31 +232,29 @@ def segmentation_loss(name: str, num_classes: int):
 
     Called as loss(y_true, y_pred, sample_weight): cross-entropy takes the sample weights as
     Keras's SparseCategoricalCrossentropy does (the sum of weighted pixel losses over the
-    pixel count), the IoU terms only which pixels count.
+    pixel count), the IoU terms only which pixels count. The terms share one flattening and
+    one-hot truth.
     """
     import keras
 
     if name not in LOSSES:
         raise ValueError(f"loss {name!r}: choose one of {', '.join(LOSSES)}")
     parts = name.split("+")
-    if parts == ["ce"]:
-        return keras.losses.SparseCategoricalCrossentropy()
-
-    terms = {"dice": soft_dice, "lovasz": lovasz_softmax}
+    terms = {"dice": _soft_dice, "lovasz": _lovasz}
 
     class SegmentationLoss(keras.losses.Loss):
         def __init__(self):
             super().__init__(name=name.replace("+", "_"))
-            self.cross_entropy = keras.losses.SparseCategoricalCrossentropy()
 
         def __call__(self, y_true, y_pred, sample_weight=None):
+            probabilities, truth, mask = _flat(y_true, y_pred, sample_weight, num_classes)
             value = 0.0
-            if "ce" in parts:
-                value = self.cross_entropy(y_true, y_pred, sample_weight)
             for part in parts:
-                if part != "ce":
-                    term = terms[part](y_true, y_pred, sample_weight, num_classes)
-                    value = value + replica_share(term)
+                if part == "ce":
+                    term = _cross_entropy(probabilities, truth, _weights(sample_weight, probabilities))
+                else:
+                    term = terms[part](probabilities, truth, mask)
+                value = value + replica_share(term)
             return value
 
         def call(self, y_true, y_pred):  # only __call__ is used: these losses are not per pixel

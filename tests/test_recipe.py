@@ -128,6 +128,32 @@ def test_lovasz_softmax_matches_the_sorted_definition():
     assert (gradient[weights.reshape(-1) == 0] == 0).all()
 
 
+def test_cross_entropy_is_keras_sparse_categorical_crossentropy():
+    """Value and gradient, sample weights (zeros included) as Keras counts them."""
+    import keras
+    import tensorflow as tf
+
+    rng = np.random.default_rng(7)
+    truth = rng.integers(0, 4, (2, 6, 6)).astype(np.int32)
+    probabilities = rng.dirichlet(np.ones(4) * 0.5, (2, 6, 6)).astype(np.float32)
+    probabilities[0, 0, 0] = [1.0, 0.0, 0.0, 0.0]  # a certain pixel: the clipping decides
+    truth[0, 0, 0] = 3
+    weights = np.where(rng.random((2, 6, 6)) < 0.3, 0.0, rng.choice([0.5, 2.0], (2, 6, 6))).astype(np.float32)
+    results = []
+    for loss in (recipe.cross_entropy, lambda *a: keras.losses.SparseCategoricalCrossentropy()(*a)):
+        variable = tf.Variable(probabilities)
+        with tf.GradientTape() as tape:
+            value = loss(truth, variable, weights)
+        results.append((float(value), tape.gradient(value, variable).numpy()))
+    (ours, our_gradient), (theirs, their_gradient) = results
+    assert ours == pytest.approx(theirs, rel=1e-5)
+    # Keras's gradient adds the same constant to every class of a pixel (from the log-sum
+    # it takes), which the softmax before it cancels; compare what is left.
+    centred = [g - g.mean(axis=-1, keepdims=True) for g in (our_gradient, their_gradient)]
+    np.testing.assert_allclose(centred[0], centred[1], rtol=1e-4, atol=1e-6)
+    assert _value(recipe.segmentation_loss("ce", 2)) == pytest.approx(_value(keras.losses.SparseCategoricalCrossentropy()), rel=1e-5)
+
+
 def test_soft_dice_on_a_hand_worked_case():
     # Class 1: 1 - 2·1.3 / (1.6 + 2); class 0: 1 - 2·1.7 / (2.4 + 2).
     expected = ((1 - 2.6 / 3.6) + (1 - 3.4 / 4.4)) / 2
@@ -229,6 +255,23 @@ def test_colour_jitter_changes_images_only_and_reproducibly(tmp_path):
         assert (np.abs(ratio - 1) < 0.35).all()
     with pytest.raises(Exception, match="colour jitter"):
         cache.BatchReader(path, np.arange(6), 3, jitter=1.5)
+
+
+def test_colour_jitter_is_contrast_about_the_mean_then_gains():
+    from osmseg.cache.batches import jitter_colours
+
+    rng = np.random.default_rng(2)
+    image = rng.uniform(0, 255, (16, 24, 3)).astype(np.float32)
+    draws = np.array([0.5, -0.8, 0.3, -1.0, 0.9])
+    amount = 0.4
+    brightness, contrast = 1 + amount * draws[0], 1 + amount * draws[1]
+    gains = (1 + 0.5 * amount * draws[2:5]) * brightness
+    mean = image.astype(np.float64).mean(axis=(0, 1))
+    expected = np.clip(((image - mean) * contrast + mean) * gains, 0, 255)
+    out = jitter_colours(image.copy(), draws, amount)
+    assert out.dtype == np.float32 and out.shape == image.shape
+    np.testing.assert_allclose(out, expected, atol=2e-3)
+    assert (expected == 255).any()  # the case exercises the clipping
 
 
 # --- Batch-norm momentum ---------------------------------------------------------------

@@ -86,10 +86,14 @@ def jitter_colours(image: np.ndarray, draws: np.ndarray, amount: float) -> np.nd
     them keys on texture and shape more than on one provider's colours.
     """
     brightness, contrast = 1 + amount * draws[0], 1 + amount * draws[1]
-    gains = (1 + 0.5 * amount * draws[2:5]).astype(np.float32) * np.float32(brightness)
-    mean = image.mean(axis=(0, 1), keepdims=True)
-    out = (image - mean) * np.float32(contrast) + mean
-    out *= gains
+    gains = (1 + 0.5 * amount * draws[2:5]) * brightness
+    pixels = image.reshape(-1, 3)
+    # The channel means as a product with ones (BLAS): numpy's mean over two axes took 1 ms
+    # of the 2 this function took per demo tile; so does folding the steps into one affine map.
+    mean = np.ones(len(pixels), np.float32) @ pixels / len(pixels)
+    # (x - mean)·contrast + mean, times the gains: x·scale + shift.
+    out = image * (contrast * gains).astype(np.float32)
+    out += (mean * (1 - contrast) * gains).astype(np.float32)
     return np.clip(out, 0, 255, out=out)
 
 
