@@ -158,6 +158,41 @@ def test_streaming_metrics_match_numpy_and_skip_zero_weights():
     assert np.isnan(float(views[0].result()))
 
 
+def test_curves_are_drawn_every_so_often_and_at_the_end(tmp_path, monkeypatch):
+    """The PNG is drawn after the first epoch, then once plot_every seconds have passed, and
+    at the end of training if epochs were left undrawn; the CSV and state after every epoch."""
+    import types
+
+    import keras
+
+    import osmseg.plots
+
+    now = [0.0]
+    monkeypatch.setattr(training, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+    drawn = []
+    monkeypatch.setattr(osmseg.plots, "training_curves", lambda rows, names, path: drawn.append(len(rows)))
+    net = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    net.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    net.optimizer.build(net.trainable_variables)
+    state = training.TrainState(settings={})
+    log = tmp_path / "training_log.csv"
+    callback = training.checkpoint_callback(
+        state, names=NAMES, save_weights=lambda *a: None, state_file=tmp_path / "w.state.h5",
+        log_file=log, plot_file=tmp_path / "training_log.png", plot_every=30,
+    )  # fmt: skip
+    callback.set_model(net)
+    for epoch in range(5):  # epochs end at 10, 20, 30, 40, 50 s
+        callback.on_epoch_begin(epoch)
+        now[0] += 10
+        callback.on_epoch_end(epoch, {"loss": 1.0, "val_mean_iou": 0.5})
+        assert len(_read_csv(log)) == epoch + 1
+    assert drawn == [1, 4]
+    callback.on_train_end()
+    assert drawn == [1, 4, 5]
+    callback.on_train_end()  # nothing new: not drawn again
+    assert drawn == [1, 4, 5]
+
+
 def test_log_csv_text_has_named_columns():
     row = training.log_row(1, {"loss": 0.5, "val_iou_building": float("nan")}, NAMES, 1.25, 0.01)
     text = training.log_csv_text([row], NAMES)
