@@ -166,7 +166,13 @@ def build_parser():
         help="across machines: stop with an error when the other workers do not answer for this long "
         f"(0: wait for ever); a dead worker is noticed within about {distributed.HEARTBEAT_TIMEOUT:g} s anyway",
     )
-    parser.add_argument("--workers", type=options.positive_int, default=1, help="threads loading batches from the cache")
+    parser.add_argument(
+        "--workers",
+        type=options.positive_int,
+        default=2,
+        help="threads loading batches from the cache (with 1, Keras reads through a tf.data generator "
+        "that stalled the start of every second to fourth demo epoch by about 3 s)",
+    )
     return parser
 
 
