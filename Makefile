@@ -72,8 +72,8 @@ IMAGES ?=
 MASKS ?=
 IMG ?=
 PREDICT_FLAGS ?=
-# Test-time augmentation of make validate and make predict: the mean of N turned and mirrored
-# copies (1: none; make map takes MAP_FLAGS=--tta N).
+# Test-time augmentation of make validate, make predict and make map: the mean of N turned and
+# mirrored copies (1: none).
 TTA ?= 1
 OUT ?= output
 # make map: the OSM source to compare the map with (none: MAP_OSM=), and more flags.
@@ -85,7 +85,7 @@ MAP_FLAGS ?=
 DEMO_SEED ?= 0
 DEMO_BBOX := -0.0275,-0.0275,0.0275,0.0275
 DEMO_VARS := QA_TILES=demo OSM_SOURCE=qa-tiles BBOX=$(DEMO_BBOX) IMAGE_TILES=demo:$(DEMO_SEED) \
-	TRAIN_SIZE=300 ZOOM_LEVEL=17 TILE_SIZE=256 MODEL=segnet-basic WIDTH=0.25 EPOCHS=30 \
+	TRAIN_SIZE=300 ZOOM_LEVEL=17 TILE_SIZE=256 MODEL=segnet-basic WIDTH=0.25 EPOCHS=38 \
 	BATCH_SIZE=8 OPTIMIZER=adam LEARNING_RATE=0.003 CLASS_WEIGHTS=none MIXED_PRECISION=yes TTA=8
 
 .PHONY: install demo demo-map test bench download-osm-tiles import train validate predict map preview \
@@ -177,7 +177,7 @@ predict: | $(INSTALLED)
 map: | $(INSTALLED)
 	@echo "$(PY) prepare.py map --weights $(WEIGHTS) --bbox=$(BBOX) --zoom $(ZOOM_LEVEL) --out $(OUT) (IMAGE_TILES not echoed)"
 	@$(PY) prepare.py map --weights $(WEIGHTS) --bbox=$(BBOX) --zoom $(ZOOM_LEVEL) --image-tiles '$(IMAGE_TILES)' \
-		$(if $(MAP_OSM),--osm-source $(OSM_SOURCE) --osm $(MAP_OSM)) --tile-size $(TILE_SIZE) --out $(OUT) $(MAP_FLAGS)
+		$(if $(MAP_OSM),--osm-source $(OSM_SOURCE) --osm $(MAP_OSM)) --tile-size $(TILE_SIZE) --tta $(TTA) --out $(OUT) $(MAP_FLAGS)
 
 # --- The two commands ---------------------------------------------------------------
 
