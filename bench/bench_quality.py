@@ -203,8 +203,9 @@ def validate(work: Path, run: Path, tta: int, against: str = "test") -> dict:
     against: "test" (OSM's labels, data/testing.hdf5) or "world" (every feature's labels).
     """
     out = run / f"{against}-tta{tta}"
-    metrics = out / "metrics.json"
-    if not metrics.exists():
+    metrics, seconds = out / "metrics.json", out / "seconds.txt"
+    # seconds.txt is written last: a validation stopped before it is done again.
+    if not (metrics.exists() and seconds.exists()):
         data = world_test_cache(work) if against == "world" else work / "data/testing.hdf5"
         command = [str(ROOT / ".venv/bin/python"), str(ROOT / "validate.py"), "--weights", str(run / "weights.hdf5")]
         command += ["--data", str(data), "--out-dir", str(out), "--no-predictions"]
@@ -214,8 +215,8 @@ def validate(work: Path, run: Path, tta: int, against: str = "test") -> dict:
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode:
             raise SystemExit(f"{shlex.join(command)} failed:\n{done.stderr[-2000:]}")
-        (out / "seconds.txt").write_text(f"{time.perf_counter() - started:.3f}\n")
-    return json.loads(metrics.read_text()) | {"seconds": float((out / "seconds.txt").read_text())}
+        seconds.write_text(f"{time.perf_counter() - started:.3f}\n")
+    return json.loads(metrics.read_text()) | {"seconds": float(seconds.read_text())}
 
 
 def figure_key(recipe: str) -> str:

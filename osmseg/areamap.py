@@ -59,9 +59,10 @@ class DiffOptions:
 
     # Defaults: 50 m² is a small house's footprint (a garden shed's is 5-15 m², below what
     # 1.2 m pixels show reliably); 0.6 asks for more than even odds against the other classes.
-    # On the demo town, with make demo's model of 2026-12-04, they find 69% of the buildings
-    # its map leaves out with 6% of the places false; a lower min_confidence found no more
-    # there, only more false places (bench/bench_map.py's sweep, bench/README.md).
+    # On the demo town, with make demo's 38-epoch model of 2026-12-04 and 8-fold TTA (make
+    # demo-map), they find 70% of the buildings its map leaves out with 3% of the places
+    # false (69% and 8% without TTA); a lower min_confidence found no more there, only more
+    # false places (bench/bench_map.py's sweep, bench/README.md).
     min_area: float = 50.0
     min_confidence: float = 0.6
     max_agreement: float = 0.25
