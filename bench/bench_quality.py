@@ -71,6 +71,7 @@ RECIPES = {
     "new at 30 epochs": {"vars": THIRTY, "flags": ""},
     "new - bfloat16": {"vars": THIRTY | {"MIXED_PRECISION": "no"}, "flags": ""},
     "new + 40 epochs": {"vars": {"EPOCHS": "40"}, "flags": ""},
+    "new + learning rate 0.006": {"vars": {"LEARNING_RATE": "0.006"}, "flags": ""},
     "new at 20 float32 epochs": {"vars": TWENTY, "flags": ""},
     "new - Lovasz term": {"vars": TWENTY, "flags": "--loss ce"},
     "new + median-frequency weights": {"vars": TWENTY | {"CLASS_WEIGHTS": "median-frequency"}, "flags": ""},
