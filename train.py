@@ -146,7 +146,18 @@ def build_parser():
         "--encoder-weights", default="none", metavar="none|imagenet|FILE", help="initial encoder weights (segnet only)"
     )
     parser.add_argument(
-        "--seed", type=int, default=0, help="seed of the validation split, initial weights, data order and augmentation"
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the initial weights, data order and augmentation, and of the validation split unless "
+        "--split-seed is given",
+    )
+    parser.add_argument(
+        "--split-seed",
+        type=int,
+        default=None,
+        help="seed of the validation split alone (default: --seed); fix it to compare training seeds on the same "
+        "held-back tiles",
     )
     parser.add_argument(
         "--resume",
@@ -235,7 +246,12 @@ def run_settings(args, info) -> dict:
         "mixed_precision": args.mixed_precision,
         "encoder_weights": args.encoder_weights,
         "seed": args.seed,
-    }
+    } | ({"split_seed": split_seed(args)} if split_seed(args) != args.seed else {})  # runs from before it resume
+
+
+def split_seed(args) -> int:
+    """The seed that picks the held-back tiles: --split-seed, or --seed."""
+    return args.seed if args.split_seed is None else args.split_seed
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -249,7 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if info.length == 0:
         raise UserError(f"{args.data}: the cache holds no tiles; rebuild it (make data/training.hdf5) with more tiles")
     names = info.classes.names
-    train_indices, validation_indices = cache.split_indices(info.length, args.validation, args.seed)
+    train_indices, validation_indices = cache.split_indices(info.length, args.validation, split_seed(args))
     if args.validation > 0 and len(validation_indices) == 0:
         raise UserError(
             f"--validation {args.validation} of {info.length} tiles holds back none; "

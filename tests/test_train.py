@@ -291,6 +291,30 @@ def test_resume_gives_the_uninterrupted_result(tmp_path, tiny_cache, straight_ru
     assert split.stat().st_mtime_ns == before
 
 
+def test_split_seed_holds_the_same_tiles_back_whatever_the_training_seed(tmp_path, tiny_cache, monkeypatch):
+    path, _ = tiny_cache
+    seeds = []
+    original = cache.split_indices
+
+    def spy(n, fraction, seed, *args, **kwargs):
+        seeds.append(seed)
+        return original(n, fraction, seed, *args, **kwargs)
+
+    monkeypatch.setattr(cache, "split_indices", spy)
+    weights = tmp_path / "weights.hdf5"
+    flags = ["--epochs", "1", *TINY, "--seed", "4", "--split-seed", "3"]
+    assert _run(["--data", path, *flags, "--weights", weights, "--log", tmp_path / "log.csv"]) == 0
+    assert seeds == [3]
+    assert training.read_state(training.state_path(weights)).settings["split_seed"] == 3
+    # Without it, or equal to --seed, the settings are those of runs from before the flag,
+    # which therefore still resume.
+    info = cache.open_cache(path)
+    parse = train.build_parser().parse_args
+    plain = train.run_settings(parse(["--data", str(path), "--seed", "3"]), info)
+    assert "split_seed" not in plain
+    assert train.run_settings(parse(["--data", str(path), "--seed", "3", "--split-seed", "3"]), info) == plain
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_epoch(tmp_path, tiny_cache, monkeypatch, capsys):
     path, _ = tiny_cache
     original = cache.BatchReader.__getitem__
