@@ -147,7 +147,8 @@ def cross_entropy(y_true, y_pred, sample_weight=None, num_classes: int | None = 
     The value of Keras's SparseCategoricalCrossentropy (probabilities clipped to [1e-7, 1 - 1e-7],
     weight-0 pixels in the count), computed as -log p[label] from the one-hot truth. Keras takes
     the log of every class's probability and hands them to TensorFlow's softmax cross-entropy
-    kernel, which took 41 ms of a 230 ms demo training step on 2 cores; this takes 5.
+    kernel, which took 41 ms of CPU time in a demo training step (2 cores, about 400 ms of CPU
+    in all); with this and the Lovász term's bincount, the whole loss went from 135 to 70 ms.
     """
     num_classes = num_classes or y_pred.shape[-1]
     probabilities, truth, _ = _flat(y_true, y_pred, sample_weight, num_classes)
@@ -188,7 +189,8 @@ def _lovasz(probabilities, truth, mask):
     bins = (levels - 1 - level) * 2 + (1 - ops.cast(truth, "int32"))
     bins = bins + ops.arange(num_classes, dtype="int32")[None, :] * (2 * levels)
     counted = ops.broadcast_to(mask, ops.shape(errors))
-    # A histogram (bincount), not a segment sum: the same counts, 15x faster on the CPU.
+    # A histogram (bincount), not a segment sum: the same counts, 3 ms instead of 52 for a
+    # demo batch on the CPU.
     counts = ops.bincount(ops.reshape(bins, (-1,)), weights=ops.reshape(counted, (-1,)), minlength=num_classes * 2 * levels)
     counts = ops.reshape(counts, (num_classes, levels, 2))
     foreground = ops.cumsum(counts[:, :, 0], axis=1)
