@@ -74,7 +74,7 @@ RECIPES = {
     "new + learning rate 0.006": {"vars": {"LEARNING_RATE": "0.006"}, "flags": ""},
     # The validation split of seed 0 whatever the training seed: how much of the spread over
     # seeds is which 54 tiles are held back (seed 0 itself is "new" seed 0).
-    "new, validation split of seed 0": {"vars": {}, "flags": "--split-seed 0"},
+    "new with the validation split of seed 0": {"vars": {}, "flags": "--split-seed 0"},
     "new at 20 float32 epochs": {"vars": TWENTY, "flags": ""},
     "new - Lovasz term": {"vars": TWENTY, "flags": "--loss ce"},
     "new + median-frequency weights": {"vars": TWENTY | {"CLASS_WEIGHTS": "median-frequency"}, "flags": ""},
@@ -139,7 +139,7 @@ def prepare(work: Path) -> None:
 def train(work: Path, recipe: str, seed: int) -> Path:
     """Train one recipe with one seed (resuming a run that stopped); its run folder."""
     spec = RECIPES[recipe]
-    run = work / "runs" / f"{re.sub(r'[^a-z0-9]+', '-', recipe.lower())}-seed{seed}"
+    run = work / "runs" / f"{run_name(recipe)}-seed{seed}"
     run.mkdir(parents=True, exist_ok=True)
     variables = demo_vars() | spec["vars"] | {
         "SEED": str(seed),
@@ -221,6 +221,11 @@ def validate(work: Path, run: Path, tta: int, against: str = "test") -> dict:
             raise SystemExit(f"{shlex.join(command)} failed:\n{done.stderr[-2000:]}")
         seconds.write_text(f"{time.perf_counter() - started:.3f}\n")
     return json.loads(metrics.read_text()) | {"seconds": float(seconds.read_text())}
+
+
+def run_name(recipe: str) -> str:
+    """The recipe's run folders' stem: "new - no colour jitter" -> "new-no-colour-jitter"."""
+    return re.sub(r"[^a-z0-9]+", "-", recipe.lower())
 
 
 def figure_key(recipe: str) -> str:

@@ -49,3 +49,12 @@ def test_a_one_seed_run_does_not_replace_a_three_seed_figure():
     merged = bench_quality.merged({"new": three, "old": one}, {"new": one, "old": three, "other": one})
     assert merged == {"new": three, "old": three, "other": one}
     assert bench_quality.seeds_of({"mean_iou": {"value": 1, "unit": "no seeds here"}}) == 0
+
+
+def test_every_recipe_can_be_named_on_the_command_line():
+    """--recipes splits on commas, so a name with one could never be chosen; each also needs
+    its own run folder and results key."""
+    names = list(bench_quality.RECIPES)
+    assert not [name for name in names if "," in name]
+    assert len({bench_quality.run_name(name) for name in names}) == len(names)
+    assert len({bench_quality.figure_key(name) for name in names}) == len(names)
