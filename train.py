@@ -218,7 +218,7 @@ def run_settings(args, info) -> dict:
     The epoch count is not one of them (a finished run may be extended), nor are the speed
     knobs (--jit-compile, --workers, --distribute).
     """
-    return {
+    settings = {
         "data": os.path.normpath(args.data),  # as given, so that a moved checkout still resumes
         # A cache rebuilt in place holds other data: its build parameters (with the
         # fingerprint of its inputs) and its length tell.
@@ -246,7 +246,10 @@ def run_settings(args, info) -> dict:
         "mixed_precision": args.mixed_precision,
         "encoder_weights": args.encoder_weights,
         "seed": args.seed,
-    } | ({"split_seed": split_seed(args)} if split_seed(args) != args.seed else {})  # runs from before it resume
+    }
+    if split_seed(args) != args.seed:  # only then, so that runs from before --split-seed still resume
+        settings["split_seed"] = args.split_seed
+    return settings
 
 
 def split_seed(args) -> int:
