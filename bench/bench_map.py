@@ -17,7 +17,8 @@ Figures:
   covers by at least half (goal >= 70%), and the share of those polygons that lie on no
   dropped building (at least half of the polygon's area off them counts as false; goal <=
   30%), at map's default --min-confidence and at a few others (the trade-off a mapper
-  chooses), and at the default with make demo's 8-fold test-time augmentation. Needs a trained model (--weights, e.g. the one `make demo` writes).
+  chooses), and at the default with make demo's 8-fold test-time augmentation. Needs a
+  trained model (--weights, e.g. the one `make demo` writes).
 
     .venv/bin/python bench/bench_map.py --weights weights.hdf5 [--only throughput|memory|diff]
 """
@@ -214,17 +215,17 @@ def bench_diff(weights: Path, workdir: Path, demo_osm: Path) -> dict:
                 raise SystemExit("map failed on the demo town")
             seconds = time.perf_counter() - started
             scores = diff_scores(out, dropped)
+            brief = f"recall {scores['recall']['value']}, false share {scores['false_share']['value']}"
             if (confidence, tta) == (default, 1):
                 figures = scores | {"seconds": {"value": round(seconds, 1), "unit": "s, map of the town"}}
             elif tta == 1:
                 sweep[f"{confidence:g}"] = {
-                    "value": f"recall {scores['recall']['value']}, false share {scores['false_share']['value']}",
+                    "value": brief,
                     "unit": f"--min-confidence {confidence:g} (default {default:g})",
                 }
             else:
                 figures[f"tta{tta}"] = {
-                    "value": f"recall {scores['recall']['value']}, false share {scores['false_share']['value']}, "
-                    f"building IoU vs OSM {scores['building_iou_vs_osm']['value']}, {seconds:.0f} s",
+                    "value": f"{brief}, building IoU vs OSM {scores['building_iou_vs_osm']['value']}, {seconds:.0f} s",
                     "unit": f"--tta {tta} (make demo's TTA), default --min-confidence",
                 }
     return figures | {"min_confidence": {"value": default, "unit": "prepare.py map's default"}, "sweep": sweep}
