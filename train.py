@@ -116,6 +116,15 @@ def build_parser():
         "(0: none); imagery providers and seasons differ in these",
     )
     parser.add_argument(
+        "--repeat-threshold",
+        type=options.fraction,
+        default=0.0,
+        metavar="SHARE",
+        help="repeat-factor sampling (LVIS, Gupta et al. 2019): a class found in fewer than this share of "
+        "the training tiles has its tiles drawn sqrt(SHARE / its share) times as often as the others, "
+        "each epoch still reading as many tiles as there are (0: every tile once an epoch)",
+    )
+    parser.add_argument(
         "--bn-momentum",
         type=options.fraction,
         default=0.9,
@@ -247,8 +256,11 @@ def run_settings(args, info) -> dict:
         "encoder_weights": args.encoder_weights,
         "seed": args.seed,
     }
-    if split_seed(args) != args.seed:  # only then, so that runs from before --split-seed still resume
+    # Only where they differ from their defaults, so that runs from before these flags still resume.
+    if split_seed(args) != args.seed:
         settings["split_seed"] = args.split_seed
+    if args.repeat_threshold:
+        settings["repeat_threshold"] = args.repeat_threshold
     return settings
 
 
@@ -389,6 +401,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         plot_file=log_file.with_suffix(".png"),
         write_files=cluster is None or cluster.is_chief,
     )
+    tile_weights = None
+    if args.repeat_threshold:
+        presence = training.tile_class_presence(args.data, train_indices, len(names))
+        tile_weights, factors = recipe.repeat_factors(presence, args.repeat_threshold)
+        shares = presence.mean(axis=0)
+        repeated = [
+            f"{name} ({share:.0%} of tiles) ×{factor:.2f}"
+            for name, share, factor in zip(names, shares, factors)
+            if factor > 1
+        ]
+        none = f"no class is in fewer than {args.repeat_threshold:.0%} of the tiles"
+        print(f"repeat-factor sampling (--repeat-threshold {args.repeat_threshold:g}): {', '.join(repeated) or none}")
     loader = {"workers": args.workers, "use_multiprocessing": False}
     train_batches = cache.make_batches(
         args.data,
@@ -399,6 +423,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         seed=args.seed,
         class_weights=class_weights,
         jitter=args.jitter,
+        tile_weights=tile_weights,
         **loader,
     )
     validation_batches = None

@@ -17,6 +17,11 @@
 - `background_weights`: class 0's loss weight multiplied by a factor. In OSM an unlabelled
   pixel is often an object nobody mapped, not true background; a factor below 1 makes the
   model pay less for calling such a pixel what the imagery shows.
+- `repeat_factors`: repeat-factor sampling (Gupta, Dollár & Girshick, "LVIS", CVPR 2019).
+  A class found in few training tiles is seen in few batches, however the loss weighs its
+  pixels; drawing the tiles that hold it more often gives the model more views of it (each
+  one flipped, turned and jittered anew) without weighting any pixel's loss, which made the
+  demo's rare classes worse (median-frequency weights, bench/README.md).
 - `plan_epochs` and `budget_callback`: `train.py --time-budget` times the first epoch and
   fixes the run's epoch count from it.
 
@@ -292,6 +297,37 @@ def background_weights(class_weights: Sequence[float] | None, num_classes: int, 
     weights = np.ones(num_classes, np.float32) if class_weights is None else np.array(class_weights, np.float32)
     weights[0] *= factor
     return weights
+
+
+# --- Repeat-factor sampling -------------------------------------------------------------
+
+
+def repeat_factors(presence, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """How often to draw each training tile, relative to a tile of common classes only.
+
+    Class c, found in a share f_c of the tiles, gets r_c = max(1, sqrt(threshold / f_c)); a
+    tile gets the largest r_c of the classes it holds (1 if it holds none). Classes found in at
+    least `threshold` of the tiles are not repeated; the square root is LVIS's compromise
+    between drawing a rare class's tiles as often as they come and as often as a common one's.
+
+    Args:
+        presence: bool (N, C): whether tile n holds class c.
+        threshold: a share of tiles in (0, 1].
+
+    Returns:
+        (tile factors float64 (N,) >= 1, class factors float64 (C,) >= 1; 1 for a class in no tile).
+    """
+    presence = np.asarray(presence, dtype=bool)
+    if presence.ndim != 2 or not len(presence):
+        raise ValueError(f"presence: need a (tiles, classes) array with at least one tile, got shape {presence.shape}")
+    if not 0 < threshold <= 1:
+        raise ValueError(f"threshold {threshold!r}: use a share of tiles in (0, 1]")
+    share = presence.mean(axis=0)
+    with np.errstate(divide="ignore"):
+        classes = np.where(share > 0, np.sqrt(threshold / np.maximum(share, 1e-300)), 1.0)
+    classes = np.maximum(classes, 1.0)
+    tiles = np.where(presence, classes, 1.0).max(axis=1)
+    return tiles, classes
 
 
 # --- Time budget ----------------------------------------------------------------------

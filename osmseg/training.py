@@ -66,6 +66,22 @@ def state_path(weights_path: str | Path) -> Path:
 # --- Class weights ------------------------------------------------------------------
 
 
+def _tile_class_counts(cache_path: str | Path, indices, num_classes: int, block: int):
+    """Yield int64 (num_classes,) pixel counts per tile, in increasing index order (IGNORE left out)."""
+    from osmseg.cache import iter_labels
+
+    for chunk in iter_labels(cache_path, indices, batch_size=block):
+        for tile in chunk:
+            counts = np.bincount(tile.reshape(-1), minlength=256)
+            counts[IGNORE] = 0
+            if counts[num_classes:].any():
+                raise TrainingError(
+                    f"{cache_path}: labels hold class values above {num_classes - 1}, but the cache "
+                    f"has {num_classes} classes; rebuild it (make data/training.hdf5)"
+                )
+            yield counts[:num_classes]
+
+
 def class_pixel_statistics(cache_path: str | Path, indices, num_classes: int, block: int = 64):
     """Count label pixels per class, and the labelled pixels of the tiles holding each class.
 
@@ -77,23 +93,25 @@ def class_pixel_statistics(cache_path: str | Path, indices, num_classes: int, bl
         class c; present_pixels[c] the number of labelled pixels of the tiles where c occurs
         (the denominator of the SegNet paper's class frequency).
     """
-    from osmseg.cache import iter_labels
-
     histogram = np.zeros(num_classes, dtype=np.int64)
     present_pixels = np.zeros(num_classes, dtype=np.int64)
-    for chunk in iter_labels(cache_path, indices, batch_size=block):
-        for tile in chunk:
-            counts = np.bincount(tile.reshape(-1), minlength=256)
-            counts[IGNORE] = 0
-            if counts[num_classes:].any():
-                raise TrainingError(
-                    f"{cache_path}: labels hold class values above {num_classes - 1}, but the cache "
-                    f"has {num_classes} classes; rebuild it (make data/training.hdf5)"
-                )
-            tile_counts = counts[:num_classes]
-            histogram += tile_counts
-            present_pixels[tile_counts > 0] += tile_counts.sum()
+    for tile_counts in _tile_class_counts(cache_path, indices, num_classes, block):
+        histogram += tile_counts
+        present_pixels[tile_counts > 0] += tile_counts.sum()
     return histogram, present_pixels
+
+
+def tile_class_presence(cache_path: str | Path, indices, num_classes: int, block: int = 64) -> np.ndarray:
+    """bool (len(indices), num_classes): whether each tile, in the order given, holds each class.
+
+    IGNORE pixels hold no class. Streams the labels in blocks, as class_pixel_statistics does.
+    """
+    indices = np.asarray(indices, dtype=np.int64)
+    order = np.argsort(indices, kind="stable")  # the counts come in increasing index order
+    presence = np.zeros((len(indices), num_classes), dtype=bool)
+    for row, tile_counts in zip(order, _tile_class_counts(cache_path, indices, num_classes, block)):
+        presence[row] = tile_counts > 0
+    return presence
 
 
 def load_class_weights(path: str | Path, names: Sequence[str]) -> np.ndarray:

@@ -1,5 +1,5 @@
 """The training recipe (osmseg/recipe.py and train.py's flags): schedule, losses, background
-weight, colour jitter, batch-norm momentum and the time budget."""
+weight, colour jitter, batch-norm momentum, repeat-factor sampling and the time budget."""
 
 from __future__ import annotations
 
@@ -292,6 +292,79 @@ def test_bn_momentum_reaches_every_batch_norm_and_survives_saving(tmp_path):
     model.save(net, tmp_path / "weights.hdf5", config)
     loaded, _ = model.load(tmp_path / "weights.hdf5")
     assert {layer.momentum for layer in loaded.layers if isinstance(layer, keras.layers.BatchNormalization)} == {0.9}
+
+
+# --- Repeat-factor sampling ------------------------------------------------------------
+
+
+def test_repeat_factors_on_a_hand_worked_case():
+    # 4 tiles; class 0 in all, class 1 in half, class 2 in one, class 3 in none.
+    presence = np.array([[1, 1, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 0, 0, 0]], bool)
+    tiles, classes = recipe.repeat_factors(presence, 0.5)
+    # r_c = max(1, sqrt(0.5 / f_c)): f = 1, 0.5, 0.25 -> 1, 1, sqrt(2); a class in no tile: 1.
+    np.testing.assert_allclose(classes, [1, 1, np.sqrt(2), 1])
+    np.testing.assert_allclose(tiles, [1, 1, np.sqrt(2), 1])  # a tile takes its rarest class's
+    tiles, _ = recipe.repeat_factors(presence, 0.9)
+    np.testing.assert_allclose(tiles, [np.sqrt(1.8), np.sqrt(1.8), np.sqrt(3.6), 1])
+    with pytest.raises(ValueError, match="threshold"):
+        recipe.repeat_factors(presence, 0)
+
+
+def test_weighted_draw_gives_each_tile_its_share_within_one():
+    weights = np.array([1.0, 2.5, 1.0, 0.5, 3.0])
+    for offset in (0.0, 0.3, 0.999):
+        drawn = cache.batches.weighted_draw(weights, 16, offset)
+        assert len(drawn) == 16 and (np.diff(drawn) >= 0).all()
+        counts = np.bincount(drawn, minlength=len(weights))
+        expected = 16 * weights / weights.sum()  # 2.0, 5.0, 2.0, 1.0, 6.0
+        assert (np.abs(counts - expected) < 1).all(), (offset, counts)
+    # Equal weights: every tile exactly once, whatever the offset.
+    np.testing.assert_array_equal(cache.batches.weighted_draw(np.ones(7), 7, 0.77), np.arange(7))
+
+
+def test_tile_weights_draw_epochs_in_proportion_reproducibly(tmp_path):
+    path, labels = make_cache(tmp_path / "training.hdf5", n=12)
+    indices = np.array([11, 3, 5, 0, 7, 2, 9, 1])
+    presence = training.tile_class_presence(path, indices, 3)
+    # In the order given (the labels are read sorted), and blind to 255.
+    for row, index in enumerate(indices):
+        tile = labels[index]
+        np.testing.assert_array_equal(presence[row], [(tile == c).any() for c in range(3)])
+    weights = np.array([3.0, 1, 1, 1, 1, 1, 1, 1])
+    reader = cache.BatchReader(path, indices, 4, seed=2, tile_weights=weights)
+    again = cache.BatchReader(path, indices, 4, seed=2, tile_weights=weights)
+    assert len(reader) == 2  # an epoch still reads as many tiles as there are
+    seen = []
+    for epoch in range(3):
+        reader.set_epoch(epoch)
+        again.set_epoch(epoch)
+        order = reader.order()
+        np.testing.assert_array_equal(order, again.order())  # from (seed, epoch) alone
+        assert len(order) == 8 and set(order) <= set(indices)
+        counts = {int(i): int((order == i).sum()) for i in indices}
+        assert counts[11] in (2, 3)  # 8 × 3/10 = 2.4 draws
+        assert all(counts[int(i)] <= 1 for i in indices[1:])  # 0.8 each
+        seen.append(order)
+    assert not np.array_equal(seen[0], seen[1])
+    with pytest.raises(Exception, match="tile weights"):
+        cache.BatchReader(path, indices, 4, tile_weights=[1.0, 2.0])
+    with pytest.raises(Exception, match="shuffle"):
+        cache.BatchReader(path, indices, 4, shuffle=False, tile_weights=weights)
+
+
+def test_repeat_threshold_trains_and_is_a_setting_only_when_on(tmp_path, recipe_cache, capsys):
+    weights, log = tmp_path / "weights.hdf5", tmp_path / "log.csv"
+    flags = ["--data", recipe_cache, *TINY, "--epochs", "1", "--weights", weights, "--log", log]
+    assert _run([*flags, "--repeat-threshold", "0.99"]) == 0
+    assert "repeat-factor sampling (--repeat-threshold 0.99):" in capsys.readouterr().out
+    assert training.read_state(training.state_path(weights)).settings["repeat_threshold"] == 0.99
+    # A run that does not sample by repeat factors keeps the settings it had before the flag.
+    plain = tmp_path / "plain.hdf5"
+    assert _run([*flags[:-4], "--weights", plain, "--log", tmp_path / "plain.csv"]) == 0
+    assert "repeat_threshold" not in training.read_state(training.state_path(plain)).settings
+    # And resuming with another threshold is refused.
+    assert _run([*flags, "--epochs", "2", "--resume", "--repeat-threshold", "0.5"]) == 2
+    assert "repeat_threshold" in capsys.readouterr().err
 
 
 # --- Training with the recipe ----------------------------------------------------------

@@ -102,6 +102,23 @@ _TARGETS = np.arange(256, dtype=np.int32)
 _TARGETS[IGNORE] = 0
 
 
+def weighted_draw(weights, count: int, offset: float) -> np.ndarray:
+    """`count` positions into `weights`, each drawn about count * w / sum(w) times, in order.
+
+    Systematic sampling: the points offset, offset + 1, ... on the cumulative weights scaled
+    to `count`; a position whose share is k.f of the draws gets k or k + 1 of them.
+
+    Args:
+        weights: positive (N,).
+        count: how many to draw.
+        offset: in [0, 1), the random start.
+    """
+    edges = np.cumsum(np.asarray(weights, dtype=np.float64))
+    edges *= count / edges[-1]
+    drawn = np.searchsorted(edges, offset + np.arange(count), side="right")
+    return np.minimum(drawn, len(edges) - 1)  # rounding at the last edge
+
+
 class BatchReader:
     """Shuffled, optionally augmented training batches drawn straight from a cache.
 
@@ -110,11 +127,18 @@ class BatchReader:
     sample_weight float32 (B, H, W): class_weights[label], 0 where the label was 255).
 
     The order is a permutation drawn from (seed, epoch); augmentation from (seed, epoch,
-    batch); so any worker computes any batch alike, and a run is reproducible. The HDF5
+    batch); so any worker computes any batch alike, and a run is reproducible. With
+    `tile_weights` (one positive number per index, e.g. recipe.repeat_factors), an epoch
+    still reads len(indices) tiles, but drawn in proportion to the weights: a tile whose
+    expected count is k.f is drawn k or k + 1 times (systematic sampling, so no tile's count
+    strays further), and the draws are then shuffled. The HDF5
     file is opened lazily in each process that reads, never inherited across a fork.
     """
 
-    def __init__(self, path, indices, batch_size, shuffle=True, augment=False, seed=0, class_weights=None, jitter=0.0):
+    def __init__(
+        self, path, indices, batch_size, shuffle=True, augment=False, seed=0, class_weights=None, jitter=0.0,
+        tile_weights=None,
+    ):
         info = open_cache(path)
         self.path = info.path
         self.indices = check_indices(indices, info.length, info.path)
@@ -127,6 +151,14 @@ class BatchReader:
         if not 0 <= jitter < 1:
             raise UserError(f"colour jitter {jitter}: use a fraction in [0, 1), e.g. 0.1 (0: none)")
         self.jitter = float(jitter)
+        self.tile_weights = None
+        if tile_weights is not None:
+            tile_weights = np.asarray(tile_weights, dtype=np.float64).ravel()
+            if tile_weights.shape != self.indices.shape or not (np.isfinite(tile_weights) & (tile_weights > 0)).all():
+                raise UserError(f"tile weights: expected {len(self.indices)} positive numbers, one per tile")
+            if not self.shuffle:
+                raise UserError("tile weights draw tiles at random: use them with shuffle")
+            self.tile_weights = tile_weights
         self.epoch = 0
         self._begun = False
         self.weights = np.zeros(256, dtype=np.float32)  # label value → sample weight; 255 stays 0
@@ -166,7 +198,11 @@ class BatchReader:
         epoch, cached = self._order_cache
         if epoch != self.epoch:
             cached = self.indices
-            if self.shuffle:
+            if self.tile_weights is not None:
+                rng = np.random.default_rng([self.seed, self.epoch])
+                drawn = weighted_draw(self.tile_weights, len(self.indices), rng.random())
+                cached = self.indices[drawn[rng.permutation(len(drawn))]]
+            elif self.shuffle:
                 cached = self.indices[np.random.default_rng([self.seed, self.epoch]).permutation(len(self.indices))]
             self._order_cache = (self.epoch, cached)
         return cached
@@ -247,9 +283,11 @@ def _batches_class():
 
         class CacheBatches(BatchReader, keras.utils.PyDataset):
             def __init__(self, path, indices, batch_size, shuffle=True, augment=False, seed=0,
-                         class_weights=None, jitter=0.0, **pydataset_kwargs):
+                         class_weights=None, jitter=0.0, tile_weights=None, **pydataset_kwargs):
                 keras.utils.PyDataset.__init__(self, **pydataset_kwargs)
-                BatchReader.__init__(self, path, indices, batch_size, shuffle, augment, seed, class_weights, jitter)
+                BatchReader.__init__(
+                    self, path, indices, batch_size, shuffle, augment, seed, class_weights, jitter, tile_weights
+                )
 
         # Pickle (worker processes started with spawn) finds the class as osmseg.cache.batches.CacheBatches.
         CacheBatches.__module__ = __name__
@@ -273,6 +311,7 @@ def make_batches(
     seed: int = 0,
     class_weights: Sequence[float] | None = None,
     jitter: float = 0.0,
+    tile_weights: Sequence[float] | None = None,
     **pydataset_kwargs,
 ):
     """A keras.utils.PyDataset of training batches from the cache (see BatchReader).
@@ -289,8 +328,9 @@ def make_batches(
         seed: the seed of order and augmentation.
         class_weights: (num_classes,) weight per class for sample_weight (None: all 1).
         jitter: with augment, the amount of colour jitter (jitter_colours; 0: none).
+        tile_weights: with shuffle, draw each epoch's tiles in proportion to these (one per index).
         **pydataset_kwargs: workers, use_multiprocessing, max_queue_size.
     """
     return _batches_class()(
-        path, indices, batch_size, shuffle, augment, seed, class_weights, jitter, **pydataset_kwargs
+        path, indices, batch_size, shuffle, augment, seed, class_weights, jitter, tile_weights, **pydataset_kwargs
     )
