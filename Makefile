@@ -62,6 +62,8 @@ BATCH_SIZE ?= 16
 LEARNING_RATE ?= 0.001
 OPTIMIZER ?= sgd
 CLASS_WEIGHTS ?= none
+# Share of the training cache held back to validate each epoch (0: train on every tile).
+VALIDATION ?= 0.2
 # yes: train.py --mixed-precision (bfloat16 on CPUs that have it, float16 on GPUs).
 MIXED_PRECISION ?= no
 TRAIN_FLAGS ?=
@@ -163,7 +165,7 @@ import: | $(INSTALLED)
 train: $(DATA)
 	$(PY) train.py --data $< --weights $(WEIGHTS) --model $(MODEL) --width $(WIDTH) \
 		--epochs $(EPOCHS) --batch-size $(BATCH_SIZE) --learning-rate $(LEARNING_RATE) \
-		--optimizer $(OPTIMIZER) --class-weights $(CLASS_WEIGHTS) --seed $(SEED) --resume \
+		--optimizer $(OPTIMIZER) --class-weights $(CLASS_WEIGHTS) --validation $(VALIDATION) --seed $(SEED) --resume \
 		$(if $(filter yes,$(MIXED_PRECISION)),--mixed-precision) $(TRAIN_FLAGS)
 
 validate: $(TEST_DATA) | $(INSTALLED)

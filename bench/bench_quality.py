@@ -80,6 +80,12 @@ RECIPES = {
     # Every tile trained on, none held back for validation (the weights kept are the epoch's with
     # the best training mean IoU): 30 epochs of 34 steps, the 38 × 27 steps of "new".
     "new on every tile at 30 epochs": {"vars": THIRTY, "flags": "--validation 0"},
+    # The same with the time the validation passes took spent on five more epochs.
+    "new on every tile at 35 epochs": {"vars": {"EPOCHS": "35"}, "flags": "--validation 0"},
+    "new on every tile at 35 epochs + repeat threshold 0.5": {
+        "vars": {"EPOCHS": "35"},
+        "flags": "--validation 0 --repeat-threshold 0.5",
+    },
     "new at 20 float32 epochs": {"vars": TWENTY, "flags": ""},
     "new - Lovasz term": {"vars": TWENTY, "flags": "--loss ce"},
     "new + median-frequency weights": {"vars": TWENTY | {"CLASS_WEIGHTS": "median-frequency"}, "flags": ""},
