@@ -64,6 +64,9 @@ OPTIMIZER ?= sgd
 CLASS_WEIGHTS ?= none
 # Share of the training cache held back to validate each epoch (0: train on every tile).
 VALIDATION ?= 0.2
+# train.py --repeat-threshold: tiles holding a class found in fewer than this share of the
+# tiles are drawn more often (0: off).
+REPEAT_THRESHOLD ?= 0
 # yes: train.py --mixed-precision (bfloat16 on CPUs that have it, float16 on GPUs).
 MIXED_PRECISION ?= no
 TRAIN_FLAGS ?=
@@ -87,8 +90,9 @@ MAP_FLAGS ?=
 DEMO_SEED ?= 0
 DEMO_BBOX := -0.0275,-0.0275,0.0275,0.0275
 DEMO_VARS := QA_TILES=demo OSM_SOURCE=qa-tiles BBOX=$(DEMO_BBOX) IMAGE_TILES=demo:$(DEMO_SEED) \
-	TRAIN_SIZE=300 ZOOM_LEVEL=17 TILE_SIZE=256 MODEL=segnet-basic WIDTH=0.25 EPOCHS=38 \
-	BATCH_SIZE=8 OPTIMIZER=adam LEARNING_RATE=0.003 CLASS_WEIGHTS=none MIXED_PRECISION=yes TTA=8
+	TRAIN_SIZE=300 ZOOM_LEVEL=17 TILE_SIZE=256 MODEL=segnet-basic WIDTH=0.25 EPOCHS=35 \
+	VALIDATION=0 REPEAT_THRESHOLD=0.5 BATCH_SIZE=8 OPTIMIZER=adam LEARNING_RATE=0.003 CLASS_WEIGHTS=none \
+	MIXED_PRECISION=yes TTA=8
 
 .PHONY: install demo demo-map test bench download-osm-tiles import train validate predict map preview \
 	serve-demo clean clean-all
@@ -165,7 +169,8 @@ import: | $(INSTALLED)
 train: $(DATA)
 	$(PY) train.py --data $< --weights $(WEIGHTS) --model $(MODEL) --width $(WIDTH) \
 		--epochs $(EPOCHS) --batch-size $(BATCH_SIZE) --learning-rate $(LEARNING_RATE) \
-		--optimizer $(OPTIMIZER) --class-weights $(CLASS_WEIGHTS) --validation $(VALIDATION) --seed $(SEED) --resume \
+		--optimizer $(OPTIMIZER) --class-weights $(CLASS_WEIGHTS) --validation $(VALIDATION) \
+		--repeat-threshold $(REPEAT_THRESHOLD) --seed $(SEED) --resume \
 		$(if $(filter yes,$(MIXED_PRECISION)),--mixed-precision) $(TRAIN_FLAGS)
 
 validate: $(TEST_DATA) | $(INSTALLED)

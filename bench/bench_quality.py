@@ -12,10 +12,12 @@ recipe also its score with test-time augmentation (--tta 8) and what that costs 
 
 - before: the demo as it was (constant learning rate, cross-entropy, no augmentation, Keras's
   batch-norm momentum 0.99, 20 epochs);
-- new: `make demo` today (38 epochs in bfloat16); the demo of 2026-12-04 (30 epochs), that in
-  float32, new with 40 epochs, with twice the learning rate, and with the validation split of
-  seed 0 whatever the training seed (run it with --ablation-seeds 1,2: how much of the spread
-  over seeds is which tiles are held back);
+- new: `make demo` today (35 epochs in bfloat16 on every training tile, none held back,
+  with repeat-factor sampling at 0.5); the demos before it (38 epochs holding back a fifth
+  for validation; 30 epochs), that in float32, with 40 epochs, with twice the learning rate,
+  with the validation split of seed 0 whatever the training seed (run it with
+  --ablation-seeds 1,2: how much of the spread over seeds is which tiles are held back), and
+  on every tile at 30 and 35 epochs with and without repeat-factor sampling;
 - new at 20 float32 epochs (the demo of 2026-12-03), and that without one ingredient each
   (the Lovász term, schedule, augmentation, colour jitter, batch-norm momentum), with
   median-frequency class weights (the demo's until 2026-12-03, with and without the Lovász
@@ -58,11 +60,15 @@ sys.path.insert(0, str(ROOT))
 from common import RESULTS, write_result  # noqa: E402
 
 # What a recipe changes from `make demo`'s variables: Makefile variables and train.py flags.
-# The demo until 2026-12-04 trained 20 epochs in float32; the ablations measured against it
-# keep those settings (TWENTY), so that re-running one reproduces the row it made; so do
-# those measured against the 30-epoch demo of 2026-12-04 (THIRTY).
-TWENTY = {"EPOCHS": "20", "MIXED_PRECISION": "no"}
-THIRTY = {"EPOCHS": "30"}
+# Recipes measured against an older demo keep its settings, so that re-running one reproduces
+# the row it made: until 2026-12-06 the demo held back a fifth of the training cache for
+# validation and drew every tile alike (HELD_BACK); until 2026-12-04 it trained 20 epochs in
+# float32 (TWENTY), that day 30 (THIRTY), then 38 (THIRTY_EIGHT).
+HELD_BACK = {"VALIDATION": "0.2", "REPEAT_THRESHOLD": "0"}
+TWENTY = HELD_BACK | {"EPOCHS": "20", "MIXED_PRECISION": "no"}
+THIRTY = HELD_BACK | {"EPOCHS": "30"}
+THIRTY_EIGHT = HELD_BACK | {"EPOCHS": "38"}
+EVERY_TILE = {"VALIDATION": "0", "REPEAT_THRESHOLD": "0"}
 BEFORE = {
     "vars": TWENTY | {"OPTIMIZER": "adam", "LEARNING_RATE": "0.003", "CLASS_WEIGHTS": "median-frequency"},
     "flags": "--schedule constant --loss ce --no-augment --bn-momentum 0.99 --background-weight 1",
@@ -70,21 +76,24 @@ BEFORE = {
 RECIPES = {
     "before": BEFORE,
     "new": {"vars": {}, "flags": ""},
+    # The demo of 2026-12-04 (second change) to 12-05.
+    "new at 38 epochs": {"vars": THIRTY_EIGHT, "flags": ""},
     "new at 30 epochs": {"vars": THIRTY, "flags": ""},
     "new - bfloat16": {"vars": THIRTY | {"MIXED_PRECISION": "no"}, "flags": ""},
-    "new + 40 epochs": {"vars": {"EPOCHS": "40"}, "flags": ""},
-    "new + learning rate 0.006": {"vars": {"LEARNING_RATE": "0.006"}, "flags": ""},
+    "new + 40 epochs": {"vars": HELD_BACK | {"EPOCHS": "40"}, "flags": ""},
+    "new + learning rate 0.006": {"vars": THIRTY_EIGHT | {"LEARNING_RATE": "0.006"}, "flags": ""},
     # The validation split of seed 0 whatever the training seed: how much of the spread over
-    # seeds is which 54 tiles are held back (seed 0 itself is "new" seed 0).
-    "new with the validation split of seed 0": {"vars": {}, "flags": "--split-seed 0"},
+    # seeds is which 54 tiles are held back (seed 0 itself is "new at 38 epochs" seed 0).
+    "new with the validation split of seed 0": {"vars": THIRTY_EIGHT, "flags": "--split-seed 0"},
     # Every tile trained on, none held back for validation (the weights kept are the epoch's with
-    # the best training mean IoU): 30 epochs of 34 steps, the 38 × 27 steps of "new".
-    "new on every tile at 30 epochs": {"vars": THIRTY, "flags": "--validation 0"},
+    # the best training mean IoU): 30 epochs of 34 steps, the 38 × 27 steps of "new at 38 epochs".
+    "new on every tile at 30 epochs": {"vars": THIRTY | EVERY_TILE, "flags": ""},
     # The same with the time the validation passes took spent on five more epochs.
-    "new on every tile at 35 epochs": {"vars": {"EPOCHS": "35"}, "flags": "--validation 0"},
+    "new on every tile at 35 epochs": {"vars": EVERY_TILE | {"EPOCHS": "35"}, "flags": ""},
+    # That with repeat-factor sampling: the demo since 2026-12-06 ("new"), measured before it was.
     "new on every tile at 35 epochs + repeat threshold 0.5": {
-        "vars": {"EPOCHS": "35"},
-        "flags": "--validation 0 --repeat-threshold 0.5",
+        "vars": EVERY_TILE | {"EPOCHS": "35", "REPEAT_THRESHOLD": "0.5"},
+        "flags": "",
     },
     "new at 20 float32 epochs": {"vars": TWENTY, "flags": ""},
     "new - Lovasz term": {"vars": TWENTY, "flags": "--loss ce"},
