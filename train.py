@@ -4,8 +4,9 @@
 Reads data/training.hdf5 (prepare.py cache or import), holds back a seeded validation split,
 streams batches from the cache, and after every epoch writes:
 
-- weights.hdf5: the best weights so far by validation mean IoU (model.save's layout, with the
-  model, classes and training settings in its attributes);
+- weights.hdf5: the best weights so far by validation mean IoU (by training mean IoU with
+  --validation 0; model.save's layout, with the model, classes and training settings in its
+  attributes);
 - weights.state.h5: the last epoch's full state (weights, optimizer, epoch, best score, log)
   for --resume (layout in osmseg/training.py);
 - training_log.csv and training_log.png: per-epoch loss, pixel accuracy, mean IoU (training

@@ -26,8 +26,8 @@ weights.state.h5 (beside the weights file: ``<weights stem>.state.h5``)
       match to resume), ``log`` (JSON list of the CSV rows so far), ``planned_epochs`` (the
       epoch count --time-budget fixed after the first epoch; -1 without a budget, or before).
 
-The best weights by validation mean IoU go to the weights file itself through
-model.save; this module only decides when.
+The best weights by validation mean IoU (training mean IoU without a validation split) go
+to the weights file itself through model.save; this module only decides when.
 """
 
 from __future__ import annotations

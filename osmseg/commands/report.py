@@ -25,7 +25,7 @@ OUTPUTS = (
     ("data/images/", "imagery tiles as served"),
     ("data/training.hdf5", "training cache"),
     ("data/testing.hdf5", "held-back test cache"),
-    ("weights.hdf5", "best weights by validation mean IoU, with their configuration"),
+    ("weights.hdf5", "weights of the epoch with the best training mean IoU (none held back)"),
     ("training_log.csv", "per-epoch losses and metrics"),
     ("training_log.png", "training curves"),
     ("metrics.json", "test-set metrics, per class"),
